@@ -1,0 +1,129 @@
+"""Typed configuration: the model, the training run, and named presets.
+
+`record` is the nano-block-diffusion v0 recipe (SPEC.md §2) exactly; `cpu` is a small model on the
+embedded byte-level corpus that trains on two CPU cores in a few minutes. `train.py` picks `cpu` when
+no GPU is present and no preset is named.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50258  # real tokens + the MASK token (GPT-2: 50257 + 1)
+    mask_id: int = 50257  # id of the MASK token that replaces noised tokens
+    bos_id: int = 50256  # document separator; positions restart after it
+    num_layers: int = 12  # transformer blocks; even, for the U-net skips
+    model_dim: int = 768  # residual stream width
+    num_heads: int = 6  # attention heads
+    head_dim: int = 128  # per head; a multiple of 4 (a quarter of the rotary slots rotate)
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * model_dim
+    block_size: int = 16  # denoising block length in tokens (the record rules fix 16)
+    lm_head_multiple: int = 128  # lm_head rows padded to a multiple of this (tensor-core friendly)
+
+    def validate(self) -> None:
+        if self.num_layers < 2 or self.num_layers % 2:
+            raise ConfigError(f"num_layers must be even and >= 2 (U-net skips), got {self.num_layers}")
+        if self.head_dim % 4:
+            raise ConfigError(f"head_dim must be a multiple of 4 (rotary quarter), got {self.head_dim}")
+        if self.num_heads * self.head_dim != self.model_dim:
+            raise ConfigError(
+                f"num_heads * head_dim must equal model_dim, got {self.num_heads}*{self.head_dim} != {self.model_dim}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+        for name in ("mask_id", "bos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name} must lie in [0, vocab_size={self.vocab_size}), got {getattr(self, name)}")
+        if self.mask_id == self.bos_id:
+            raise ConfigError("mask_id and bos_id must differ")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "finewebedu"  # "finewebedu" (downloaded shards) or "stdlib" (embedded byte-level corpus)
+    data_dir: str = "data/finewebedu10B"  # where the shards live
+    seq_len: int = 16384  # tokens per micro-step per rank (one packed sequence)
+    micro_steps: int = 8  # micro-steps per optimizer step across ALL ranks; divisible by world size
+    steps: int = 10000  # optimizer steps
+    noise_low: float = 0.3  # training noise t ~ U[noise_low, noise_high] per block (BD3-LM clipped schedule)
+    noise_high: float = 0.8
+    val_every: int = 125  # validate every N steps (and at the end); 0 = only at the end
+    val_tokens: int = 10_485_760  # validation tokens across all ranks
+    val_seq_len: int = 65536  # tokens per validation sequence per rank
+    lr_head: float = 0.0011  # Adam lr for lm_head
+    lr_embed: float = 0.06  # Adam lr for the embedding
+    lr_scalar: float = 0.04  # Adam lr for the scalar parameters (mixing weights, skip weights)
+    adam_betas: tuple[float, float] = (0.8, 0.95)
+    adam_eps: float = 1e-10
+    lr_muon: float = 0.025  # Muon lr for every hidden matrix
+    muon_momentum_start: float = 0.85  # Muon momentum warms linearly from this ...
+    muon_momentum_end: float = 0.95  # ... to this ...
+    muon_momentum_warmup: int = 300  # ... over this many steps
+    lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
+    lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
+    seed: int = 0  # model init and noise
+    out_dir: str = "logs"  # JSONL log and checkpoints go under out_dir/
+    log_every: int = 1  # print a line every N steps
+
+    def validate(self) -> None:
+        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.noise_low <= self.noise_high <= 1.0:
+            raise ConfigError(f"need 0 <= noise_low <= noise_high <= 1, got {self.noise_low}, {self.noise_high}")
+        if self.data not in ("finewebedu", "stdlib"):
+            raise ConfigError(f"data must be 'finewebedu' or 'stdlib', got {self.data!r}")
+        if not 0.0 <= self.lr_constant_frac <= 1.0:
+            raise ConfigError(f"lr_constant_frac must lie in [0, 1], got {self.lr_constant_frac}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def record() -> Config:
+    """nano-block-diffusion v0: 162,166,314 parameters, 8 x 16,384 tokens a step, 10,000 steps."""
+    return Config(ModelConfig(), TrainConfig())
+
+
+def cpu() -> Config:
+    """Byte-level model on the embedded Python-stdlib corpus; about 3 minutes on 2 CPU cores."""
+    model = ModelConfig(vocab_size=258, mask_id=257, bos_id=256, num_layers=4, model_dim=128, num_heads=4,
+                        head_dim=32, block_size=16, lm_head_multiple=8)
+    train = TrainConfig(data="stdlib", data_dir="data/stdlib", seq_len=512, micro_steps=2, steps=600,
+                        val_every=200, val_tokens=32768, val_seq_len=512, lr_head=0.008, lr_embed=0.06,
+                        lr_scalar=0.04, lr_muon=0.05, muon_momentum_warmup=50)
+    return Config(model, train)
+
+
+def tiny() -> Config:
+    """Smallest useful run: for tests and smoke checks (seconds on a CPU)."""
+    cfg = cpu()
+    cfg.model = dataclasses.replace(cfg.model, num_layers=2, model_dim=64, num_heads=2, head_dim=32)
+    cfg.train = dataclasses.replace(cfg.train, seq_len=128, micro_steps=2, steps=4, val_every=0, val_tokens=1024,
+                                    val_seq_len=256, muon_momentum_warmup=2)
+    return cfg
+
+
+PRESETS = {"record": record, "cpu": cpu, "tiny": tiny}
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

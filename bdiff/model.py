@@ -1,0 +1,139 @@
+"""The nano-block-diffusion transformer (SPEC.md §2) and its block-diffusion loss (SPEC.md §1).
+
+One packed sequence of L tokens in; the transformer runs over the 2L rows x_t ⊕ x_0 (noisy half first)
+with the same rotary positions on both halves, and the loss is computed on the noisy half only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from bdiff.config import ModelConfig
+from bdiff.noise import document_layout, loss_weights, noise_blocks
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear whose fp32 weight is cast to the activation dtype (bf16 under autocast)."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        with torch.no_grad():
+            if zero_init:
+                self.weight.zero_()
+            else:
+                bound = math.sqrt(3) * 0.5 / math.sqrt(in_features)  # uniform with std 0.5/sqrt(fan_in)
+                self.weight.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """Rotary embedding in which only the first quarter of the frequency slots rotate."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        self.register_buffer("freq", torch.cat([freq, freq.new_zeros(head_dim // 4)]), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x (R, H, D)
+        theta = positions.float()[:, None] * self.freq[None, :]  # (R, D/2)
+        cos, sin = theta.cos()[:, None, :], theta.sin()[:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim, self.block_size = cfg.num_heads, cfg.head_dim, cfg.block_size
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_k = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_v = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.c_proj = CastedLinear(cfg.model_dim, cfg.model_dim)
+        self.lamb = nn.Parameter(torch.tensor(0.5))  # value-residual mix with the first layer's values
+        self.rotary = Rotary(cfg.head_dim)
+
+    def forward(self, x, v1, positions, cu_seqlens):  # x (2L, dim)
+        R = x.size(0)
+        q = self.c_q(x).view(R, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(R, self.num_heads, self.head_dim)
+        v = self.c_v(x).view(R, self.num_heads, self.head_dim)
+        v1 = v if v1 is None else v1
+        v = (1 - self.lamb) * v + self.lamb * v1
+        q, k = self.rotary(norm(q), positions), self.rotary(norm(k), positions)
+        y = kernels.bd_attention(q, k, v, cu_seqlens, self.block_size)  # (2L, H, D)
+        return self.c_proj(y.reshape(R, -1)), v1
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = CastedLinear(cfg.model_dim, cfg.mlp_ratio * cfg.model_dim)
+        self.c_proj = CastedLinear(cfg.mlp_ratio * cfg.model_dim, cfg.model_dim, zero_init=True)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
+
+    def forward(self, x, x0, v1, positions, cu_seqlens):
+        x = self.lambdas[0] * x + self.lambdas[1] * x0
+        y, v1 = self.attn(norm(x), v1, positions, cu_seqlens)
+        x = x + y
+        x = x + self.mlp(norm(x))
+        return x, v1
+
+
+class BlockDiffusionLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net skip scales
+        padded_vocab = -(-cfg.vocab_size // cfg.lm_head_multiple) * cfg.lm_head_multiple
+        self.lm_head = CastedLinear(cfg.model_dim, padded_vocab, zero_init=True)
+
+    def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor):
+        """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows."""
+        x = x0 = norm(self.embed(tokens_2l))  # (2L, dim)
+        positions_2l = torch.cat([positions, positions])
+        v1, skips = None, []
+        half = len(self.blocks) // 2
+        for i, block in enumerate(self.blocks):
+            if i >= half:
+                x = x + self.skip_weights[i - half] * skips.pop()
+            x, v1 = block(x, x0, v1, positions_2l, cu_seqlens)
+            if i < half:
+                skips.append(x)
+        return norm(x)
+
+    def forward(self, tokens: torch.Tensor, noise_range: tuple[float, float] = (0.3, 0.8),
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar."""
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be one packed sequence of shape (L,), got {tuple(tokens.shape)}")
+        cfg = self.cfg
+        layout = document_layout(tokens, cfg.bos_id, cfg.block_size)
+        x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator)
+        h = self.hidden_states(torch.cat([x_t, tokens]), layout.positions, layout.cu_seqlens)
+        L = tokens.numel()
+        loss_sum = kernels.masked_linear_cross_entropy(h[:L], self.lm_head.weight, tokens,
+                                                       loss_weights(masked, t), cfg.vocab_size)
+        return loss_sum / L
