@@ -1,13 +1,30 @@
-"""The three heavy ops of bdiff. Each name is the op users call; today each runs its PyTorch reference
-(kernels/reference.py). Triton versions replace them behind the same signatures, dispatching CUDA
-tensors to Triton and CPU tensors to the reference (or to the Triton interpreter when
-TRITON_INTERPRET=1 is set).
+"""The three heavy ops of bdiff, each behind one name with the signature of its PyTorch reference
+(kernels/reference.py). Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the reference,
+except with TRITON_INTERPRET=1 set, where they run the Triton kernel through the interpreter (how the
+tests check the kernels). Ops without a Triton version yet run their reference everywhere.
 """
-from .reference import (
-    bd_attention_mask,
-    bd_attention_ref as bd_attention,
-    masked_linear_cross_entropy_ref as masked_linear_cross_entropy,
-    newton_schulz_ref as newton_schulz,
-)
+import os
+
+# The kernel modules load here, before the op functions below take their names on this package: Triton
+# reads TRITON_INTERPRET when it decorates the kernels, i.e. now. Reach a module itself with
+# importlib.import_module("kernels.bd_attention").
+from . import bd_attention as _bd_attention_kernels
+from . import reference
+from .reference import bd_attention_mask
 
 __all__ = ["bd_attention", "bd_attention_mask", "masked_linear_cross_entropy", "newton_schulz"]
+
+
+def use_triton(x) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def bd_attention(q, k, v, cu_seqlens, block_size, scale=None):
+    """Block-diffusion attention over the 2L rows x_t ⊕ x_0; see reference.bd_attention_ref."""
+    if use_triton(q):
+        return _bd_attention_kernels.bd_attention(q, k, v, cu_seqlens, block_size, scale)
+    return reference.bd_attention_ref(q, k, v, cu_seqlens, block_size, scale)
+
+
+masked_linear_cross_entropy = reference.masked_linear_cross_entropy_ref
+newton_schulz = reference.newton_schulz_ref

@@ -95,3 +95,118 @@ def test_reference_matches_direct_softmax(gen, dtype, atol, rtol, lengths, block
     torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
     for name, g, w in zip("qkv", grads, want_grads):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+# ---- the Triton kernels (kernels/bd_attention.py) against the reference, through the interpreter ----------
+
+import hypothesis.strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+
+import importlib  # noqa: E402
+from bench.bench_bd_attention import allowed_entries, fineweb_like_cu_seqlens  # noqa: E402
+
+bda = importlib.import_module("kernels.bd_attention")  # the module; `kernels.bd_attention` is the op
+
+# (dtype, atol, rtol) against the float64 reference. float32: fp32 accumulation over at most a few hundred
+# keys. float16: inputs, P and the output are rounded to fp16 (2^-11 relative) before and after the dots.
+KERNEL_TOLERANCES = [(torch.float32, 2e-5, 2e-5), (torch.float16, 5e-3, 5e-3)]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so a row they forget cannot pass for a result."""
+    monkeypatch.setattr(bda, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                device=device))
+
+
+def check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol):
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    R = 2 * int(cu[-1])
+    q, k, v = (torch.randn(R, heads, dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    do = torch.randn(R, heads, dim, generator=gen).to(dtype)
+    out = bda.bd_attention(q, k, v, cu, block_size)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = bd_attention_ref(*ref_in, cu, block_size)
+    want_grads = torch.autograd.grad(want, ref_in, do.double())
+    assert out.dtype == dtype, "output must be in the input dtype"
+    where = f"lengths {lengths}, block {block_size}, {dtype}"
+    torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol, msg=lambda m: f"{where}: out: {m}")
+    for name, g, w in zip("qkv", grads, want_grads):
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{where}: d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", KERNEL_TOLERANCES)
+@pytest.mark.parametrize("lengths,block_size,heads,dim", [
+    ([150, 300, 62], 16, 2, 64),  # realistic: FineWeb-like documents, the record's block size and head dim
+    ([1, 7, 1, 20], 4, 1, 16),  # length-1 documents; L=29 fills no tile
+    ([130, 70], 128, 1, 32),  # the largest block; blocks cut by document ends
+    ([40, 2, 97], 3, 2, 16),  # block size dividing nothing
+    ([64, 64], 1, 1, 16),  # block size 1: noisy rows see only themselves in the noisy half
+])
+def test_kernel_matches_reference(gen, lengths, block_size, heads, dim, dtype, atol, rtol):
+    check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(1, 90), min_size=1, max_size=5), block_size=st.integers(1, 128),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernel_matches_reference_on_random_layouts(lengths, block_size, seed):
+    check_kernel(torch.Generator().manual_seed(seed), lengths, block_size, 1, 16, torch.float32, 2e-5, 2e-5)
+
+
+def test_kernel_clean_rows_ignore_noisy_rows(gen):
+    cu = random_cu_seqlens(gen, L=100, max_doc=60)
+    q, k, v = (torch.randn(200, 2, 16, generator=gen) for _ in range(3))
+    out = bda.bd_attention(q, k, v, cu, 16)
+    k2, v2 = k.clone(), v.clone()
+    k2[:100] += torch.randn(100, 2, 16, generator=gen)
+    v2[:100] += torch.randn(100, 2, 16, generator=gen)
+    torch.testing.assert_close(bda.bd_attention(q, k2, v2, cu, 16)[100:], out[100:], atol=0, rtol=0,
+                               msg="clean tokens must not see noisy tokens")
+
+
+@pytest.mark.parametrize("mean,limit", [(300, 1.35), (1000, 1.2)])
+def test_work_ratio(mean, limit):
+    """The kernels count the entries they compute (COUNT=True); they must stay near the allowed ones, on
+    the documents of bench/bench_bd_attention.py (L=16384, log-normal lengths, seed 0)."""
+    L = 16384
+    cu = fineweb_like_cu_seqlens(L, mean)
+    q, k, v = (torch.randn(2 * L, 1, 16) for _ in range(3))
+    entries, unmasked = bda.count_work(q, k, v, cu, 16)["forward"]
+    ratio = entries / allowed_entries(cu, 16)
+    assert 1.0 <= ratio <= limit, f"work ratio {ratio:.3f} at mean document length {mean} (limit {limit})"
+    assert unmasked > 0.5 * entries, "most chunks of long documents should run without element masks"
+
+
+def test_backward_work_covers_allowed_entries(gen):
+    cu = random_cu_seqlens(gen, L=300, max_doc=200)
+    q, k, v = (torch.randn(600, 1, 16, generator=gen) for _ in range(3))
+    allowed = allowed_entries(cu, 16)
+    for kernel, (entries, _) in bda.count_work(q, k, v, cu, 16, backward=True).items():
+        assert allowed <= entries <= 3 * allowed, f"{kernel}: {entries} entries for {allowed} allowed"
+
+
+def good_inputs():
+    q = torch.randn(20, 2, 16)
+    return dict(q=q, k=q.clone(), v=q.clone(), cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), block_size=4)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(k=torch.randn(20, 2, 32)), "k must have q's shape"),
+    (dict(v=torch.randn(20, 2, 16).double()), "v must have q's dtype"),
+    (dict(k=torch.empty(20, 2, 16, device="meta")), "k must be on q's device"),
+    (dict(q=torch.randn(20, 16)), "q must be"),
+    (dict(q=torch.randint(0, 5, (20, 2, 16)), k=torch.randint(0, 5, (20, 2, 16)), v=torch.randint(0, 5, (20, 2, 16))),
+     "float16, bfloat16 or float32"),
+    (dict(q=torch.randn(20, 2, 48), k=torch.randn(20, 2, 48), v=torch.randn(20, 2, 48)), "head dim"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)), "cu_seqlens"),
+    (dict(cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), "cu_seqlens"),
+    (dict(cu_seqlens=torch.tensor([0, 10.0])), "cu_seqlens"),
+    (dict(block_size=0), "block_size"),
+    (dict(block_size=129), "block_size"),
+])
+def test_bad_input(change, match):
+    args = dict(good_inputs(), **change)
+    with pytest.raises(ValueError, match=match):
+        bda.bd_attention(**args)

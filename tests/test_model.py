@@ -10,6 +10,13 @@ from bdiff.noise import document_layout, noise_blocks
 BOS, MASK = 256, 257
 
 
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    """The model on CPU runs the PyTorch references (kernels/__init__ dispatch); the kernels have their
+    own tests, and test_model_through_triton_kernel checks the model through them once."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 def test_record_parameter_count():
     with torch.device("meta"):
         model = BlockDiffusionLM(record().model)
@@ -96,3 +103,21 @@ def test_forward_backward_reaches_every_parameter(gen):
 def test_bad_tokens_shape():
     with pytest.raises(ValueError, match="tokens"):
         BlockDiffusionLM(tiny().model)(torch.zeros(2, 8, dtype=torch.long) + 5)
+
+
+def test_model_through_triton_kernel(gen, monkeypatch):
+    """The loss and every gradient are the same whether attention runs the reference or the Triton kernel."""
+    model = tiny_model(gen)
+    tokens = random_tokens(gen, 96, [0, 37])
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    results = []
+    for interpret in ("0", "1"):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        model.zero_grad()
+        loss = model(tokens, generator=torch.Generator().manual_seed(seed))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

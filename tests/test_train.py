@@ -17,6 +17,12 @@ from bdiff.data import build_stdlib_corpus, write_shard
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    """Training on CPU runs the PyTorch references; the interpreter would take minutes per step."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.fixture(scope="module")
 def stdlib_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("stdlib")

@@ -1,0 +1,148 @@
+"""Block-diffusion attention: work done (CPU) and speed (GPU).
+
+    python bench/bench_bd_attention.py            # CPU: work ratio of our kernels vs FlexAttention's BlockMask
+    python bench/bench_bd_attention.py --gpu      # GPU: TFLOP/s vs FlexAttention and SDPA, mask build time
+
+Work ratio = entries computed / allowed entries of the mask. Ours is counted by the kernels themselves
+(COUNT=True, through the Triton interpreter on CPU); FlexAttention's is the area of its 128x128 tiles that
+are not wholly masked (it skips only those). TFLOP/s count allowed entries only: 4·D FLOPs per entry
+forward (QKᵀ and PV), 2.5x that for forward+backward.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+L, HEADS, HEAD_DIM, BLOCK = 16384, 6, 128, 16  # the record model's attention per micro-step
+
+
+def fineweb_like_cu_seqlens(L: int, mean: float, seed: int = 0) -> torch.Tensor:
+    """Packed documents with log-normal lengths (sigma 1, the given mean), the last one cut at L."""
+    rng = np.random.default_rng(seed)
+    sigma = 1.0
+    mu = np.log(mean) - sigma**2 / 2
+    bounds = [0]
+    while bounds[-1] < L:
+        bounds.append(min(L, bounds[-1] + max(1, int(round(rng.lognormal(mu, sigma))))))
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+def allowed_entries(cu_seqlens: torch.Tensor, block_size: int) -> int:
+    """Entries the mask allows, from the schedule's row ranges (no (2L)^2 mask needed)."""
+    from kernels.bd_attention import schedule_bounds
+
+    rows, _ = schedule_bounds(cu_seqlens, int(cu_seqlens[-1]), block_size)
+    return int((rows[:, 1::2] - rows[:, 0::2]).long().sum())
+
+
+def flex_block_mask_entries(cu_seqlens: torch.Tensor, block_size: int, tile: int = 128) -> int:
+    """Area of the tile x tile tiles of the (2L)^2 mask that hold at least one allowed entry."""
+    from kernels.bd_attention import schedule_bounds
+
+    L = int(cu_seqlens[-1])
+    rows, _ = schedule_bounds(cu_seqlens, L, block_size)
+    rows = rows.long().numpy()
+    T = -(-2 * L // tile)
+    live = np.zeros((T, T), dtype=bool)
+    for seg, key_base in ((0, 0), (2, L)):  # segment 0: noisy keys; 2: clean keys (1 is empty for queries)
+        lo, hi = rows[:, 2 * seg], rows[:, 2 * seg + 1]
+        for r in np.nonzero(hi > lo)[0]:
+            live[r // tile, (key_base + lo[r]) // tile:(key_base + hi[r] - 1) // tile + 1] = True
+    return int(live.sum()) * tile * tile
+
+
+def work_table(means=(300, 1000), head_dim=16, backward=False) -> list[dict]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from kernels.bd_attention import count_work
+
+    rows = []
+    for mean in means:
+        cu = fineweb_like_cu_seqlens(L, mean)
+        q, k, v = (torch.randn(2 * L, 1, head_dim) for _ in range(3))
+        allowed = allowed_entries(cu, BLOCK)
+        counts = count_work(q, k, v, cu, BLOCK, backward=backward)
+        row = dict(mean=mean, docs=len(cu) - 1, allowed=allowed, flex=flex_block_mask_entries(cu, BLOCK) / allowed)
+        for kernel, (entries, unmasked) in counts.items():
+            row[kernel] = entries / allowed
+            row[f"{kernel}_unmasked"] = unmasked / entries
+        rows.append(row)
+    return rows
+
+
+def gpu_bench():
+    import time
+
+    import triton.testing
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from kernels.bd_attention import bd_attention
+    from kernels.reference import bd_attention_mask
+
+    dev = "cuda"
+    flex = torch.compile(flex_attention, dynamic=False)
+    print(f"{torch.cuda.get_device_name()} | L={L} (2L={2 * L} rows), {HEADS} heads of {HEAD_DIM}, block {BLOCK}, bf16")
+    print(f"{'docs mean':>9} {'kernel':>22} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
+    for mean in (300, 1000):
+        cu = fineweb_like_cu_seqlens(L, mean).to(dev)
+        allowed = allowed_entries(cu.cpu(), BLOCK) * HEADS
+        q, k, v = (torch.randn(2 * L, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        do = torch.randn_like(q)
+        pos = torch.arange(L, device=dev)
+        doc = torch.searchsorted(cu[1:].long(), pos, right=True)
+        blk = (pos - cu.long()[doc]) // BLOCK
+        doc2, blk2, noisy2 = doc.repeat(2), blk.repeat(2), torch.arange(2 * L, device=dev) < L
+
+        def mask_mod(b, h, qi, ki):
+            same = doc2[qi] == doc2[ki]
+            nn = noisy2[qi] & noisy2[ki] & (blk2[qi] == blk2[ki])
+            nc = noisy2[qi] & ~noisy2[ki] & (blk2[ki] < blk2[qi])
+            cc = ~noisy2[qi] & ~noisy2[ki] & (blk2[ki] <= blk2[qi])
+            return same & (nn | nc | cc)
+
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        block_mask = create_block_mask(mask_mod, None, None, 2 * L, 2 * L, device=dev)
+        torch.cuda.synchronize()
+        mask_ms = 1000 * (time.perf_counter() - t0)
+        dense = bd_attention_mask(cu, BLOCK)  # (2L, 2L) bool: 1 GiB, only for the SDPA baseline
+        qh, kh, vh = (x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v))  # (1, H, 2L, D)
+        candidates = {
+            "bdiff (Triton)": lambda: bd_attention(q, k, v, cu, BLOCK),
+            "FlexAttention": lambda: flex(qh, kh, vh, block_mask=block_mask),
+            "SDPA dense mask": lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense),
+        }
+        for name, fn in candidates.items():
+            fwd = triton.testing.do_bench(fn)
+            out = fn()
+            grad = do if out.shape == do.shape else do.transpose(0, 1)[None]
+            both = triton.testing.do_bench(lambda: fn().backward(grad))
+            flops = 4 * HEAD_DIM * allowed
+            print(f"{mean:9} {name:>22} {fwd:8.3f} {flops / fwd / 1e9:9.1f} {both:8.3f} {2.5 * flops / both / 1e9:9.1f}")
+        print(f"{mean:9} {'create_block_mask':>22} {mask_ms:8.3f} ms (first call, includes compilation)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="time the kernels on a CUDA GPU")
+    parser.add_argument("--backward", action="store_true", help="CPU: count the backward kernels too (slower)")
+    args = parser.parse_args()
+    if args.gpu:
+        gpu_bench()
+        return
+    print(f"L={L}, block {BLOCK}, documents log-normal (sigma 1), seed 0; work ratio = entries computed / allowed")
+    print(f"{'mean':>5} {'docs':>5} {'allowed':>11} {'FlexAttention 128x128':>22} {'ours fwd':>9} {'unmasked':>9}"
+          + (f" {'ours dq':>8} {'ours dkdv':>10}" if args.backward else ""))
+    for r in work_table(backward=args.backward):
+        print(f"{r['mean']:5} {r['docs']:5} {r['allowed']:11,} {r['flex']:22.3f} {r['forward']:9.3f} "
+              f"{r['forward_unmasked']:9.1%}" + (f" {r['dq']:8.3f} {r['dkdv']:10.3f}" if args.backward else ""))
+
+
+if __name__ == "__main__":
+    main()

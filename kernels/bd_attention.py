@@ -1,0 +1,477 @@
+"""Block-diffusion attention in Triton, forward and backward (SPEC.md §1 attention rules).
+
+q, k, v are (2L, H, D): rows 0..L-1 the noisy copy x_t, rows L..2L-1 the clean copy x_0. For a position p
+with document start s, document end e, block start b0 and block end b1 (blocks restart at each document),
+every rule of the mask is one contiguous range of positions:
+
+    noisy query p:  noisy keys [b0, b1)   (its own block)      clean keys [s, b0)   (earlier blocks)
+    clean query p:  clean keys [s, b1)    (block-causal)
+    noisy key p:    noisy queries [b0, b1)
+    clean key p:    noisy queries [b1, e)                     clean queries [b0, e)
+
+So the schedule is a (2L, 6) int32 table of ranges built from `cu_seqlens` and `block_size` alone; no mask
+is ever materialized. A tile of BM rows (never straddling the two halves) visits the union of its rows'
+ranges in chunks; a chunk that every row of the tile may see wholly is computed without element masks.
+The noisy<->noisy "diagonal" range is one block wide, so a BM-row tile would compute BM keys per row to use
+block_size of them; it is instead done in SUB-row sub-tiles with a batched (3D) dot, which keeps the work
+close to the allowed entries (bench/bench_bd_attention.py measures it with COUNT=True).
+
+Table columns: (lo, hi) pairs of segment 0 (diagonal, other-half rows 0..L-1), segment 1 (other rows
+0..L-1), segment 2 (other rows L..2L-1). "Other" rows are keys for a query tile, queries for a key tile.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUB = 16  # rows of a diagonal sub-tile: the smallest M of a tensor-core dot
+SUB_N = 32  # other-side rows per diagonal chunk: one 16-block plus the misalignment of a sub-tile
+HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128 are the shipped GPU configurations; 16/32 serve CPU checks
+MAX_BLOCK_SIZE = 128
+
+
+@triton.jit
+def _softmax_step(acc, m, l, s, v, PRECISION: tl.constexpr):
+    """One online-softmax update; s (..., M, N) in log2 units with -inf where masked, v (..., N, D)."""
+    m_new = tl.maximum(m, tl.max(s, axis=-1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - tl.expand_dims(m_safe, -1))
+    l = l * alpha + tl.sum(p, axis=-1)
+    acc = acc * tl.expand_dims(alpha, -1) + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l
+
+
+@triton.jit
+def _dq_step(dq, s, k, vt, do, lse, delta, PRECISION: tl.constexpr):
+    """dq += dS K for one chunk; s (..., M, N) log2 scores, vt (..., D, N), lse/delta (..., M)."""
+    p = tl.exp2(s - tl.expand_dims(lse, -1))
+    dp = tl.dot(do, vt, input_precision=PRECISION)
+    ds = p * (dp - tl.expand_dims(delta, -1))
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, st, v, q, do, dot, lse, delta, PRECISION: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q for one chunk; st (..., M keys, N queries) log2 scores,
+    dot = dO^T (..., D, N), lse/delta (..., N)."""
+    pt = tl.exp2(st - tl.expand_dims(lse, -2))
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, dot, input_precision=PRECISION)
+    dst = pt * (dpt - tl.expand_dims(delta, -2))
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _tile(L, BM: tl.constexpr):
+    """This program's tile of BM rows; tiles never straddle the halves. Returns (half, first row, row end)."""
+    tiles_per_half = tl.cdiv(L, BM)
+    pid = tl.program_id(0)
+    half = pid // tiles_per_half
+    return half, half * L + (pid % tiles_per_half) * BM, half * L + L
+
+
+@triton.jit
+def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNTS, L, qk_scale, scale,
+                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          SUB: tl.constexpr, SUB_N: tl.constexpr, BACKWARD: tl.constexpr,
+                          COUNT: tl.constexpr, PRECISION: tl.constexpr):
+    """Forward (O, LSE) or, with BACKWARD, dQ for one tile of BM query rows and one head.
+
+    Phase 1 covers segment 2 (clean keys) with BM-row tiles. Noisy tiles then hand their state to phase 2,
+    the diagonal (noisy keys of the query's own block), done in SUB-row sub-tiles through an fp32 scratch:
+    the forward state as (o, lse), which is (acc, m, l) = (o, lse, 1); dQ as its partial sum.
+    """
+    h = tl.program_id(1)
+    half, start, end = _tile(L, BM)
+    d = tl.arange(0, D)
+    stride = H * D  # (2L, H, D) contiguous
+    rows = tl.minimum(start + tl.arange(0, BM), end - 1)  # rows past the half repeat its last row, unstored
+    q = tl.load(Q + rows[:, None] * stride + h * D + d[None, :])  # (BM, D)
+    acc = tl.zeros((BM, D), dtype=tl.float32)  # output accumulator, or dQ
+    m = tl.full((BM,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BM,), dtype=tl.float32)
+    if BACKWARD:
+        do = tl.load(DO + rows[:, None] * stride + h * D + d[None, :])
+        lse = tl.load(LSE + h * 2 * L + rows)
+        delta = tl.load(DELTA + h * 2 * L + rows)
+    entries = 0
+    full_entries = 0
+
+    lo = tl.load(BOUNDS + rows * 6 + 4)
+    hi = tl.load(BOUNDS + rows * 6 + 5)
+    lo_max, hi_min, hi_max = tl.max(lo, axis=0), tl.min(hi, axis=0), tl.max(hi, axis=0)
+    for c0 in range(tl.min(lo, axis=0), hi_max, BN):
+        kp = c0 + tl.arange(0, BN)
+        kv_offs = (L + kp)[:, None] * stride + h * D + d[None, :]
+        k = tl.load(K + kv_offs, mask=(kp < hi_max)[:, None], other=0.0)  # (BN, D)
+        v = tl.load(V + kv_offs, mask=(kp < hi_max)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
+        if (c0 < lo_max) | (c0 + BN > hi_min):  # some row may not see some key of this chunk
+            s = tl.where((kp[None, :] >= lo[:, None]) & (kp[None, :] < hi[:, None]), s, float("-inf"))
+        else:
+            full_entries += BM * BN
+        if BACKWARD:
+            acc = _dq_step(acc, s, k, tl.trans(v), do, lse, delta, PRECISION)
+        else:
+            acc, m, l = _softmax_step(acc, m, l, s, v, PRECISION)
+        entries += BM * BN
+
+    valid = (start + tl.arange(0, BM)) < end
+    offs = rows[:, None] * stride + h * D + d[None, :]
+    if BACKWARD:
+        out = acc
+    else:
+        out = acc / tl.maximum(l, 1e-30)[:, None]  # l >= 1 once a row saw a key; 0 for a noisy first-block row
+        m = m + tl.log2(tl.maximum(l, 1e-30))  # -inf for a row with no key yet: m is -inf there
+    if half == 1:
+        if BACKWARD:
+            tl.store(DQ + offs, (out * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
+        else:
+            tl.store(O + offs, out.to(O.dtype.element_ty), mask=valid[:, None])
+            tl.store(LSE + h * 2 * L + rows, m, mask=valid)
+    else:
+        tl.store(SCRATCH + offs, out, mask=valid[:, None])
+        if not BACKWARD:
+            tl.store(LSE + h * 2 * L + rows, m, mask=valid)
+        tl.debug_barrier()  # phase 2 reads rows that other threads of this program wrote
+        for i in tl.static_range(BM // SUB):
+            sub = start + i * SUB + tl.arange(0, SUB)
+            sub_valid = sub < end
+            sub = tl.minimum(sub, end - 1)
+            sub_offs = sub[:, None] * stride + h * D + d[None, :]
+            q_i = tl.load(Q + sub_offs)  # (SUB, D)
+            acc_i = tl.load(SCRATCH + sub_offs)
+            m_i = tl.load(LSE + h * 2 * L + sub)  # forward: the lse of phase 1; backward: the final lse
+            l_i = tl.full((SUB,), 1.0, dtype=tl.float32)
+            if BACKWARD:
+                do_i = tl.load(DO + sub_offs)
+                delta_i = tl.load(DELTA + h * 2 * L + sub)
+            lo_i = tl.load(BOUNDS + sub * 6 + 0)
+            hi_i = tl.load(BOUNDS + sub * 6 + 1)
+            sub_lo = tl.min(lo_i, axis=0)
+            sub_hi = tl.max(hi_i, axis=0)
+            for c0 in range(sub_lo, sub_hi, SUB_N):
+                kp_i = c0 + tl.arange(0, SUB_N)
+                kv_offs_i = kp_i[:, None] * stride + h * D + d[None, :]
+                k_i = tl.load(K + kv_offs_i, mask=(kp_i < sub_hi)[:, None], other=0.0)  # (SUB_N, D)
+                v_i = tl.load(V + kv_offs_i, mask=(kp_i < sub_hi)[:, None], other=0.0)
+                s_i = tl.dot(q_i, tl.trans(k_i), input_precision=PRECISION) * qk_scale  # (SUB, SUB_N)
+                s_i = tl.where((kp_i[None, :] >= lo_i[:, None]) & (kp_i[None, :] < hi_i[:, None]), s_i, float("-inf"))
+                if BACKWARD:
+                    acc_i = _dq_step(acc_i, s_i, k_i, tl.trans(v_i), do_i, m_i, delta_i, PRECISION)
+                else:
+                    acc_i, m_i, l_i = _softmax_step(acc_i, m_i, l_i, s_i, v_i, PRECISION)
+                entries += SUB * SUB_N
+            if BACKWARD:
+                tl.store(DQ + sub_offs, (acc_i * scale).to(DQ.dtype.element_ty), mask=sub_valid[:, None])
+            else:
+                tl.store(O + sub_offs, (acc_i / l_i[:, None]).to(O.dtype.element_ty), mask=sub_valid[:, None])
+                tl.store(LSE + h * 2 * L + sub, m_i + tl.log2(l_i), mask=sub_valid)
+    if COUNT:
+        slot = (h * tl.num_programs(0) + tl.program_id(0)) * 2
+        tl.store(COUNTS + slot, entries)
+        tl.store(COUNTS + slot + 1, full_entries)
+
+
+@triton.jit
+def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_scale, scale,
+                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         SUB: tl.constexpr, SUB_N: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV for one tile of BM key rows and one head, visiting the queries that see those keys.
+    Noisy keys are seen only by the noisy queries of their own block (the diagonal, in SUB-row sub-tiles);
+    clean keys by noisy queries of later blocks (segment 1) and clean queries (segment 2)."""
+    h = tl.program_id(1)
+    half, start, end = _tile(L, BM)
+    d = tl.arange(0, D)
+    stride = H * D
+    entries = 0
+    full_entries = 0
+    if half == 0:
+        for i in tl.static_range(BM // SUB):
+            sub = start + i * SUB + tl.arange(0, SUB)
+            sub_valid = sub < end
+            sub = tl.minimum(sub, end - 1)
+            sub_offs = sub[:, None] * stride + h * D + d[None, :]
+            k_i = tl.load(K + sub_offs)  # (SUB, D)
+            v_i = tl.load(V + sub_offs)
+            dk_i = tl.zeros((SUB, D), dtype=tl.float32)
+            dv_i = tl.zeros((SUB, D), dtype=tl.float32)
+            lo_i = tl.load(BOUNDS + sub * 6 + 0)
+            hi_i = tl.load(BOUNDS + sub * 6 + 1)
+            sub_lo = tl.min(lo_i, axis=0)
+            sub_hi = tl.max(hi_i, axis=0)
+            for c0 in range(sub_lo, sub_hi, SUB_N):
+                qp_i = c0 + tl.arange(0, SUB_N)
+                qmask_i = qp_i < sub_hi
+                offs_i = qp_i[:, None] * stride + h * D + d[None, :]
+                q_i = tl.load(Q + offs_i, mask=qmask_i[:, None], other=0.0)  # (SUB_N, D)
+                do_i = tl.load(DO + offs_i, mask=qmask_i[:, None], other=0.0)
+                lse_i = tl.load(LSE + h * 2 * L + qp_i, mask=qmask_i, other=0.0)
+                delta_i = tl.load(DELTA + h * 2 * L + qp_i, mask=qmask_i, other=0.0)
+                st_i = tl.dot(k_i, tl.trans(q_i), input_precision=PRECISION) * qk_scale  # (SUB, SUB_N)
+                st_i = tl.where((qp_i[None, :] >= lo_i[:, None]) & (qp_i[None, :] < hi_i[:, None]), st_i, float("-inf"))
+                dk_i, dv_i = _dkdv_step(dk_i, dv_i, st_i, v_i, q_i, do_i, tl.trans(do_i), lse_i, delta_i, PRECISION)
+                entries += SUB * SUB_N
+            tl.store(DK + sub_offs, (dk_i * scale).to(DK.dtype.element_ty), mask=sub_valid[:, None])
+            tl.store(DV + sub_offs, dv_i.to(DV.dtype.element_ty), mask=sub_valid[:, None])
+    else:
+        rows = tl.minimum(start + tl.arange(0, BM), end - 1)
+        offs_kv = rows[:, None] * stride + h * D + d[None, :]
+        k = tl.load(K + offs_kv)  # (BM, D)
+        v = tl.load(V + offs_kv)
+        dk = tl.zeros((BM, D), dtype=tl.float32)
+        dv = tl.zeros((BM, D), dtype=tl.float32)
+        for seg in tl.static_range(1, 3):
+            base = (seg - 1) * L  # segment 1: noisy queries, segment 2: clean queries
+            lo = tl.load(BOUNDS + rows * 6 + 2 * seg)
+            hi = tl.load(BOUNDS + rows * 6 + 2 * seg + 1)
+            lo_max, hi_min, hi_max = tl.max(lo, axis=0), tl.min(hi, axis=0), tl.max(hi, axis=0)
+            for c0 in range(tl.min(lo, axis=0), hi_max, BN):
+                qp = c0 + tl.arange(0, BN)
+                qmask = qp < hi_max
+                offs = (base + qp)[:, None] * stride + h * D + d[None, :]
+                q = tl.load(Q + offs, mask=qmask[:, None], other=0.0)  # (BN, D)
+                do = tl.load(DO + offs, mask=qmask[:, None], other=0.0)
+                lse = tl.load(LSE + h * 2 * L + base + qp, mask=qmask, other=0.0)
+                delta = tl.load(DELTA + h * 2 * L + base + qp, mask=qmask, other=0.0)
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BM, BN)
+                if (c0 < lo_max) | (c0 + BN > hi_min):
+                    st = tl.where((qp[None, :] >= lo[:, None]) & (qp[None, :] < hi[:, None]), st, float("-inf"))
+                else:
+                    full_entries += BM * BN
+                dk, dv = _dkdv_step(dk, dv, st, v, q, do, tl.trans(do), lse, delta, PRECISION)
+                entries += BM * BN
+        valid = (start + tl.arange(0, BM)) < end
+        tl.store(DK + offs_kv, (dk * scale).to(DK.dtype.element_ty), mask=valid[:, None])
+        tl.store(DV + offs_kv, dv.to(DV.dtype.element_ty), mask=valid[:, None])
+    if COUNT:
+        slot = (h * tl.num_programs(0) + tl.program_id(0)) * 2
+        tl.store(COUNTS + slot, entries)
+        tl.store(COUNTS + slot + 1, full_entries)
+
+
+@triton.jit
+def _bd_attn_delta_kernel(O, DO, DELTA, L, H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, (H, 2L): the softmax-backward term shared by dQ and dK."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    d = tl.arange(0, D)
+    mask = (rows < 2 * L)[:, None]
+    offs = rows[:, None] * H * D + h * D + d[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h * 2 * L + rows, tl.sum(o * do, axis=1), mask=rows < 2 * L)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------
+
+def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """Tiles, warps and pipeline stages of one kernel ("forward", "dq" or "dkdv"), chosen so that every
+    target (sm_80/86/89/90) compiles without register spills (kernels/compile_check.py checks each).
+
+    Query tiles are 64 rows: the M of one Hopper warpgroup MMA, and small enough to keep the work ratio
+    low (bigger tiles compute more masked entries at document and block edges); 32-key chunks likewise.
+    D=128 doubles the accumulators, so it takes 8 warps. dK/dV holds two (BM, D) fp32 accumulators plus
+    K and V: at D=64 it keeps 64 key rows with 16-query chunks; at D=128 Hopper keeps 64 rows (the
+    warpgroup MMA needs them) and the others drop to 32 rows, whose registers would spill at 64.
+    fp32 operands are twice the bytes: 8 warps, one pipeline stage and 16-row chunks.
+    """
+    wide = D >= 128
+    fp32 = dtype == torch.float32
+    if kernel == "dkdv":
+        if wide and fp32:
+            cfg = dict(BM=32, BN=16, num_warps=8)
+        elif wide:
+            cfg = dict(BM=64, BN=16, num_warps=8) if arch >= 90 else dict(BM=32, BN=32, num_warps=8)
+        else:
+            cfg = dict(BM=64, BN=16, num_warps=4)
+    else:
+        cfg = dict(BM=64, BN=16 if fp32 else 32, num_warps=8 if wide or fp32 else 4)
+    cfg["num_stages"] = 1 if fp32 else 2
+    return cfg
+
+
+def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
+    """The (2L, 6) int32 range table of the module docstring; on cu_seqlens' device, no host sync."""
+    cu = cu_seqlens.long()
+    pos = torch.arange(L, device=cu.device)
+    doc = torch.searchsorted(cu[1:], pos, right=True)
+    s, e = cu[doc], cu[doc + 1]
+    b0 = s + (pos - s) // block_size * block_size
+    b1 = torch.minimum(b0 + block_size, e)
+    z = torch.zeros_like(pos)
+    queries = torch.cat([torch.stack([b0, b1, z, z, s, b0], 1),  # noisy rows
+                         torch.stack([z, z, z, z, s, b1], 1)])  # clean rows
+    keys = torch.cat([torch.stack([b0, b1, z, z, z, z], 1),  # noisy keys
+                      torch.stack([z, z, b1, e, b0, e], 1)])  # clean keys
+    return queries.to(torch.int32).contiguous(), keys.to(torch.int32).contiguous()
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests poison it with NaN to catch unwritten rows)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _validate(q, k, v, cu_seqlens, block_size):
+    if q.ndim != 3:
+        raise ValueError(f"q must be (2L, H, D), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    R, _, D = q.shape
+    if R == 0 or R % 2:
+        raise ValueError(f"q must have an even, positive number of rows (2L), got {R}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim (q.shape[-1]) must be one of {HEAD_DIMS}, got {D}")
+    if not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1D int32 tensor [0, ..., L], got {cu_seqlens.dtype} "
+                         f"of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    # One host sync: the schedule is only correct for increasing boundaries from 0 to L.
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == R // 2) & (cu_seqlens[1:] > cu_seqlens[:-1]).all()
+    if not bool(ok):
+        raise ValueError(f"cu_seqlens must increase strictly from 0 to L={R // 2}, got {cu_seqlens.tolist()[:8]}...")
+
+
+def _launch_forward(q, k, v, bounds, scale, count=None):
+    R, H, D = q.shape
+    L = R // 2
+    cfg = kernel_config("forward", D, q.dtype, _arch(q))
+    o = _empty(q.shape, q.dtype, q.device)
+    lse = _empty((H, R), torch.float32, q.device)
+    counts = count if count is not None else lse  # a valid pointer; written only with COUNT
+    scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' phase-1 state
+    _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
+        q, k, v, o, lse, q, lse, o, scratch, bounds, counts, L, scale * LOG2E, scale, H=H, D=D, SUB=SUB,
+        SUB_N=SUB_N, BACKWARD=False, COUNT=count is not None, PRECISION=_precision(q), **cfg)
+    return o, lse
+
+
+def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None):
+    R, H, D = q.shape
+    L = R // 2
+    delta = _empty(lse.shape, torch.float32, q.device)
+    _bd_attn_delta_kernel[(triton.cdiv(R, 64), H)](o, do, delta, L, H=H, D=D, BM=64)
+    dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
+    dq_count, dkdv_count = (lse, lse) if count is None else count  # valid pointers; written only with COUNT
+    common = dict(H=H, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=count is not None, PRECISION=_precision(q))
+    cfg = kernel_config("dq", D, q.dtype, _arch(q))
+    scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' partial dQ
+    _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
+        q, k, v, o, lse, do, delta, dq, scratch, q_bounds, dq_count, L, scale * LOG2E, scale, BACKWARD=True,
+        **common, **cfg)
+    cfg = kernel_config("dkdv", D, q.dtype, _arch(q))
+    _bd_attn_dkdv_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
+        q, k, v, do, lse, delta, dk, dv, k_bounds, dkdv_count, L, scale * LOG2E, scale, **common, **cfg)
+    return dq, dk, dv
+
+
+def _arch(q) -> int:
+    """Compute capability as 80, 86, 89, 90...; the interpreter (CPU tensors) takes Hopper's tiles."""
+    if not q.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return 10 * major + minor
+
+
+def _precision(q):
+    # fp32 operands go through TF32 tensor cores on a GPU (as torch does with allow_tf32): exact fp32 dots
+    # spill registers in every configuration. The interpreter computes them in full fp32.
+    return "tf32"
+
+
+class BDAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_size, scale=None):
+        _validate(q, k, v, cu_seqlens, block_size)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q_bounds, k_bounds = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
+        o, lse = _launch_forward(q, k, v, q_bounds, scale)
+        ctx.save_for_backward(q, k, v, o, lse, q_bounds, k_bounds)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, q_bounds, k_bounds = ctx.saved_tensors
+        dq, dk, dv = _launch_backward(q, k, v, o, lse, do.contiguous(), q_bounds, k_bounds, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def bd_attention(q, k, v, cu_seqlens, block_size, scale=None):
+    """Triton block-diffusion attention; same signature and semantics as `bd_attention_ref`."""
+    return BDAttentionFn.apply(q, k, v, cu_seqlens, block_size, scale)
+
+
+def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False):
+    """Run the kernels in counting mode. Returns {kernel: (entries computed, entries computed unmasked)}
+    for forward, and with backward=True for the dQ and dK/dV kernels too."""
+    _validate(q, k, v, cu_seqlens, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    R, H, _ = q.shape
+    q_bounds, k_bounds = schedule_bounds(cu_seqlens, R // 2, block_size)
+
+    def counters(kernel):  # two int32 per program: entries computed, of which unmasked
+        tiles = 2 * triton.cdiv(R // 2, kernel_config(kernel, q.shape[-1], q.dtype, _arch(q))["BM"])
+        return torch.zeros(2 * tiles * H, dtype=torch.int32, device=q.device)
+
+    fwd = counters("forward")
+    o, lse = _launch_forward(q, k, v, q_bounds, scale, count=fwd)
+    result = {"forward": tuple(fwd.view(-1, 2).long().sum(0).tolist())}
+    if backward:
+        dq_c, dkv_c = counters("dq"), counters("dkdv")
+        _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c))
+        result["dq"] = tuple(dq_c.view(-1, 2).long().sum(0).tolist())
+        result["dkdv"] = tuple(dkv_c.view(-1, 2).long().sum(0).tolist())
+    return result
+
+
+def compile_configs(arch: int) -> list[dict]:
+    """Every configuration the launchers above pick on a GPU of compute capability `arch` (80, 86, 89, 90),
+    for kernels/compile_check.py."""
+    ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    configs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t, name = ptr[dtype], str(dtype).removeprefix("torch.")
+        for D in (64, 128):
+            common = dict(H=6, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=False, PRECISION="tf32")
+            signatures = {
+                "forward": dict(Q=t, K=t, V=t, O=t, LSE="*fp32", DO=t, DELTA="*fp32", DQ=t, SCRATCH="*fp32",
+                                BOUNDS="*i32", COUNTS="*i32", L="i32", qk_scale="fp32", scale="fp32"),
+                "dkdv": dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DK=t, DV=t, BOUNDS="*i32",
+                             COUNTS="*i32", L="i32", qk_scale="fp32", scale="fp32"),
+            }
+            signatures["dq"] = signatures["forward"]
+            for kernel in ("forward", "dq", "dkdv"):
+                cfg = kernel_config(kernel, D, dtype, arch)
+                constexprs = dict(common, BM=cfg["BM"], BN=cfg["BN"])
+                if kernel != "dkdv":
+                    constexprs["BACKWARD"] = kernel == "dq"
+                configs.append(dict(
+                    name=f"bd_attention {kernel} {name} D={D}",
+                    fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel,
+                    signature=dict(signatures[kernel], **{k: "constexpr" for k in constexprs}), constexprs=constexprs,
+                    options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                    hgmma=dtype != torch.float32))
+            configs.append(dict(
+                name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel,
+                signature=dict(O=t, DO=t, DELTA="*fp32", L="i32", H="constexpr", D="constexpr", BM="constexpr"),
+                constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1), hgmma=False))
+    return configs

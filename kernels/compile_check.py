@@ -1,0 +1,95 @@
+"""Compile every shipped kernel configuration for real NVIDIA targets on a machine without a GPU, and
+read the resource report of each cubin (SPEC.md §4).
+
+    python -m kernels.compile_check            # table: registers, shared memory, spills, HGMMA
+    python -m kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)
+
+Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Opt-in shared memory per block (CUDA programming guide, compute capabilities table).
+TARGETS = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+NAMES = {80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+MODULES = ["kernels.bd_attention"]  # every module with Triton kernels
+
+
+def shipped_configs(arch: int) -> list[dict]:
+    """Each kernel module's `compile_configs(arch)`: dicts of name, fn, signature, constexprs, options, hgmma."""
+    return [cfg for name in MODULES for cfg in importlib.import_module(name).compile_configs(arch)]
+
+
+def _compile(args) -> dict:
+    index, cc = args
+    cfg = shipped_configs(cc)[index]
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"])
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=cfg["options"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return dict(name=cfg["name"], sm=cc, tiles=f"{cfg['constexprs'].get('BM', '-')}x{cfg['constexprs'].get('BN', '-')}"
+                f" w{cfg['options']['num_warps']} s{cfg['options']['num_stages']}", registers=int(fields["REG"]), stack=int(fields["STACK"]),
+                local=int(fields["LOCAL"]), shared=int(compiled.metadata.shared) + int(fields["SHARED"]),
+                shared_limit=TARGETS[cc], hgmma="HGMMA" in sass, wants_hgmma=cfg["hgmma"] and cc == 90)
+
+
+def check_all(jobs: int = os.cpu_count() or 1) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
+    work = [(i, cc) for cc in TARGETS for i in range(len(shipped_configs(cc)))]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile, work))
+
+
+def problems(row: dict) -> list[str]:
+    found = []
+    if row["stack"] or row["local"]:
+        found.append(f"spills (stack {row['stack']} B, local {row['local']} B)")
+    if row["shared"] > row["shared_limit"]:
+        found.append(f"shared memory {row['shared']} B > {row['shared_limit']} B")
+    if row["wants_hgmma"] and not row["hgmma"]:
+        found.append("no HGMMA on sm_90")
+    return found
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = check_all()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'kernel configuration':36} {'tiles':14} {'target':14} {'regs':>4} {'shared B':>9} {'spill B':>7} "
+          f"{'HGMMA':>5}  ok")
+    for r in sorted(rows, key=lambda r: (r["name"], r["sm"])):
+        bad = problems(r)
+        print(f"{r['name']:36} {r['tiles']:14} sm_{r['sm']} {NAMES[r['sm']]:8} {r['registers']:4} {r['shared']:9} "
+              f"{r['stack'] + r['local']:7} {'yes' if r['hgmma'] else 'no':>5}  {'; '.join(bad) or 'ok'}")
+    return 1 if any(problems(r) for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Every shipped kernel configuration compiles for sm_80, sm_86, sm_89 and sm_90 without a GPU, with no
+register spills, shared memory within each target's per-block limit, and Hopper MMA (HGMMA) on sm_90
+where the operands are 16-bit (kernels/compile_check.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels.compile_check import TARGETS, problems
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile the real kernels
+    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_every_configuration_is_clean(report):
+    bad = [f"{r['name']} sm_{r['sm']}: {'; '.join(problems(r))}" for r in report if problems(r)]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_target_and_kernel_is_covered(report):
+    for sm in TARGETS:
+        names = {r["name"] for r in report if r["sm"] == sm}
+        for kernel in ("forward", "dq", "dkdv", "delta"):
+            for dtype in ("bfloat16", "float16", "float32"):
+                for D in (64, 128):
+                    assert f"bd_attention {kernel} {dtype} D={D}" in names, f"sm_{sm} misses {kernel} {dtype} D={D}"
+
+
+def test_hopper_uses_hgmma_in_forward_and_backward(report):
+    for r in report:
+        if r["sm"] == 90 and "bfloat16" in r["name"] and " delta " not in r["name"]:
+            assert r["hgmma"], f"{r['name']}: no HGMMA in the sm_90 SASS"
