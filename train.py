@@ -126,7 +126,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
                              dict(params=[raw_model.embed.weight], lr=tc.lr_embed),
                              dict(params=scalars, lr=tc.lr_scalar)],
                             betas=tc.adam_betas, eps=tc.adam_eps)
-    muon = Muon(hidden_matrices, lr=tc.lr_muon, momentum=tc.muon_momentum_start)
+    muon = Muon(hidden_matrices, lr=tc.lr_muon, momentum=tc.muon_momentum_start, schedule=tc.muon_schedule,
+                weight_decay=tc.muon_weight_decay)
     optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:

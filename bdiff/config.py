@@ -65,6 +65,8 @@ class TrainConfig:
     muon_momentum_start: float = 0.85  # Muon momentum warms linearly from this ...
     muon_momentum_end: float = 0.95  # ... to this ...
     muon_momentum_warmup: int = 300  # ... over this many steps
+    muon_schedule: str = "quintic"  # Newton–Schulz coefficients: "quintic" or "polar_express" (bdiff/muon.py)
+    muon_weight_decay: float = 0.0  # decoupled weight decay on the hidden matrices
     lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
     lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
     seed: int = 0  # model init and noise
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= noise_low <= noise_high <= 1, got {self.noise_low}, {self.noise_high}")
         if self.data not in ("finewebedu", "stdlib"):
             raise ConfigError(f"data must be 'finewebedu' or 'stdlib', got {self.data!r}")
+        if self.muon_schedule not in ("quintic", "polar_express"):
+            raise ConfigError(f"muon_schedule must be 'quintic' or 'polar_express', got {self.muon_schedule!r}")
         if not 0.0 <= self.lr_constant_frac <= 1.0:
             raise ConfigError(f"lr_constant_frac must lie in [0, 1], got {self.lr_constant_frac}")
 

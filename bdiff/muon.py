@@ -1,26 +1,46 @@
 """Muon: momentum SGD whose update is orthogonalized by Newton–Schulz (Jordan et al. 2024,
 https://kellerjordan.github.io/posts/muon/), for the hidden weight matrices only.
 
-Under DDP every rank holds the same all-reduced gradients, so every rank computes the same update.
+Distributed: gradients are already all-reduced, so every rank could compute every update; instead each
+rank orthogonalizes a disjoint share of the matrices (same-shape matrices batched into one call) and the
+results are all-gathered, one asynchronous all-gather per shape, launched as soon as that shape is done so
+that it overlaps the next shape's Newton–Schulz. Momentum buffers live only on the rank that owns the
+matrix. One process takes the same path with world size 1.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 import kernels
 from kernels.reference import QUINTIC
 
+# Newton–Schulz schedules: (coefficients, safety). "quintic": Muon's (a, b, c) for every step.
+# "polar_express": Amsel, Persson, Musco & Gower 2025, "The Polar Express" (arXiv 2505.16932), one
+# minimax-optimal triple per step, as used by modded-nanogpt with X normalized by ||X||_F (1 + 0.02).
+SCHEDULES = {
+    "quintic": ([QUINTIC] * 5, 0.0),
+    "polar_express": ([
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ], 0.02),
+}
+
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, coefficients=QUINTIC, weight_decay: float = 0.0):
+                 schedule: str = "quintic", weight_decay: float = 0.0):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        coefficients=coefficients, weight_decay=weight_decay)
-        super().__init__(params, defaults)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, schedule=schedule,
+                                      weight_decay=weight_decay))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -28,15 +48,38 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.lerp_(p.grad, 1 - group["momentum"])  # EMA of gradients
-                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = kernels.newton_schulz(g, group["ns_steps"], group["coefficients"])
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
-                # Orthogonal updates have unit spectral norm; tall matrices get a larger step (rows/cols)^0.5.
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            coefficients, safety = SCHEDULES[group["schedule"]]
+            params = [p for p in group["params"] if p.grad is not None]
+            by_shape: dict[tuple, list] = {}
+            for p in params:  # every rank sees the same parameters in the same order
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            pending = []
+            for shape, same in by_shape.items():
+                share = -(-len(same) // world)  # matrices per rank, the last ranks padded
+                mine = same[rank::world]
+                updates = torch.zeros((share, *shape), device=same[0].device, dtype=same[0].dtype)
+                if mine:
+                    grads = []
+                    for p in mine:
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                        buf.lerp_(p.grad, 1 - group["momentum"])  # EMA of gradients
+                        grads.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+                    updates[:len(mine)] = kernels.newton_schulz(torch.stack(grads), len(coefficients),
+                                                                coefficients, safety)
+                if distributed:
+                    gathered = [torch.empty_like(updates) for _ in range(world)]
+                    pending.append((same, gathered, dist.all_gather(gathered, updates, async_op=True)))
+                else:
+                    pending.append((same, [updates], None))
+            for same, gathered, work in pending:
+                if work is not None:
+                    work.wait()
+                for i, p in enumerate(same):  # matrix i was orthogonalized by rank i % world, slot i // world
+                    update = gathered[i % world][i // world]
+                    if group["weight_decay"]:
+                        p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                    # Orthogonal updates have unit spectral norm; tall matrices step by (rows/cols)^0.5 more.
+                    p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)

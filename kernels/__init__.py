@@ -7,8 +7,9 @@ import os
 
 # The kernel modules load here, before the op functions below take their names on this package: Triton
 # reads TRITON_INTERPRET when it decorates the kernels, i.e. now. Reach a module itself with
-# importlib.import_module("kernels.bd_attention").
+# importlib.import_module("kernels.bd_attention") (likewise kernels.newton_schulz).
 from . import bd_attention as _bd_attention_kernels
+from . import newton_schulz as _newton_schulz_kernels
 from . import reference
 from .reference import bd_attention_mask
 
@@ -27,4 +28,10 @@ def bd_attention(q, k, v, cu_seqlens, block_size, scale=None):
 
 
 masked_linear_cross_entropy = reference.masked_linear_cross_entropy_ref
-newton_schulz = reference.newton_schulz_ref
+
+
+def newton_schulz(G, steps=5, coefficients=reference.QUINTIC, safety=0.0):
+    """Newton–Schulz orthogonalization of a 2D or batched 3D tensor; see reference.newton_schulz_ref."""
+    if use_triton(G):
+        return _newton_schulz_kernels.newton_schulz(G, steps, coefficients, safety)
+    return reference.newton_schulz_ref(G, steps, coefficients, safety)

@@ -277,7 +277,7 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> di
 
     Query tiles are 64 rows: the M of one Hopper warpgroup MMA, and small enough to keep the work ratio
     low (bigger tiles compute more masked entries at document and block edges); 32-key chunks likewise.
-    D=128 doubles the accumulators, so it takes 8 warps. dK/dV holds two (BM, D) fp32 accumulators plus
+    The forward fits one warpgroup (4 warps) at both head dims; dQ at D=128 takes 8. dK/dV holds two (BM, D) fp32 accumulators plus
     K and V: at D=64 it keeps 64 key rows with 16-query chunks; at D=128 Hopper keeps 64 rows (the
     warpgroup MMA needs them) and the others drop to 32 rows, whose registers would spill at 64.
     fp32 operands are twice the bytes: 8 warps, one pipeline stage and 16-row chunks.
@@ -291,8 +291,10 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> di
             cfg = dict(BM=64, BN=16, num_warps=8) if arch >= 90 else dict(BM=32, BN=32, num_warps=8)
         else:
             cfg = dict(BM=64, BN=16, num_warps=4)
-    else:
+    elif kernel == "dq":
         cfg = dict(BM=64, BN=16 if fp32 else 32, num_warps=8 if wide or fp32 else 4)
+    else:  # forward: one warpgroup per 64-row tile, FlashAttention-3 style
+        cfg = dict(BM=64, BN=16 if fp32 else 32, num_warps=8 if fp32 else 4)
     cfg["num_stages"] = 1 if fp32 else 2
     return cfg
 

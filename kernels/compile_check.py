@@ -28,18 +28,23 @@ NAMES = {80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-MODULES = ["kernels.bd_attention"]  # every module with Triton kernels
+MODULES = ["kernels.bd_attention", "kernels.newton_schulz"]  # every module with Triton kernels
 
 
 def shipped_configs(arch: int) -> list[dict]:
-    """Each kernel module's `compile_configs(arch)`: dicts of name, fn, signature, constexprs, options, hgmma."""
+    """Each kernel module's `compile_configs(arch)`: dicts of name, fn, signature, constexprs, options, hgmma,
+    and optionally `divisible`, the int arguments that are multiples of 16 where the configuration is used."""
     return [cfg for name in MODULES for cfg in importlib.import_module(name).compile_configs(arch)]
 
 
 def _compile(args) -> dict:
     index, cc = args
     cfg = shipped_configs(cc)[index]
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"])
+    # What Triton's launcher tells the compiler: torch allocations are 16-byte aligned, and the int arguments
+    # a configuration names are multiples of 16 (the shapes it is shipped for).
+    aligned = [n for n, t in cfg["signature"].items() if t.startswith("*")] + list(cfg.get("divisible", ()))
+    attrs = {(cfg["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=cfg["options"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

@@ -83,11 +83,13 @@ def _coefficient_schedule(steps: int, coefficients) -> list[tuple[float, float, 
 
 
 def newton_schulz_ref(G: torch.Tensor, steps: int = 5,
-                      coefficients: Sequence[float] | Sequence[Sequence[float]] = QUINTIC) -> torch.Tensor:
+                      coefficients: Sequence[float] | Sequence[Sequence[float]] = QUINTIC,
+                      safety: float = 0.0) -> torch.Tensor:
     """Approximate orthogonalization U V^T of G = U S V^T by `steps` Newton–Schulz iterations.
 
     G is (m, n) or batched (b, m, n). Each step: A = X X^T, B = b A + c A A, X <- a X + B X on
-    X0 = G / ||G||_F; wide form (m <= n) so that A is the smaller Gram matrix. Output in G's dtype.
+    X0 = G / (||G||_F (1 + safety)); wide form (m <= n) so that A is the smaller Gram matrix. Output in G's
+    dtype. `safety` > 0 keeps rounding from pushing singular values past the range a schedule was fit on.
     """
     if G.ndim not in (2, 3):
         raise ValueError(f"G must be 2D (m, n) or 3D (b, m, n), got shape {tuple(G.shape)}")
@@ -98,7 +100,7 @@ def newton_schulz_ref(G: torch.Tensor, steps: int = 5,
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + safety) + 1e-7)
     for a, b, c in schedule:
         A = X @ X.mT
         B = b * A + c * (A @ A)

@@ -53,3 +53,124 @@ def test_output_dtype_is_input_dtype(gen):
 def test_bad_input(G, kwargs, match):
     with pytest.raises(ValueError, match=match):
         newton_schulz_ref(G, **kwargs)
+
+
+# ---- the Triton kernels (kernels/newton_schulz.py) against the reference, through the interpreter ---------
+
+import importlib  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from bdiff.muon import SCHEDULES, Muon  # noqa: E402
+
+nsk = importlib.import_module("kernels.newton_schulz")  # the module; `kernels.newton_schulz` is the op
+
+# (dtype, atol, rtol): float32 operands, fp32 accumulation, 5 steps of products of size <= 200.
+KERNEL_TOLERANCES = [(torch.float32, 2e-5, 1e-4)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", KERNEL_TOLERANCES)
+@pytest.mark.parametrize("shape", [
+    (768, 768),  # realistic: a record-model attention matrix
+    (130, 200),  # wide, not a multiple of the 128 tile
+    (200, 130),  # tall: runs on the transposed view
+    (3, 70, 150),  # batched
+    (2, 150, 70),  # batched tall
+])
+def test_kernel_matches_reference(gen, shape, dtype, atol, rtol):
+    G = torch.randn(*shape, generator=gen, dtype=dtype)
+    torch.testing.assert_close(nsk.newton_schulz(G), newton_schulz_ref(G), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_kernel_schedules_match_reference(gen, name):
+    coefficients, safety = SCHEDULES[name]
+    G = torch.randn(96, 160, generator=gen)
+    out = nsk.newton_schulz(G, len(coefficients), coefficients, safety)
+    torch.testing.assert_close(out, newton_schulz_ref(G, len(coefficients), coefficients, safety), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,band", [("quintic", (0.6, 1.25)), ("polar_express", (0.75, 1.15))])
+@pytest.mark.parametrize("conditioning", ["random", "ill"])
+def test_schedule_singular_value_band(gen, name, band, conditioning):
+    """Each schedule's promise: quintic lands singular values in about [0.68, 1.13]; Polar Express, fit for
+    5 steps, in a band around 1 that is narrower (its last steps converge)."""
+    coefficients, safety = SCHEDULES[name]
+    G = torch.randn(128, 192, generator=gen)
+    if conditioning == "ill":  # condition number 100: after ||G||_F scaling the smallest value is ~3e-3
+        U, _ = torch.linalg.qr(torch.randn(128, 128, generator=gen))
+        V, _ = torch.linalg.qr(torch.randn(192, 128, generator=gen))
+        G = U @ torch.diag(torch.logspace(0, -2, 128)) @ V.T
+    s = torch.linalg.svdvals(nsk.newton_schulz(G, len(coefficients), coefficients, safety)).double()
+    lo, hi = band
+    assert s.min() > lo and s.max() < hi, f"{name}: singular values in [{s.min():.3f}, {s.max():.3f}], want {band}"
+
+
+def test_symmetric_kernel_visits_upper_triangle_only(gen):
+    T = 5
+    G = torch.randn(T * 128 - 7, 700, generator=gen)  # T tiles a side, the last one partial
+    work = nsk.count_work(G, steps=1)
+    assert work["sym_tiles"] == 2 * T * (T + 1) // 2, "A = X Xᵀ and A·A must each visit T(T+1)/2 tiles"
+    assert work["update_tiles"] == T * 6, "the update is a dense (T x cdiv(700, 128)) grid"
+
+
+def test_symmetric_flops_at_4096():
+    """The issue's bar: the symmetric products do <= 0.55 of the dense FLOPs at 4096². Counted from the
+    tile grid the kernel launches (T(T+1)/2 programs, each a 128x128 tile of depth n)."""
+    T = 4096 // nsk.kernel_config("sym")["BM"]
+    tiles = nsk._upper_tiles(T, "cpu").shape[0]
+    assert tiles == T * (T + 1) // 2
+    assert tiles * 128 * 128 / 4096**2 <= 0.55
+
+
+@pytest.mark.parametrize("G,match", [
+    (torch.ones(5), "2D"),
+    (torch.ones(2, 2, 2, 2), "2D"),
+    (torch.ones(4, 4, dtype=torch.int64), "floating"),
+    (torch.ones(0, 4), "empty"),
+])
+def test_kernel_bad_input(G, match):
+    with pytest.raises(ValueError, match=match):
+        nsk.newton_schulz(G)
+
+
+# ---- Muon: sharded over ranks, identical everywhere, equal to one process --------------------------
+
+def muon_run(rank, world, port, out):
+    """Six Muon steps on fixed per-step gradients of a few matrices; saves the final parameters."""
+    os.environ.pop("TRITON_INTERPRET", None)  # the reference path: the point here is the sharding
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 24), (16, 24), (24, 16), (16, 24), (8, 8)]  # 3 of one shape: uneven shares over 2 ranks
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    opt = Muon(params, lr=0.02, momentum=0.9, weight_decay=0.1, schedule="polar_express")
+    for _ in range(6):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    torch.save([p.detach() for p in params], os.path.join(out, f"{world}_{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_muon_two_ranks_match_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(muon_run, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    muon_run(0, 1, 0, str(tmp_path))
+    r0, r1, single = (torch.load(tmp_path / f"{name}.pt") for name in ("2_0", "2_1", "1_0"))
+    for a, b, c in zip(r0, r1, single):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg="ranks must hold identical parameters")
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=0, msg="2 ranks must equal one process")
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError, match="2D"):
+        Muon([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="schedule"):
+        Muon([torch.nn.Parameter(torch.ones(3, 3))], schedule="cubic")
