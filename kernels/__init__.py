@@ -9,6 +9,7 @@ import os
 # reads TRITON_INTERPRET when it decorates the kernels, i.e. now. Reach a module itself with
 # importlib.import_module("kernels.bd_attention") (likewise kernels.newton_schulz).
 from . import bd_attention as _bd_attention_kernels
+from . import masked_ce as _masked_ce_kernels
 from . import newton_schulz as _newton_schulz_kernels
 from . import reference
 from .reference import bd_attention_mask
@@ -27,7 +28,11 @@ def bd_attention(q, k, v, cu_seqlens, block_size, scale=None):
     return reference.bd_attention_ref(q, k, v, cu_seqlens, block_size, scale)
 
 
-masked_linear_cross_entropy = reference.masked_linear_cross_entropy_ref
+def masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size):
+    """sum_i token_weights[i] · CE(hidden[i] · weight[:vocab_size]ᵀ, targets[i]); see the reference."""
+    if use_triton(hidden):
+        return _masked_ce_kernels.masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size)
+    return reference.masked_linear_cross_entropy_ref(hidden, weight, targets, token_weights, vocab_size)
 
 
 def newton_schulz(G, steps=5, coefficients=reference.QUINTIC, safety=0.0):

@@ -28,7 +28,7 @@ NAMES = {80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-MODULES = ["kernels.bd_attention", "kernels.newton_schulz"]  # every module with Triton kernels
+MODULES = ["kernels.bd_attention", "kernels.masked_ce", "kernels.newton_schulz"]  # every module with Triton kernels
 
 
 def shipped_configs(arch: int) -> list[dict]:

@@ -34,3 +34,111 @@ def test_reference_matches_direct(gen, dtype, atol, rtol, N, D, V, vocab_size):
     torch.testing.assert_close(dw, want_dw, atol=atol, rtol=rtol, msg=lambda m: f"dweight: {m}")
     assert not dw[vocab_size:].any(), "padded weight rows must get zero gradient"
     assert not dh[token_weights == 0].any(), "rows with zero weight must get zero gradient"
+
+
+# ---- the Triton kernel (kernels/masked_ce.py) against the reference, through the interpreter ---------------
+
+import importlib  # noqa: E402
+
+from bench.bench_masked_ce import peak_extra_bytes  # noqa: E402
+
+mce = importlib.import_module("kernels.masked_ce")  # the module (the op is kernels.masked_linear_cross_entropy)
+
+# (dtype, atol, rtol) against the float64 reference. float32: fp32 logits summed over 50k columns.
+# float16: hidden, weight, logits and the logit gradient are fp16 (2^-11 relative) around fp32 sums.
+KERNEL_TOLERANCES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 2e-2, 2e-2)]
+
+
+def inputs(gen, N, D, V, vocab_size, dtype, scale=1.0, frac=0.55):
+    hidden = (torch.randn(N, D, generator=gen) * scale).to(dtype).requires_grad_()
+    weight = torch.randn(V, D, generator=gen).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab_size, (N,), generator=gen)
+    token_weights = torch.rand(N, generator=gen) * 3 * (torch.rand(N, generator=gen) < frac)
+    return hidden, weight, targets, token_weights
+
+
+def against_reference(hidden, weight, targets, token_weights, vocab_size, atol, rtol):
+    loss = mce.masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    want = masked_linear_cross_entropy_ref(*ref_in, targets, token_weights.double(), vocab_size)
+    want_dh, want_dw = torch.autograd.grad(want, ref_in)
+    torch.testing.assert_close(loss.double(), want, atol=atol * len(targets), rtol=rtol)
+    torch.testing.assert_close(dh.double(), want_dh, atol=atol, rtol=rtol, msg=lambda m: f"dhidden: {m}")
+    torch.testing.assert_close(dw.double(), want_dw, atol=atol, rtol=rtol, msg=lambda m: f"dweight: {m}")
+    assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
+    return loss, dh, dw
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", KERNEL_TOLERANCES)
+@pytest.mark.parametrize("N,D,V,vocab_size", [
+    (300, 32, 50304, 50258),  # realistic: GPT-2 + MASK, lm_head padded to 50304; N spans 3 chunks, unevenly
+    (37, 16, 50257, 50257),  # unpadded weight: rows of width 50257, not 16-aligned
+    (200, 16, 1000, 1000),  # small vocabulary
+])
+def test_kernel_matches_reference(gen, N, D, V, vocab_size, dtype, atol, rtol):
+    _, _, dw = against_reference(*inputs(gen, N, D, V, vocab_size, dtype), vocab_size, atol, rtol)
+    assert not dw[vocab_size:].any(), "padded weight rows must get zero gradient"
+
+
+def test_all_weights_zero(gen):
+    hidden, weight, targets, _ = inputs(gen, 64, 16, 1000, 1000, torch.float32)
+    loss = mce.masked_linear_cross_entropy(hidden, weight, targets, torch.zeros(64), 1000)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    assert loss.item() == 0.0 and not dh.any() and not dw.any(), "no row carries loss: all zero, no NaN"
+
+
+def test_huge_logits_stay_finite(gen):
+    hidden, weight, targets, token_weights = inputs(gen, 50, 16, 1000, 1000, torch.float32, scale=2500.0)
+    loss, dh, dw = against_reference(hidden, weight, targets, token_weights, 1000, 1e-3, 1e-4)
+    assert (hidden.detach() @ weight.detach().T).abs().max() > 1e4, "the test must reach logits of 1e4"
+    assert torch.isfinite(loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
+
+
+def test_bf16_true_class_gradient():
+    """p(target) ≈ 0.994: its gradient p − 1 ≈ −0.006 must come from fp32, not from a bf16 p that rounds
+    toward 1. The logits are small integers, exact in bf16, so only the kernel's arithmetic can err."""
+    V, D, t = 1000, 16, 7
+    hidden = torch.zeros(4, D, dtype=torch.bfloat16)
+    hidden[:, 0] = 1
+    weight = torch.zeros(V, D, dtype=torch.bfloat16)
+    weight[t, 0] = 12  # logit 12 for the target, 0 for the 999 others
+    hidden.requires_grad_()
+    loss = mce.masked_linear_cross_entropy(hidden, weight, torch.full((4,), t), torch.ones(4), V)
+    (dh,) = torch.autograd.grad(loss, (hidden,))
+    p = torch.tensor(12.0, dtype=torch.float64).exp() / (torch.tensor(12.0, dtype=torch.float64).exp() + 999)
+    want = (p - 1) * 12  # dloss/dh[:, 0] = (p_t - 1) * W[t, 0]
+    torch.testing.assert_close(dh[:, 0].double(), want.expand(4), rtol=1e-2, atol=0)
+
+
+def good_inputs():
+    return dict(hidden=torch.randn(8, 4), weight=torch.randn(16, 4), targets=torch.randint(0, 10, (8,)),
+                token_weights=torch.rand(8), vocab_size=10)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(hidden=torch.randn(8, 5)), "weight must be"),
+    (dict(targets=torch.randint(0, 10, (7,))), "targets must be"),
+    (dict(token_weights=torch.rand(9)), "token_weights must be"),
+    (dict(hidden=torch.randn(8, 4).double()), "hidden must be float16"),
+    (dict(targets=torch.rand(8)), "targets must be int"),
+    (dict(weight=torch.empty(16, 4, device="meta")), "weight must be on"),
+    (dict(targets=torch.full((8,), 10)), "targets must lie in"),
+    (dict(token_weights=-torch.rand(8)), "token_weights must be >= 0"),
+    (dict(vocab_size=17), "vocab_size"),
+])
+def test_bad_input(change, match):
+    with pytest.raises(ValueError, match=match):
+        mce.masked_linear_cross_entropy(**dict(good_inputs(), **change))
+
+
+def test_memory_does_not_grow_with_rows(gen):
+    V, D = 50304, 16
+    extra = {}
+    for N in (1024, 4096):
+        args = inputs(gen, N, D, V, 50258, torch.float32)
+        extra[N] = peak_extra_bytes(mce.masked_linear_cross_entropy, *args[:4], 50258)
+    reference = peak_extra_bytes(masked_linear_cross_entropy_ref, *inputs(gen, 1024, D, V, 50258, torch.float32), 50258)
+    assert extra[4096] <= 64 * 2**20, f"{extra[4096] / 2**20:.1f} MiB beyond inputs and gradients at N=4096"
+    assert extra[4096] - extra[1024] < 2**20, f"extra memory grows with N: {extra}"
+    assert reference > 10 * extra[1024], f"the reference holds N x V logits: {reference / 2**20:.0f} MiB at N=1024"

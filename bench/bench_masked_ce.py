@@ -1,0 +1,119 @@
+"""Masked-weighted linear cross-entropy: memory and rows computed (CPU), speed and peak memory (GPU).
+
+    python bench/bench_masked_ce.py          # CPU: extra bytes beyond inputs and gradients, ours vs reference
+    python bench/bench_masked_ce.py --gpu    # GPU: ms and peak memory, fwd+bwd, vs eager, compiled, Liger
+
+The record model's case: N=16,384 rows, V=50,304 (vocab 50,258), D=768, 55% of rows weighted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+N, V, VOCAB, D, WEIGHTED = 16384, 50304, 50258, 768, 0.55
+
+
+def make_inputs(N, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device).manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=g, device=device) * D**-0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, VOCAB, (N,), generator=g, device=device)
+    token_weights = torch.rand(N, generator=g, device=device) * (torch.rand(N, generator=g, device=device) < WEIGHTED)
+    return hidden, weight, targets, token_weights
+
+
+def peak_extra_bytes(fn, hidden, weight, targets, token_weights, vocab_size):
+    """Peak bytes PyTorch holds during forward + backward beyond the inputs, the loss and the gradients,
+    from the profiler's allocation events (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = fn(hidden, weight, targets, token_weights, vocab_size)
+        dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak - (dh.numel() * dh.element_size() + dw.numel() * dw.element_size() + 8)
+
+
+def cpu_table():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import importlib
+
+    from kernels.reference import masked_linear_cross_entropy_ref
+
+    mce = importlib.import_module("kernels.masked_ce")
+    small_d = 16
+    print(f"V={V} (vocab {VOCAB}), D={small_d}, float32, {WEIGHTED:.0%} of rows weighted; MiB beyond inputs and "
+          "gradients, peak over forward + backward")
+    print(f"{'N':>6} {'rows computed':>14} {'ours MiB':>9} {'reference MiB':>14}")
+    for n in (1024, 4096):
+        args = make_inputs(n, small_d)
+        rows = int((args[3] > 0).sum())
+        ours = peak_extra_bytes(mce.masked_linear_cross_entropy, *args, VOCAB) / 2**20
+        ref = peak_extra_bytes(masked_linear_cross_entropy_ref, *args, VOCAB) / 2**20
+        print(f"{n:6} {rows / n:14.1%} {ours:9.1f} {ref:14.1f}")
+    # At the record's N and D the same code holds one chunk of logits plus the chunk's hidden rows and their
+    # dhidden product; the reference holds N x V logits, their log-softmax and their gradient.
+    for dtype in (torch.float32, torch.bfloat16):
+        size = torch.empty(0, dtype=dtype).element_size()
+        rows = mce.chunk_rows(VOCAB, dtype)
+        width = min(V, -(-VOCAB // 16) * 16)
+        ours = rows * width * size + 2 * rows * D * size
+        note = ""
+        if dtype == torch.bfloat16:  # an fp32 lm_head weight is cast to bf16 once, as any bf16 matmul needs
+            ours += width * D * size + mce.DWEIGHT_SLICE
+            note = " (incl. the bf16 copy of an fp32 lm_head weight and one dweight slice)"
+        ref = 3 * N * VOCAB * 4
+        print(f"N={N}, D={D}, {str(dtype)[6:]}: ours ~{ours / 2**20:.0f} MiB{note}; reference ~{ref / 2**20:,.0f} MiB")
+
+
+def gpu_bench():
+    import triton.testing
+
+    from kernels.masked_ce import masked_linear_cross_entropy
+    from kernels.reference import masked_linear_cross_entropy_ref
+
+    candidates = {"bdiff (Triton)": masked_linear_cross_entropy, "PyTorch eager": masked_linear_cross_entropy_ref,
+                  "torch.compile": torch.compile(masked_linear_cross_entropy_ref)}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger(h, w, t, tw, vocab):  # per-class weights only: unweighted rows are dropped with ignore_index
+            t = torch.where(tw > 0, t, torch.full_like(t, -100))
+            return liger_fused_linear_cross_entropy(h, w[:vocab], t, reduction="sum")
+
+        candidates["Liger FLCE (no token weights)"] = liger
+    except ImportError:
+        print("liger-kernel not installed: skipping it")
+    args = make_inputs(N, D, torch.bfloat16, "cuda")
+    print(f"{torch.cuda.get_device_name()} | N={N}, V={V}, D={D}, bf16, {WEIGHTED:.0%} rows weighted")
+    for name, fn in candidates.items():
+        def step():
+            loss = fn(*args, VOCAB)
+            torch.autograd.grad(loss, args[:2])
+
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        print(f"{name:>30}: {triton.testing.do_bench(step):8.2f} ms  peak +{peak:,.0f} MiB")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true")
+    gpu_bench() if parser.parse_args().gpu else cpu_table()
+
+
+if __name__ == "__main__":
+    main()

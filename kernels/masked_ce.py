@@ -1,0 +1,174 @@
+"""Masked, token-weighted linear cross-entropy with the lm_head (same semantics as
+`masked_linear_cross_entropy_ref`): sum_i w_i · CE(h_i · W[:vocab_size]ᵀ, t_i).
+
+Block diffusion puts loss on masked tokens only, so about 45% of the rows have w_i = 0: they are never
+computed. The others are processed in chunks of rows so that one chunk of logits exists at a time (never
+the N x V matrix); for each chunk `_masked_ce_kernel` (one program per row) takes the log-sum-exp in fp32
+with an online max, writes the row's weighted loss, and overwrites the logits in place with their gradient
+w·(softmax − onehot), the true class's p − 1 formed in fp32 (in bf16, p ≈ 0.999 would round to 1 and the
+gradient to 0). That gradient is turned into dhidden and dweight right away (dweight accumulated in fp32),
+so the backward pass only scales them by the incoming gradient: no second pass over the vocabulary.
+Liger-Kernel's fused linear cross-entropy works the same way, without token weights or skipped rows.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _masked_ce_kernel(LOGITS, TARGETS, WEIGHTS, LOSS, V, stride, BV: tl.constexpr, GRAD: tl.constexpr):
+    """One row: LOSS = w·(lse − x_t) over the first V columns; with GRAD, LOGITS <- w·(softmax − onehot(t))
+    in place, and the columns V..stride-1 (alignment padding) <- 0."""
+    row = tl.program_id(0).to(tl.int64)
+    logits = LOGITS + row * stride
+    t = tl.load(TARGETS + row)
+    w = tl.load(WEIGHTS + row).to(tl.float32)
+    m = float("-inf")
+    s = 0.0
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        x = tl.load(logits + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    x_t = tl.load(logits + t).to(tl.float32)
+    tl.store(LOSS + row, w * (lse - x_t))
+    if GRAD:
+        for v0 in range(0, stride, BV):
+            cols = v0 + tl.arange(0, BV)
+            x = tl.load(logits + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - lse)  # 0 on the padding
+            g = tl.where(cols == t, p - 1.0, p) * w
+            tl.store(logits + cols, g.to(LOGITS.dtype.element_ty), mask=cols < stride)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------
+
+LOGITS_BUDGET = 32 * 2**20  # bytes of logits alive at once (one chunk)
+DWEIGHT_SLICE = 8 * 2**20  # bytes of a low-precision dweight partial product before it joins the fp32 sum
+
+
+def kernel_config() -> dict:
+    """A row is swept in 8192-wide vocabulary blocks (7 for GPT-2's 50,257): 32 fp32 values per thread with 8
+    warps, wide enough for 16-byte loads, small enough not to spill."""
+    return dict(BV=8192, num_warps=8, num_stages=1)
+
+
+def chunk_rows(V: int, dtype: torch.dtype) -> int:
+    """Rows per chunk: the largest power of two whose logits fit LOGITS_BUDGET (128 at V=50304 in fp32)."""
+    rows = LOGITS_BUDGET // (V * torch.empty(0, dtype=dtype).element_size())
+    return max(16, 1 << (max(rows, 1).bit_length() - 1))
+
+
+def _validate(hidden, weight, targets, token_weights, vocab_size):
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden must be (N, D), got shape {tuple(hidden.shape)}")
+    N, D = hidden.shape
+    if weight.ndim != 2 or weight.shape[1] != D:
+        raise ValueError(f"weight must be (V, D={D}), got shape {tuple(weight.shape)}")
+    if targets.shape != (N,):
+        raise ValueError(f"targets must be ({N},), got shape {tuple(targets.shape)}")
+    if token_weights.shape != (N,):
+        raise ValueError(f"token_weights must be ({N},), got shape {tuple(token_weights.shape)}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("token_weights", token_weights)):
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be int32 or int64, got {targets.dtype}")
+    for name, t in (("weight", weight), ("targets", targets), ("token_weights", token_weights)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
+    if not isinstance(vocab_size, int) or not 1 <= vocab_size <= weight.shape[0]:
+        raise ValueError(f"vocab_size must be an int in [1, weight rows={weight.shape[0]}], got {vocab_size!r}")
+    # One host sync for both value checks: a target past the vocabulary or a negative weight is a bug upstream.
+    bad_target, negative = torch.stack([((targets < 0) | (targets >= vocab_size)).any(),
+                                        (token_weights < 0).any()]).tolist()
+    if bad_target:
+        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
+    if negative:
+        raise ValueError("token_weights must be >= 0")
+
+
+def _accumulate_dweight(dweight, grad, h):
+    """dweight (V, D) fp32 += gradᵀ h. Low-precision products go vocabulary slice by slice, so that no V x D
+    temporary exists."""
+    if grad.dtype == dweight.dtype:
+        dweight.addmm_(grad.T, h)
+        return
+    step = max(1, DWEIGHT_SLICE // (h.shape[1] * grad.element_size()))
+    for v0 in range(0, dweight.shape[0], step):
+        dweight[v0:v0 + step] += (grad[:, v0:v0 + step].T @ h).float()
+
+
+class MaskedLinearCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)  # the matmuls below run in hidden's dtype by construction
+    def forward(ctx, hidden, weight, targets, token_weights, vocab_size):
+        _validate(hidden, weight, targets, token_weights, vocab_size)
+        N, D = hidden.shape
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = need_dh or need_dw
+        active = token_weights.nonzero().flatten()  # rows that carry loss; the others are never computed
+        # Logit rows 16-aligned where the weight is padded (lm_head is, to 128): vectorized loads in the kernel.
+        width = min(weight.shape[0], -(-vocab_size // 16) * 16)
+        W = weight[:width].to(hidden.dtype)  # (width, D); a view when the dtypes agree
+        dhidden = torch.zeros_like(hidden) if need_dh else None
+        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        C = chunk_rows(vocab_size, hidden.dtype)
+        logits_buf = torch.empty((min(C, active.numel()), width), dtype=hidden.dtype, device=hidden.device)
+        row_loss = torch.empty(min(C, active.numel()), dtype=torch.float32, device=hidden.device)
+        cfg = kernel_config()
+        for c0 in range(0, active.numel(), C):
+            rows = active[c0:c0 + C]
+            n = rows.numel()
+            h = hidden.index_select(0, rows)  # (n, D)
+            logits = torch.mm(h, W.T, out=logits_buf[:n])  # (n, width)
+            _masked_ce_kernel[(n,)](logits, targets.index_select(0, rows),
+                                    token_weights.index_select(0, rows).float(), row_loss, vocab_size, width,
+                                    BV=cfg["BV"], GRAD=grad, num_warps=cfg["num_warps"],
+                                    num_stages=cfg["num_stages"])
+            loss += row_loss[:n].sum()
+            if need_dh:
+                dhidden.index_copy_(0, rows, logits @ W)  # logits now hold the gradient
+            if need_dw:
+                _accumulate_dweight(dweight[:width], logits, h)
+        ctx.save_for_backward(dhidden, dweight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dhidden, dweight = ctx.saved_tensors
+        # Scaled in place: the only copies of these gradients, so backward allocates nothing. A second
+        # backward through the same graph (retain_graph=True) would scale twice.
+        if dhidden is not None:
+            dhidden.mul_(grad_loss.to(dhidden.dtype))
+        if dweight is not None:
+            dweight = dweight.mul_(grad_loss).to(ctx.weight_dtype)
+        return dhidden, dweight, None, None, None
+
+
+def masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size):
+    """Triton masked-weighted linear cross-entropy; see `masked_linear_cross_entropy_ref`."""
+    return MaskedLinearCrossEntropyFn.apply(hidden, weight, targets, token_weights, vocab_size)
+
+
+def compile_configs(arch: int) -> list[dict]:
+    """Every configuration the launcher picks: logits in each dtype, with and without the gradient pass."""
+    cfg = kernel_config()
+    configs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for grad in (False, True):
+            configs.append(dict(
+                name=f"masked_ce {'loss+grad' if grad else 'loss'} {dtype}", fn=_masked_ce_kernel,
+                signature=dict(LOGITS=f"*{dtype}", TARGETS="*i64", WEIGHTS="*fp32", LOSS="*fp32", V="i32",
+                               stride="i32", BV="constexpr", GRAD="constexpr"),
+                constexprs=dict(BV=cfg["BV"], GRAD=grad), divisible=["stride"],
+                options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), hgmma=False))
+    return configs
