@@ -26,6 +26,7 @@ from bdiff.config import PRESETS, Config, ConfigError, get_preset
 from bdiff.data import DataError, DistributedLoader, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
 from bdiff.muon import Muon
+from bdiff.sampling import decode, encode, generate
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling (SPEC.md §2)
 RECORD_VAL_LOSS = 3.44
@@ -223,6 +224,11 @@ def main(argv=None) -> BlockDiffusionLM | None:
     if tc.data == "stdlib":
         log(f"val loss {val_loss:.4f} nats vs unigram entropy {unigram_entropy(train_files, mc.vocab_size):.4f} nats "
             f"(the loss of a model that ignores context)")
+        if master:  # a sample from the model just trained
+            raw_model.eval()
+            prompt = "def "
+            out = generate(raw_model, [encode(prompt, mc)], 200, temperature=0.8, top_p=0.9, strategy="random")
+            log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{prompt}{decode(out.tokens[0], mc)}")
     else:
         ok = all(rules.values()) and val_loss <= RECORD_VAL_LOSS
         log(f"record: val loss {val_loss:.4f} {'<=' if val_loss <= RECORD_VAL_LOSS else '>'} {RECORD_VAL_LOSS} "

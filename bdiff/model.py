@@ -44,17 +44,20 @@ class Rotary(nn.Module):
         freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
         self.register_buffer("freq", torch.cat([freq, freq.new_zeros(head_dim // 4)]), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x (R, H, D)
-        theta = positions.float()[:, None] * self.freq[None, :]  # (R, D/2)
-        cos, sin = theta.cos()[:, None, :], theta.sin()[:, None, :]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x (..., H, D), positions (...)
+        theta = positions.float()[..., None] * self.freq  # (..., D/2)
+        cos, sin = theta.cos()[..., None, :], theta.sin()[..., None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Projections, value residual, QK-norm and rotary; which keys each query sees is the caller's `attend`:
+    block-diffusion attention over the 2L training layout, or a KV cache when sampling (bdiff/sampling.py)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.block_size = cfg.num_heads, cfg.head_dim, cfg.block_size
+        self.layer, self.num_heads, self.head_dim = layer, cfg.num_heads, cfg.head_dim
         self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_k = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_v = CastedLinear(cfg.model_dim, cfg.model_dim)
@@ -62,16 +65,14 @@ class Attention(nn.Module):
         self.lamb = nn.Parameter(torch.tensor(0.5))  # value-residual mix with the first layer's values
         self.rotary = Rotary(cfg.head_dim)
 
-    def forward(self, x, v1, positions, cu_seqlens):  # x (2L, dim)
-        R = x.size(0)
-        q = self.c_q(x).view(R, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(R, self.num_heads, self.head_dim)
-        v = self.c_v(x).view(R, self.num_heads, self.head_dim)
+    def forward(self, x, v1, positions, attend):  # x (..., dim), positions (...)
+        heads = (*x.shape[:-1], self.num_heads, self.head_dim)
+        q, k, v = self.c_q(x).view(heads), self.c_k(x).view(heads), self.c_v(x).view(heads)
         v1 = v if v1 is None else v1
         v = (1 - self.lamb) * v + self.lamb * v1
         q, k = self.rotary(norm(q), positions), self.rotary(norm(k), positions)
-        y = kernels.bd_attention(q, k, v, cu_seqlens, self.block_size)  # (2L, H, D)
-        return self.c_proj(y.reshape(R, -1)), v1
+        y = attend(self.layer, q, k, v)  # (..., H, D)
+        return self.c_proj(y.reshape(x.shape)), v1
 
 
 class MLP(nn.Module):
@@ -85,15 +86,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
-    def forward(self, x, x0, v1, positions, cu_seqlens):
+    def forward(self, x, x0, v1, positions, attend):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        y, v1 = self.attn(norm(x), v1, positions, cu_seqlens)
+        y, v1 = self.attn(norm(x), v1, positions, attend)
         x = x + y
         x = x + self.mlp(norm(x))
         return x, v1
@@ -105,24 +106,37 @@ class BlockDiffusionLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.num_layers)])
         self.skip_weights = nn.Parameter(torch.ones(cfg.num_layers // 2))  # U-net skip scales
         padded_vocab = -(-cfg.vocab_size // cfg.lm_head_multiple) * cfg.lm_head_multiple
         self.lm_head = CastedLinear(cfg.model_dim, padded_vocab, zero_init=True)
 
     def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor):
         """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows."""
-        x = x0 = norm(self.embed(tokens_2l))  # (2L, dim)
-        positions_2l = torch.cat([positions, positions])
+        block_size = self.cfg.block_size
+
+        def attend(layer, q, k, v):
+            return kernels.bd_attention(q, k, v, cu_seqlens, block_size)
+
+        return self.run_layers(tokens_2l, torch.cat([positions, positions]), attend)
+
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The transformer on rows of any leading shape: tokens and positions (...) -> normalised hidden
+        states (..., dim). `attend(layer, q, k, v)` decides which rows see which."""
+        x = x0 = norm(self.embed(tokens))
         v1, skips = None, []
         half = len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             if i >= half:
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x, v1 = block(x, x0, v1, positions_2l, cu_seqlens)
+            x, v1 = block(x, x0, v1, positions, attend)
             if i < half:
                 skips.append(x)
         return norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the real vocabulary (padding rows of lm_head dropped)."""
+        return (hidden @ self.lm_head.weight[:self.cfg.vocab_size].to(hidden.dtype).T).float()
 
     def forward(self, tokens: torch.Tensor, noise_range: tuple[float, float] = (0.3, 0.8),
                 generator: torch.Generator | None = None) -> torch.Tensor:

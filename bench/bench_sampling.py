@@ -1,0 +1,55 @@
+"""Sampling speed with and without the KV cache.
+
+    python bench/bench_sampling.py --ckpt logs/RUN/final.pt     # CPU: the demo model, 1024 new tokens
+    python bench/bench_sampling.py --gpu                        # GPU: the record model (random weights)
+
+Without the cache every denoising step recomputes the whole x_t ⊕ x_0 layout of the sequence so far.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(model, prompt, new_tokens, steps_per_block):
+    from bdiff.sampling import generate
+
+    print(f"{new_tokens} new tokens, {steps_per_block} steps per block of {model.cfg.block_size}")
+    for use_cache in (True, False):
+        out = generate(model, [prompt], new_tokens, steps_per_block, temperature=0.8, top_p=0.9, strategy="random",
+                       use_cache=use_cache)
+        print(f"{'with' if use_cache else 'without':>8} cache: {out.new_tokens / out.seconds:9,.1f} tok/s, "
+              f"{out.model_calls / out.new_tokens:.2f} model calls/token, cache {out.cache_bytes / 2**20:.1f} MiB")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="a checkpoint of train.py (CPU run)")
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--new_tokens", type=int, default=1024)
+    parser.add_argument("--steps_per_block", type=int, default=4)
+    args = parser.parse_args()
+    from bdiff.sampling import encode, load_checkpoint
+
+    if args.gpu:
+        from bdiff.config import record
+        from bdiff.model import BlockDiffusionLM
+
+        model = BlockDiffusionLM(record().model).cuda().eval()
+        print(torch.cuda.get_device_name())
+        run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block)
+        return
+    if not args.ckpt:
+        parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/final.pt)")
+    model, _ = load_checkpoint(args.ckpt)
+    print(f"CPU, {torch.get_num_threads()} threads")
+    run(model, encode("def ", model.cfg), args.new_tokens, args.steps_per_block)
+
+
+if __name__ == "__main__":
+    main()

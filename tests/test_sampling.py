@@ -1,0 +1,133 @@
+"""Sampling (bdiff/sampling.py, sample.py): the KV cache is exact, seeds reproduce, batches equal single
+prompts, stopping rules hold, and bad input ends in one error line."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bdiff.config import tiny
+from bdiff.model import BlockDiffusionLM
+from bdiff.sampling import SamplingError, decode, encode, generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the model's CPU path: the references
+
+
+@pytest.fixture
+def model(gen):
+    """A tiny model with random weights everywhere (the zero-initialised head would give flat logits)."""
+    m = BlockDiffusionLM(tiny().model)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return m.eval()
+
+
+def random_prompts(gen, lengths):
+    return [[256] + torch.randint(0, 256, (n - 1,), generator=gen).tolist() for n in lengths]
+
+
+def test_cache_is_exact(model, gen):
+    """At every denoising step, the logits through the cache equal a full recomputation over x_t ⊕ x_0."""
+    prompts = random_prompts(gen, [5, 21, 16])  # odd lengths: partial and exact blocks
+    kw = dict(max_new_tokens=40, steps_per_block=4, temperature=1.0, seed=3, keep_logits=True)
+    cached, full = generate(model, prompts, **kw), generate(model, prompts, use_cache=False, **kw)
+    assert cached.tokens == full.tokens
+    assert len(cached.step_logits) == len(full.step_logits) >= 3 * 4, "several blocks of several steps"
+    for step, (a, b) in enumerate(zip(cached.step_logits, full.step_logits)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+def test_same_seed_same_text(model, gen):
+    prompts = random_prompts(gen, [7])
+    a, b = (generate(model, prompts, 30, seed=11, strategy="random").tokens for _ in range(2))
+    c = generate(model, prompts, 30, seed=12, strategy="random").tokens
+    assert a == b, "same seed must give the same text"
+    assert a != c, "another seed should give another text"
+
+
+@pytest.mark.parametrize("strategy", ["confidence", "threshold", "random"])
+def test_batch_equals_each_prompt_alone(model, gen, strategy):
+    prompts = random_prompts(gen, [3, 18, 33])
+    both = generate(model, prompts, 25, steps_per_block=8, temperature=0, strategy=strategy).tokens
+    alone = [generate(model, [p], 25, steps_per_block=8, temperature=0, strategy=strategy).tokens[0]
+             for p in prompts]
+    assert both == alone
+
+
+def test_stopping_rules(model, gen, monkeypatch):
+    prompts = random_prompts(gen, [4, 9])
+    out = generate(model, prompts, 23, temperature=0)
+    assert all(len(t) <= 23 for t in out.tokens)
+    assert all(len(t) == 23 or t[-1] == model.cfg.bos_id for t in out.tokens), "stop at max tokens or at BOS"
+    logits = model.logits
+
+    def bos_everywhere(hidden):  # end of text is the only likely token
+        out = logits(hidden)
+        out[..., model.cfg.bos_id] += 1e4
+        return out
+
+    monkeypatch.setattr(model, "logits", bos_everywhere)
+    stopped = generate(model, prompts, 50, temperature=0)
+    assert stopped.tokens == [[model.cfg.bos_id]] * 2, "a sequence ends with its first BOS"
+
+
+def test_steps_and_calls(model, gen):
+    out = generate(model, random_prompts(gen, [16]), 32, steps_per_block=4)
+    assert out.model_calls == 1 + 2 * (4 + 1), "1 prefill block, then 2 blocks of 4 steps + 1 clean pass"
+    assert out.cache_bytes > 0 and len(out.tokens[0]) <= 32
+
+
+def test_byte_text_round_trip():
+    cfg = tiny().model
+    assert decode(encode("héllo\n", cfg)[1:], cfg) == "héllo\n"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[[]]), "at least one token"),
+    (dict(prompts=[[256, 257]]), "MASK"),
+    (dict(steps_per_block=0), "steps_per_block"),
+    (dict(strategy="greedy"), "strategy"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_input(model, kwargs, match):
+    args = dict(prompts=[[256, 10]], max_new_tokens=8)
+    args.update(kwargs)
+    with pytest.raises(SamplingError, match=match):
+        generate(model, **args)
+
+
+def run_sample(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_sample_script(model, tmp_path):
+    ckpt = tmp_path / "final.pt"
+    cfg = tiny()
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, ckpt)
+    ok = run_sample("--ckpt", str(ckpt), "--prompt", "def f(", "--prompt", "x", "--max_new_tokens", "20")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("--- ") == 3 and "tok/s" in ok.stdout and "KV cache" in ok.stdout
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    cases = {
+        "missing": (["--ckpt", str(tmp_path / "none.pt"), "--prompt", "a"], "no such checkpoint"),
+        "foreign": (["--ckpt", str(tmp_path / "foreign.pt"), "--prompt", "a"], "not a bdiff checkpoint"),
+        "other": (["--ckpt", str(tmp_path / "other.pt"), "--prompt", "a"], "not a bdiff checkpoint"),
+        "block size": (["--ckpt", str(ckpt), "--prompt", "a", "--block_size", "8"], "does not match"),
+        "too long": (["--ckpt", str(ckpt), "--prompt", "a" * 200], "exceeds"),
+        "empty": (["--ckpt", str(ckpt), "--prompt", ""], None),
+    }
+    for case, (args, message) in cases.items():
+        result = run_sample(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"{case}: {lines}"
+        assert message is None or message in lines[0], f"{case}: {lines}"
