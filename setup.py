@@ -8,5 +8,5 @@ setup(
     python_requires=">=3.10",
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
     install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"], "plot": ["matplotlib"]},
 )

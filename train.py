@@ -3,6 +3,7 @@
     python train.py                                   # CPU: the `cpu` preset on the embedded corpus
     torchrun --standalone --nproc_per_node=8 train.py --preset record
     python train.py --preset record --dry-run         # parameter count and config, no training
+    python train.py --run-name r1 --ckpt_every 100 ... then, after a crash:  --run-name r1 --resume auto
 
 Any field of ModelConfig / TrainConfig can be overridden: --steps 100 --block_size 8 ...
 """
@@ -22,6 +23,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bdiff
+from bdiff import checkpoint
+from bdiff.checkpoint import CheckpointError
 from bdiff.config import PRESETS, Config, ConfigError, get_preset
 from bdiff.data import DataError, DistributedLoader, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
@@ -37,7 +40,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     parser.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: record on a "
                                                         "GPU, cpu otherwise)")
     parser.add_argument("--dry-run", action="store_true", help="print the parameter count and config, then exit")
-    parser.add_argument("--run-name", default=None, help="name of the log and checkpoint (default: random)")
+    parser.add_argument("--run-name", default=None, help="name of the log and checkpoints (default: random)")
+    parser.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the newest complete "
+                                                        "one of --run-name")
     for section in ("model", "train"):
         for f in dataclasses.fields(Config.__dataclass_fields__[section].default_factory()):
             kind = f.type if isinstance(f.type, type) else eval(f.type)  # "from __future__" annotations
@@ -141,21 +146,58 @@ def main(argv=None) -> BlockDiffusionLM | None:
         decay = (frac - tc.lr_constant_frac) / max(1.0 - tc.lr_constant_frac, 1e-9)
         return 1.0 - decay * (1.0 - tc.lr_final_frac)
 
-    # ---- logging ----
-    run_name = args.run_name or uuid.uuid4().hex[:8]
+    # ---- run directory, resume ----
+    if args.resume == "auto" and not args.run_name:
+        raise CheckpointError("--resume auto needs the --run-name of the run to continue")
+    names = [args.run_name or uuid.uuid4().hex[:8]]
+    if ddp:
+        dist.broadcast_object_list(names)  # every rank writes under rank 0's name
+    run_name = names[0]
+    run_dir = os.path.join(tc.out_dir, run_name)
     log_path = os.path.join(tc.out_dir, f"{run_name}.jsonl")
+    noise_gen = torch.Generator(device).manual_seed(tc.seed * 1000 + 1 + rank)  # each rank its own noise
+    start_step, last_checkpoint = 0, None
+    if args.resume:
+        path = last_checkpoint = checkpoint.resolve(args.resume, run_dir)
+        shared, mine = checkpoint.load(path, rank, world, cfg.to_dict())
+        raw_model.load_state_dict(shared["model"])
+        adam.load_state_dict(shared["adam"])
+        muon.load_state_dict(mine["muon"])
+        noise_gen.set_state(mine["noise_rng"])
+        torch.set_rng_state(mine["cpu_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        train_loader.load_state(shared["data"])
+        start_step = shared["step"]
+        log(f"resumed from {path} at step {start_step}")
     if master:
-        os.makedirs(tc.out_dir, exist_ok=True)
-        with open(log_path, "w") as f:
-            f.write(json.dumps({"config": cfg.to_dict(), "parameters": num_params, "world_size": world}) + "\n")
-    log(f"log: {log_path}")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(log_path, "a" if args.resume else "w") as f:
+            f.write(json.dumps({"config": cfg.to_dict(), "parameters": num_params, "world_size": world,
+                                "resumed_at": start_step if args.resume else None}) + "\n")
+    log(f"log: {log_path} (plot it: python -m bdiff.plot {log_path})")
+
+    def save_checkpoint(step: int) -> str:
+        path = checkpoint.checkpoint_dir(run_dir, step)
+        os.makedirs(path, exist_ok=True)
+        checkpoint.atomic_save({"muon": muon.state_dict(), "noise_rng": noise_gen.get_state(),
+                                "cpu_rng": torch.get_rng_state(),
+                                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                               os.path.join(path, f"rank{rank}.pt"))
+        if master:
+            checkpoint.atomic_save({"model": raw_model.state_dict(), "adam": adam.state_dict(), "step": step,
+                                    "config": cfg.to_dict(), "data": train_loader.state(), "world_size": world},
+                                   os.path.join(path, "shared.pt"))
+        if ddp:
+            dist.barrier()  # every rank's file is on disk before the checkpoint counts
+        if master:
+            checkpoint.mark_complete(path, tc.ckpt_keep)
+        return path
 
     def record(entry: dict) -> None:
         if master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
-
-    noise_gen = torch.Generator(device).manual_seed(tc.seed * 1000 + 1 + rank)  # each rank its own noise
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -174,7 +216,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
     # ---- training loop ----
     tokens_per_step = tc.micro_steps * tc.seq_len
     val_loss, train_time, t0 = float("nan"), 0.0, time.perf_counter()
-    for step in range(tc.steps + 1):
+    for step in range(start_step, tc.steps + 1):
         last = step == tc.steps
         if last or (tc.val_every and step > 0 and step % tc.val_every == 0):
             train_time += time.perf_counter() - t0
@@ -186,14 +228,23 @@ def main(argv=None) -> BlockDiffusionLM | None:
         if last:
             break
         loss_sum = torch.zeros((), device=device)
+        consumed = []  # (shard, start, end) of every micro-step, across all ranks
         for micro in range(accum):
             tokens = train_loader.next().to(device)
+            consumed.append(train_loader.last_step)
             sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
             with sync:
                 with autocast:
                     loss = model(tokens, noise_range=(tc.noise_low, tc.noise_high), generator=noise_gen)
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
+        if ddp:
+            dist.all_reduce(loss_sum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float("inf"))  # the norm; no clipping
+        for what, value in (("loss", loss_sum), ("gradient", grad_norm)):
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"non-finite {what} at step {step + 1}: stopped before the optimizer step; "
+                                         f"last good checkpoint: {last_checkpoint or 'none'}")
         mult = lr_mult(step)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -204,21 +255,20 @@ def main(argv=None) -> BlockDiffusionLM | None:
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(loss_sum)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_s = time.perf_counter() - t0
         train_time += step_s
         t0 = time.perf_counter()
         train_loss = loss_sum.item() / tc.micro_steps
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(f"non-finite training loss {train_loss} at step {step + 1}")
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | tokens {(step + 1) * tokens_per_step:,} | "
                 f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s")
         record({"step": step + 1, "train_loss": train_loss, "tokens": (step + 1) * tokens_per_step,
-                "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult})
+                "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult,
+                "grad_norm": grad_norm.item(), "data": consumed})
+        if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+            last_checkpoint = save_checkpoint(step + 1)
 
     # ---- the end: summary and checkpoint ----
     if tc.data == "stdlib":
@@ -233,12 +283,11 @@ def main(argv=None) -> BlockDiffusionLM | None:
         ok = all(rules.values()) and val_loss <= RECORD_VAL_LOSS
         log(f"record: val loss {val_loss:.4f} {'<=' if val_loss <= RECORD_VAL_LOSS else '>'} {RECORD_VAL_LOSS} "
             f"with {tc.steps * tokens_per_step:,} tokens; {'meets' if ok else 'does not meet'} the record rules")
+    save_checkpoint(tc.steps)
     if master:
-        ckpt_path = os.path.join(tc.out_dir, run_name, "final.pt")
-        os.makedirs(os.path.dirname(ckpt_path), exist_ok=True)
-        torch.save({"model": raw_model.state_dict(), "config": cfg.to_dict(), "step": tc.steps,
-                    "val_loss": val_loss}, ckpt_path + ".tmp")
-        os.replace(ckpt_path + ".tmp", ckpt_path)
+        ckpt_path = os.path.join(run_dir, "final.pt")  # the model alone, for sample.py
+        checkpoint.atomic_save({"model": raw_model.state_dict(), "config": cfg.to_dict(), "step": tc.steps,
+                                "val_loss": val_loss}, ckpt_path)
         log(f"checkpoint: {ckpt_path} | total train time {train_time:.1f}s")
     if ddp:
         dist.destroy_process_group()
@@ -261,6 +310,9 @@ def _hardware(device: torch.device) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -71,10 +71,12 @@ class TrainConfig:
     lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
     seed: int = 0  # model init and noise
     out_dir: str = "logs"  # JSONL log and checkpoints go under out_dir/
+    ckpt_every: int = 0  # write a resumable checkpoint every N steps (0: only at the end)
+    ckpt_keep: int = 3  # keep the newest K checkpoints of a run
     log_every: int = 1  # print a line every N steps
 
     def validate(self) -> None:
-        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "log_every"):
+        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "log_every", "ckpt_keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.noise_low <= self.noise_high <= 1.0:

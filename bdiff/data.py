@@ -73,7 +73,18 @@ class DistributedLoader:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         self.files, self.seq_len, self.rank, self.world_size = list(files), seq_len, rank, world_size
         self.shard, self.offset = 0, 0  # position of the next step's first token
+        self.last_step = None  # (shard, start, end): the tokens the last step took across all ranks
         self.tokens = read_shard(self.files[0])
+
+    def state(self) -> dict:
+        return {"shard": self.shard, "offset": self.offset, "world_size": self.world_size, "seq_len": self.seq_len}
+
+    def load_state(self, state: dict) -> None:
+        if (state["world_size"], state["seq_len"]) != (self.world_size, self.seq_len):
+            raise DataError(f"loader state of {state['world_size']} ranks x {state['seq_len']} tokens cannot continue "
+                            f"as {self.world_size} x {self.seq_len}")
+        self.shard, self.offset = state["shard"], state["offset"]
+        self.tokens = read_shard(self.files[self.shard])
 
     def next(self) -> torch.Tensor:
         """This rank's next sequence, int64 (seq_len,)."""
@@ -84,6 +95,7 @@ class DistributedLoader:
                                 f"are used up; add shards or run fewer steps")
             self.shard, self.offset = self.shard + 1, 0
             self.tokens = read_shard(self.files[self.shard])
+        self.last_step = (self.shard, self.offset, self.offset + step)
         start = self.offset + self.rank * self.seq_len
         self.offset += step
         return torch.from_numpy(self.tokens[start:start + self.seq_len].astype(np.int64))

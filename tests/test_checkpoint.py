@@ -1,0 +1,159 @@
+"""Runs that survive (bdiff/checkpoint.py, train.py): SIGKILL and resume gives the same losses bit for bit
+(one process and 2 gloo ranks), partial checkpoints are never resumed, a NaN stops the run with the last
+good checkpoint intact, no token range is consumed twice, and mismatched resumes are refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from bdiff import checkpoint
+from bdiff.data import build_stdlib_corpus
+from bdiff.model import BlockDiffusionLM
+from bdiff.plot import main as plot_main
+from bdiff.plot import read_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def reference_ops(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # training on CPU runs the references
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stdlib")
+    build_stdlib_corpus(str(path))
+    return str(path)
+
+
+def command(ranks, data_dir, out, run, *extra):
+    args = ["train.py", "--preset", "tiny", "--steps", "60", "--ckpt_every", "5", "--data_dir", data_dir,
+            "--out_dir", out, "--run-name", run, *extra]
+    if ranks == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
+
+
+def run_to_end(cmd):
+    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def run_and_kill(cmd, at_step):
+    """Start a run and SIGKILL it (its whole process group) once it has logged `at_step`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith(f"step {at_step}/"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run ended before it could be killed"
+
+
+def losses(out, run):
+    train_losses, val = read_log(os.path.join(out, f"{run}.jsonl"))
+    return {s: loss for s, (_, loss) in train_losses.items()}, {s: loss for s, (_, loss) in val.items()}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_kill_and_resume_is_exact(data_dir, tmp_path, ranks):
+    out = str(tmp_path)
+    run_to_end(command(ranks, data_dir, out, "straight"))
+    run_and_kill(command(ranks, data_dir, out, "killed"), at_step=23)
+    before, _ = losses(out, "killed")
+    assert 15 < len(before) < 60, "killed mid-run, after a few checkpoints"
+    run_to_end(command(ranks, data_dir, out, "killed", "--resume", "auto"))
+    want, want_val = losses(out, "straight")
+    got, got_val = losses(out, "killed")
+    assert sorted(got) == list(range(1, 61))
+    assert got == want, "every step after the resume must give the uninterrupted run's loss, bit for bit"
+    assert got_val == want_val
+    assert len(checkpoint.complete_checkpoints(os.path.join(out, "killed"))) == 3, "keeps the last ckpt_keep=3"
+
+
+def test_partial_checkpoint_is_never_resumed(tmp_path):
+    run_dir = str(tmp_path)
+    for step in (5, 10, 15):
+        os.makedirs(checkpoint.checkpoint_dir(run_dir, step))
+        if step < 15:
+            checkpoint.mark_complete(checkpoint.checkpoint_dir(run_dir, step), keep=3)
+    # step 15: files but no COMPLETE marker, as after a crash mid-write
+    assert checkpoint.resolve("auto", run_dir) == checkpoint.checkpoint_dir(run_dir, 10)
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
+        checkpoint.resolve(checkpoint.checkpoint_dir(run_dir, 15), run_dir)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    forward = BlockDiffusionLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):  # the 15th micro-step (step 8 of 2 micro-steps) returns NaN
+        calls["n"] += 1
+        loss = forward(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] == 15 else loss
+
+    monkeypatch.setattr(BlockDiffusionLM, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 8") as error:
+        train.main(["--preset", "tiny", "--steps", "20", "--ckpt_every", "3", "--data_dir", data_dir,
+                    "--out_dir", str(tmp_path), "--run-name", "nan"])
+    run_dir = os.path.join(str(tmp_path), "nan")
+    good = checkpoint.complete_checkpoints(run_dir)
+    assert good[-1] == checkpoint.checkpoint_dir(run_dir, 6) and good[-1] in str(error.value)
+    shared = torch.load(os.path.join(good[-1], "shared.pt"), weights_only=False)
+    assert shared["step"] == 6 and all(torch.isfinite(v).all() for v in shared["model"].values())
+
+
+def test_no_token_range_twice(data_dir, tmp_path):
+    """Across ranks (each range covers every rank's slice), resumes (replayed steps keep their last record)
+    and gradient accumulation (several ranges a step)."""
+    out = str(tmp_path)
+    run_to_end(command(1, data_dir, out, "accum", "--micro_steps", "4", "--steps", "12"))
+    run_and_kill(command(1, data_dir, out, "resumed", "--steps", "40"), at_step=12)
+    run_to_end(command(1, data_dir, out, "resumed", "--steps", "40", "--resume", "auto"))
+    for run, per_step in (("accum", 4), ("resumed", 2)):
+        steps = {}
+        with open(os.path.join(out, f"{run}.jsonl")) as f:
+            for entry in map(json.loads, f):
+                if "data" in entry:
+                    steps[entry["step"]] = entry["data"]
+        ranges = [tuple(r) for s in sorted(steps) for r in steps[s]]
+        assert all(len(steps[s]) == per_step for s in steps)
+        assert len(set(ranges)) == len(ranges), f"{run}: a token range was consumed twice"
+        for (shard_a, _, end_a), (shard_b, start_b, _) in zip(ranges, ranges[1:]):
+            assert shard_b > shard_a or start_b >= end_a, f"{run}: ranges overlap or go backwards"
+
+
+def test_mismatched_resume_is_refused(data_dir, tmp_path):
+    out = str(tmp_path)
+    base = ["--preset", "tiny", "--steps", "4", "--data_dir", data_dir, "--out_dir", out, "--run-name", "r"]
+    train.main(base)
+    path = checkpoint.resolve("auto", os.path.join(out, "r"))
+    for extra, message in ((["--block_size", "8"], "the model differs"), (["--model_dim", "96", "--head_dim", "48"],
+                                                                          "the model differs")):
+        result = subprocess.run([sys.executable, "train.py", *base, "--resume", path, *extra], cwd=ROOT, env=env(),
+                                capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    cfg = train.get_preset("tiny").to_dict()
+    with pytest.raises(checkpoint.CheckpointError, match="written by 1 ranks, resumed with 2"):
+        checkpoint.load(path, 0, 2, cfg)
+
+
+def test_plot(data_dir, tmp_path):
+    out = str(tmp_path)
+    train.main(["--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir", data_dir, "--out_dir", out,
+                "--run-name", "p"])
+    assert plot_main([os.path.join(out, "p.jsonl")]) == 0
+    png = os.path.join(out, "p.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
