@@ -75,6 +75,13 @@ def _tile(L, BM: tl.constexpr):
 
 
 @triton.jit
+def _rows(first, end, N: tl.constexpr):
+    """N rows from `first`; rows at or past `end` repeat row end-1 (computed, never stored). (rows, valid)"""
+    offs = first + tl.arange(0, N)
+    return tl.minimum(offs, end - 1), offs < end
+
+
+@triton.jit
 def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNTS, L, qk_scale, scale,
                           H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           SUB: tl.constexpr, SUB_N: tl.constexpr, BACKWARD: tl.constexpr,
@@ -89,7 +96,7 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNT
     half, start, end = _tile(L, BM)
     d = tl.arange(0, D)
     stride = H * D  # (2L, H, D) contiguous
-    rows = tl.minimum(start + tl.arange(0, BM), end - 1)  # rows past the half repeat its last row, unstored
+    rows, valid = _rows(start, end, BM)
     q = tl.load(Q + rows[:, None] * stride + h * D + d[None, :])  # (BM, D)
     acc = tl.zeros((BM, D), dtype=tl.float32)  # output accumulator, or dQ
     m = tl.full((BM,), float("-inf"), dtype=tl.float32)
@@ -120,7 +127,6 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNT
             acc, m, l = _softmax_step(acc, m, l, s, v, PRECISION)
         entries += BM * BN
 
-    valid = (start + tl.arange(0, BM)) < end
     offs = rows[:, None] * stride + h * D + d[None, :]
     if BACKWARD:
         out = acc
@@ -139,9 +145,7 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNT
             tl.store(LSE + h * 2 * L + rows, m, mask=valid)
         tl.debug_barrier()  # phase 2 reads rows that other threads of this program wrote
         for i in tl.static_range(BM // SUB):
-            sub = start + i * SUB + tl.arange(0, SUB)
-            sub_valid = sub < end
-            sub = tl.minimum(sub, end - 1)
+            sub, sub_valid = _rows(start + i * SUB, end, SUB)
             sub_offs = sub[:, None] * stride + h * D + d[None, :]
             q_i = tl.load(Q + sub_offs)  # (SUB, D)
             acc_i = tl.load(SCRATCH + sub_offs)
@@ -192,9 +196,7 @@ def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_
     full_entries = 0
     if half == 0:
         for i in tl.static_range(BM // SUB):
-            sub = start + i * SUB + tl.arange(0, SUB)
-            sub_valid = sub < end
-            sub = tl.minimum(sub, end - 1)
+            sub, sub_valid = _rows(start + i * SUB, end, SUB)
             sub_offs = sub[:, None] * stride + h * D + d[None, :]
             k_i = tl.load(K + sub_offs)  # (SUB, D)
             v_i = tl.load(V + sub_offs)
@@ -219,7 +221,7 @@ def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_
             tl.store(DK + sub_offs, (dk_i * scale).to(DK.dtype.element_ty), mask=sub_valid[:, None])
             tl.store(DV + sub_offs, dv_i.to(DV.dtype.element_ty), mask=sub_valid[:, None])
     else:
-        rows = tl.minimum(start + tl.arange(0, BM), end - 1)
+        rows, valid = _rows(start, end, BM)
         offs_kv = rows[:, None] * stride + h * D + d[None, :]
         k = tl.load(K + offs_kv)  # (BM, D)
         v = tl.load(V + offs_kv)
@@ -245,7 +247,6 @@ def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_
                     full_entries += BM * BN
                 dk, dv = _dkdv_step(dk, dv, st, v, q, do, tl.trans(do), lse, delta, PRECISION)
                 entries += BM * BN
-        valid = (start + tl.arange(0, BM)) < end
         tl.store(DK + offs_kv, (dk * scale).to(DK.dtype.element_ty), mask=valid[:, None])
         tl.store(DV + offs_kv, dv.to(DV.dtype.element_ty), mask=valid[:, None])
     if COUNT:
