@@ -1,7 +1,7 @@
 """The three heavy ops of bdiff, each behind one name with the signature of its PyTorch reference
 (kernels/reference.py). Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the reference,
 except with TRITON_INTERPRET=1 set, where they run the Triton kernel through the interpreter (how the
-tests check the kernels). Ops without a Triton version yet run their reference everywhere.
+tests check the kernels).
 """
 import os
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import arch as _arch
+
 LOG2E = 1.4426950408889634
 SUB = 16  # rows of a diagonal sub-tile: the smallest M of a tensor-core dot
 SUB_N = 32  # other-side rows per diagonal chunk: one 16-block plus the misalignment of a sub-tile
@@ -383,13 +385,6 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None)
         q, k, v, do, lse, delta, dk, dv, k_bounds, dkdv_count, L, scale * LOG2E, scale, **common, **cfg)
     return dq, dk, dv
 
-
-def _arch(q) -> int:
-    """Compute capability as 80, 86, 89, 90...; the interpreter (CPU tensors) takes Hopper's tiles."""
-    if not q.is_cuda:
-        return 90
-    major, minor = torch.cuda.get_device_capability(q.device)
-    return 10 * major + minor
 
 
 def _precision(q):

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import arch as _arch
 from .reference import QUINTIC, _coefficient_schedule
 
 
@@ -99,12 +100,6 @@ def kernel_config(kernel: str, arch: int = 90) -> dict:
 def _upper_tiles(T: int, device: str) -> torch.Tensor:
     return torch.triu_indices(T, T).T.contiguous().to(torch.int32).to(device)  # (T(T+1)/2, 2), i <= j
 
-
-def _arch(x) -> int:
-    if not x.is_cuda:
-        return 90
-    major, minor = torch.cuda.get_device_capability(x.device)
-    return 10 * major + minor
 
 
 def _sym(X, out, alpha, C=None, beta=0.0, counts=None):
