@@ -90,7 +90,8 @@ def test_all_weights_zero(gen):
 
 def test_huge_logits_stay_finite(gen):
     hidden, weight, targets, token_weights = inputs(gen, 50, 16, 1000, 1000, torch.float32, scale=2500.0)
-    loss, dh, dw = against_reference(hidden, weight, targets, token_weights, 1000, 1e-3, 1e-4)
+    # fp32 logits of 1e4 carry ~1e4 * 2^-24 * sqrt(D) ≈ 1e-3 of rounding each, which goes straight into p.
+    loss, dh, dw = against_reference(hidden, weight, targets, token_weights, 1000, 1e-2, 1e-2)
     assert (hidden.detach() @ weight.detach().T).abs().max() > 1e4, "the test must reach logits of 1e4"
     assert torch.isfinite(loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
 
