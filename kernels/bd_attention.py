@@ -303,7 +303,8 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> di
 
 
 def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
-    """The (2L, 6) int32 range table of the module docstring; on cu_seqlens' device, no host sync."""
+    """The two (2L, 6) int32 range tables of the module docstring: (query side, for the forward and dQ;
+    key side, for dK/dV). On cu_seqlens' device, no host sync."""
     cu = cu_seqlens.long()
     pos = torch.arange(L, device=cu.device)
     doc = torch.searchsorted(cu[1:], pos, right=True)
