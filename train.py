@@ -28,10 +28,11 @@ from bdiff.checkpoint import CheckpointError
 from bdiff.config import PRESETS, Config, ConfigError, get_preset
 from bdiff.data import DataError, DistributedLoader, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
+from bdiff.noise import document_layout
 from bdiff.muon import Muon
 from bdiff.sampling import decode, encode, generate
 
-RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling (SPEC.md §2)
+RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 RECORD_VAL_LOSS = 3.44
 
 
@@ -41,6 +42,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                                                         "GPU, cpu otherwise)")
     parser.add_argument("--dry-run", action="store_true", help="print the parameter count and config, then exit")
     parser.add_argument("--run-name", default=None, help="name of the log and checkpoints (default: random)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the model's step with torch.compile(fullgraph=True) (default: on with CUDA, "
+                             "off on CPU, where compiling costs more than it saves in a short run)")
     parser.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the newest complete "
                                                         "one of --run-name")
     for section in ("model", "train"):
@@ -113,7 +117,11 @@ def main(argv=None) -> BlockDiffusionLM | None:
     if args.dry_run:
         return None
     if device.type == "cuda":
-        model.embed.bfloat16()  # the embedding is kept in bf16 (SPEC.md §2)
+        model.embed.bfloat16()  # the seed keeps the embedding in bf16
+    compile_model = device.type == "cuda" if args.compile is None else args.compile
+    if compile_model:
+        model.compile_objective()
+    log(f"compile: {'on (torch.compile, fullgraph)' if compile_model else 'off (eager)'}")
     raw_model = model
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -194,6 +202,12 @@ def main(argv=None) -> BlockDiffusionLM | None:
             checkpoint.mark_complete(path, tc.ckpt_keep)
         return path
 
+    def batch(loader: DistributedLoader) -> tuple[torch.Tensor, object]:
+        """The next sequence and its layout, built on the host from the loader's CPU tokens: no device sync."""
+        tokens = loader.next()
+        layout = document_layout(tokens, mc.bos_id, mc.block_size)
+        return tokens.to(device, non_blocking=True), layout.to(device, non_blocking=True)
+
     def record(entry: dict) -> None:
         if master:
             with open(log_path, "a") as f:
@@ -207,7 +221,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
         total = torch.zeros((), device=device)
         for _ in range(val_steps):
             with autocast:
-                total += raw_model(loader.next().to(device), noise_range=(0.0, 1.0), generator=gen).float()
+                tokens, layout = batch(loader)
+                total += raw_model(tokens, noise_range=(0.0, 1.0), generator=gen, layout=layout).float()
         if ddp:
             dist.all_reduce(total)
         model.train()
@@ -230,12 +245,12 @@ def main(argv=None) -> BlockDiffusionLM | None:
         loss_sum = torch.zeros((), device=device)
         consumed = []  # (shard, start, end) of every micro-step, across all ranks
         for micro in range(accum):
-            tokens = train_loader.next().to(device)
+            tokens, layout = batch(train_loader)
             consumed.append(train_loader.last_step)
             sync = contextlib.nullcontext() if not ddp or micro == accum - 1 else model.no_sync()
             with sync:
                 with autocast:
-                    loss = model(tokens, noise_range=(tc.noise_low, tc.noise_high), generator=noise_gen)
+                    loss = model(tokens, noise_range=(tc.noise_low, tc.noise_high), generator=noise_gen, layout=layout)
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
         if ddp:

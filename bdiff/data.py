@@ -1,4 +1,4 @@
-"""Token shards on disk and the distributed loader (SPEC.md §2 data format).
+"""Token shards on disk and the distributed loader (format: docs/design.md §4).
 
 Shard: a header of 256 int32 (magic 20240520, version 1, token count), then the tokens as uint16.
 Loader: each step takes the next world_size * seq_len tokens in file order; rank r takes slice r. A shard's

@@ -1,4 +1,4 @@
-"""The nano-block-diffusion transformer (SPEC.md §2) and its block-diffusion loss (SPEC.md §1).
+"""The nano-block-diffusion transformer and its block-diffusion loss (docs/design.md §1).
 
 One packed sequence of L tokens in; the transformer runs over the 2L rows x_t ⊕ x_0 (noisy half first)
 with the same rotary positions on both halves, and the loss is computed on the noisy half only.
@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
 from bdiff.config import ModelConfig
-from bdiff.noise import document_layout, loss_weights, noise_blocks
+from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
+from kernels.bd_attention import bd_attention
+from kernels.masked_ce import masked_linear_cross_entropy
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -44,9 +45,13 @@ class Rotary(nn.Module):
         freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
         self.register_buffer("freq", torch.cat([freq, freq.new_zeros(head_dim // 4)]), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x (..., H, D), positions (...)
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # positions (...)
+        """(cos, sin), each (..., 1, D/2): computed once per forward and shared by every layer."""
         theta = positions.float()[..., None] * self.freq  # (..., D/2)
-        cos, sin = theta.cos()[..., None, :], theta.sin()[..., None, :]
+        return theta.cos()[..., None, :], theta.sin()[..., None, :]
+
+    def forward(self, x: torch.Tensor, angles) -> torch.Tensor:  # x (..., H, D)
+        cos, sin = angles
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -65,14 +70,21 @@ class Attention(nn.Module):
         self.lamb = nn.Parameter(torch.tensor(0.5))  # value-residual mix with the first layer's values
         self.rotary = Rotary(cfg.head_dim)
 
-    def forward(self, x, v1, positions, attend):  # x (..., dim), positions (...)
+    def forward(self, x, v1, angles, attend, keep=None):  # x (..., dim); angles: Rotary.angles of the rows
+        """`keep`: only the first `keep` rows' outputs are needed: queries and the projection are formed for
+        those rows only (the other rows' queries are zeros, their outputs dropped); keys and values for all."""
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
-        q, k, v = self.c_q(x).view(heads), self.c_k(x).view(heads), self.c_v(x).view(heads)
+        if keep is None:
+            q = self.c_q(x).view(heads)
+        else:
+            q = torch.cat([self.c_q(x[:keep]), x.new_zeros(x.shape[0] - keep, x.shape[1])]).view(heads)
+        k, v = self.c_k(x).view(heads), self.c_v(x).view(heads)
         v1 = v if v1 is None else v1
         v = (1 - self.lamb) * v + self.lamb * v1
-        q, k = self.rotary(norm(q), positions), self.rotary(norm(k), positions)
+        q, k = self.rotary(norm(q), angles), self.rotary(norm(k), angles)
         y = attend(self.layer, q, k, v)  # (..., H, D)
-        return self.c_proj(y.reshape(x.shape)), v1
+        y = y.reshape(x.shape) if keep is None else y[:keep].reshape(keep, x.shape[1])
+        return self.c_proj(y), v1
 
 
 class MLP(nn.Module):
@@ -92,10 +104,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
-    def forward(self, x, x0, v1, positions, attend):
+    def forward(self, x, x0, v1, angles, attend, keep=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        y, v1 = self.attn(norm(x), v1, positions, attend)
-        x = x + y
+        y, v1 = self.attn(norm(x), v1, angles, attend, keep)
+        x = (x if keep is None else x[:keep]) + y
         x = x + self.mlp(norm(x))
         return x, v1
 
@@ -111,25 +123,32 @@ class BlockDiffusionLM(nn.Module):
         padded_vocab = -(-cfg.vocab_size // cfg.lm_head_multiple) * cfg.lm_head_multiple
         self.lm_head = CastedLinear(cfg.model_dim, padded_vocab, zero_init=True)
 
-    def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor):
-        """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows."""
+    def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                      schedule: torch.Tensor | None = None, keep: int | None = None):
+        """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows, or of the first `keep` rows.
+        `schedule`: the attention range tables of the layout, shared by every layer (built from cu_seqlens
+        when not given)."""
         block_size = self.cfg.block_size
 
         def attend(layer, q, k, v):
-            return kernels.bd_attention(q, k, v, cu_seqlens, block_size)
+            return bd_attention(q, k, v, cu_seqlens, block_size, None, schedule)
 
-        return self.run_layers(tokens_2l, torch.cat([positions, positions]), attend)
+        return self.run_layers(tokens_2l, torch.cat([positions, positions]), attend, keep)
 
-    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, keep: int | None = None
+                   ) -> torch.Tensor:
         """The transformer on rows of any leading shape: tokens and positions (...) -> normalised hidden
-        states (..., dim). `attend(layer, q, k, v)` decides which rows see which."""
+        states (..., dim). `attend(layer, q, k, v)` decides which rows see which. `keep`: only the first `keep`
+        rows' states are returned, and the last layer computes queries, projection and MLP for those rows only
+        (the rows after them are still read there as keys and values)."""
         x = x0 = norm(self.embed(tokens))
+        angles = self.blocks[0].attn.rotary.angles(positions)  # the same for every layer
         v1, skips = None, []
         half = len(self.blocks) // 2
         for i, block in enumerate(self.blocks):
             if i >= half:
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x, v1 = block(x, x0, v1, positions, attend)
+            x, v1 = block(x, x0, v1, angles, attend, keep if i == len(self.blocks) - 1 else None)
             if i < half:
                 skips.append(x)
         return norm(x)
@@ -139,15 +158,33 @@ class BlockDiffusionLM(nn.Module):
         return (hidden @ self.lm_head.weight[:self.cfg.vocab_size].to(hidden.dtype).T).float()
 
     def forward(self, tokens: torch.Tensor, noise_range: tuple[float, float] = (0.3, 0.8),
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar."""
+                generator: torch.Generator | None = None, layout: Layout | None = None) -> torch.Tensor:
+        """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar.
+
+        `layout`: document_layout(tokens) on tokens' device, built by the caller where it is free (the trainer
+        builds it from the loader's CPU tokens); computed here otherwise. Noise is drawn here, eagerly, from
+        `generator`; the rest is `objective`, which `compile_objective` compiles."""
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be one packed sequence of shape (L,), got {tuple(tokens.shape)}")
         cfg = self.cfg
-        layout = document_layout(tokens, cfg.bos_id, cfg.block_size)
-        x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator)
-        h = self.hidden_states(torch.cat([x_t, tokens]), layout.positions, layout.cu_seqlens)
+        layout = document_layout(tokens, cfg.bos_id, cfg.block_size) if layout is None else layout
+        x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator,
+                                      num_blocks=layout.num_blocks)
+        # The document count changes every sequence: one compiled graph serves them all.
+        torch._dynamo.maybe_mark_dynamic(layout.cu_seqlens, 0)
+        return self.objective(x_t, tokens, loss_weights(masked, t), layout.positions, layout.cu_seqlens,
+                              layout.schedule)
+
+    def objective(self, x_t: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
+                  cu_seqlens: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
+        """sum_i weights_i · CE(logits of noisy row i, tokens_i) / L over x_t ⊕ x_0; all shapes fixed by L.
+        Only the noisy half's final states are read, so the last layer skips the clean rows' queries, attention
+        projection and MLP (their keys and values still serve the noisy rows)."""
         L = tokens.numel()
-        loss_sum = kernels.masked_linear_cross_entropy(h[:L], self.lm_head.weight, tokens,
-                                                       loss_weights(masked, t), cfg.vocab_size)
-        return loss_sum / L
+        h = self.hidden_states(torch.cat([x_t, tokens]), positions, cu_seqlens, schedule, keep=L)  # (L, dim)
+        return masked_linear_cross_entropy(h, self.lm_head.weight, tokens, weights, self.cfg.vocab_size) / L
+
+    def compile_objective(self, **options) -> None:
+        """Compile `objective` as one graph (fullgraph: a graph break is an error, not a silent slowdown).
+        The three ops are opaque operators inside it; noise drawing and the layout stay eager."""
+        self.objective = torch.compile(self.objective, fullgraph=True, **options)

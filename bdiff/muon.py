@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import kernels
+from kernels.newton_schulz import newton_schulz
 from kernels.reference import QUINTIC
 
 # Newton–Schulz schedules: (coefficients, safety). "quintic": Muon's (a, b, c) for every step.
@@ -32,13 +32,16 @@ SCHEDULES = {
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
-                 schedule: str = "quintic", weight_decay: float = 0.0):
+                 schedule: str = "quintic", weight_decay: float = 0.0, orthogonalize=newton_schulz):
+        """`orthogonalize(G, steps, coefficients, safety)`: the Newton–Schulz implementation (the Triton/reference
+        operator; bench/bench_step.py passes the seed's plain-torch one to compare the two)."""
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        self.orthogonalize = orthogonalize
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, schedule=schedule,
                                       weight_decay=weight_decay))
         for group in self.param_groups:
@@ -67,8 +70,8 @@ class Muon(torch.optim.Optimizer):
                         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                         buf.lerp_(p.grad, 1 - group["momentum"])  # EMA of gradients
                         grads.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-                    updates[:len(mine)] = kernels.newton_schulz(torch.stack(grads), len(coefficients),
-                                                                coefficients, safety)
+                    updates[:len(mine)] = self.orthogonalize(torch.stack(grads), len(coefficients),
+                                                             coefficients, safety)
                 if distributed:
                     gathered = [torch.empty_like(updates) for _ in range(world)]
                     pending.append((same, gathered, dist.all_gather(gathered, updates, async_op=True)))

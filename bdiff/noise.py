@@ -1,9 +1,17 @@
-"""Document layout and block noising of one packed sequence (SPEC.md §1 steps 1-2)."""
+"""Document layout and block noising of one packed sequence (the steps before the transformer).
+
+The layout depends on the tokens only, so the trainer builds it on the host from the loader's CPU tokens
+(no device sync) and moves it to the device once per sequence; every layer then shares its attention
+schedule.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+from kernels.bd_attention import schedule_bounds, validate_cu_seqlens
+from kernels.reference import document_positions
 
 
 @dataclass
@@ -11,32 +19,55 @@ class Layout:
     cu_seqlens: torch.Tensor  # (num_docs + 1,) int32 document boundaries over the L positions
     positions: torch.Tensor  # (L,) int64 position inside its document (rotary positions)
     blocks: torch.Tensor  # (L,) int64 global block id: unique per (document, block) pair
+    schedule: torch.Tensor  # (2, 2L, 6) int32 attention range tables (kernels/bd_attention.py), one per sequence
+    num_blocks: int  # blocks in the sequence: how many noise levels to draw
+
+    def to(self, device, non_blocking: bool = False) -> Layout:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=non_blocking)
+        return Layout(**moved)
 
 
-def document_layout(tokens: torch.Tensor, bos_id: int, block_size: int) -> Layout:
-    """A new document starts at position 0 and at every BOS token."""
+def document_layout(tokens: torch.Tensor, bos_id: int, block_size: int, first_offset: int | None = None) -> Layout:
+    """Documents start at every BOS token (position 0 of its document). The sequence's first tokens, if they
+    come before any BOS, continue a document that began earlier: `first_offset` is how many of its tokens the
+    sequence does not hold. None applies the seed's rule (nano-block-diffusion, which the record is measured
+    with): 1 for a sequence that does not start with BOS, as if a BOS stood just before it, 0 for one that
+    does. A loader that knows the true offset may pass it. The fragment's positions count from the offset and
+    its blocks follow the document's own block grid, clipped at the sequence start: with offset 1 its first
+    block holds block_size - 1 tokens. cu_seqlens[0] = -first_offset.
+
+    On the tokens' device; on a GPU this reads the document count back (a sync), so the trainer calls it on
+    the loader's CPU tokens."""
     L = tokens.numel()
+    if first_offset is None:
+        first_offset = 0 if int(tokens[0]) == bos_id else 1
+    if first_offset < 0 or (first_offset > 0 and int(tokens[0]) == bos_id):
+        raise ValueError(f"first_offset must be >= 0, and 0 for a sequence that starts with BOS, got {first_offset}")
     starts = torch.nonzero(tokens == bos_id).flatten()
     starts = starts[starts > 0]
-    zero = torch.zeros(1, dtype=torch.long, device=tokens.device)
-    cu_seqlens = torch.cat([zero, starts, zero + L]).to(torch.int32)  # (D+1,)
-    idx = torch.arange(L, device=tokens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)  # (L,)
-    positions = idx - cu_seqlens.long()[doc]
-    # Global block id: documents' block counts are cumulated so that blocks never straddle documents.
-    blocks_per_doc = (cu_seqlens[1:] - cu_seqlens[:-1] + block_size - 1).long() // block_size  # (D,)
-    first_block = torch.cumsum(blocks_per_doc, 0) - blocks_per_doc
-    blocks = first_block[doc] + positions // block_size
-    return Layout(cu_seqlens, positions, blocks)
+    cu_seqlens = torch.cat([starts.new_tensor([-first_offset]), starts, starts.new_tensor([L])]).to(torch.int32)
+    if not tokens.is_cuda:
+        validate_cu_seqlens(cu_seqlens, L)  # free on the host: the kernels trust the boundaries
+    doc, positions = document_positions(cu_seqlens)  # (L,) each
+    # Global block ids, 0, 1, ...: a new block wherever the document or the block inside it changes.
+    block = positions // block_size
+    change = (doc[1:] != doc[:-1]) | (block[1:] != block[:-1])
+    blocks = torch.cat([doc.new_zeros(1), torch.cumsum(change, 0)])
+    return Layout(cu_seqlens, positions, blocks, schedule_bounds(cu_seqlens, L, block_size), int(blocks[-1]) + 1)
 
 
 def noise_blocks(tokens: torch.Tensor, blocks: torch.Tensor, mask_id: int, low: float, high: float,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One t ~ U[low, high] per block; each token masked independently with probability t.
+                 generator: torch.Generator | None = None,
+                 num_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One t ~ U[low, high] per block; each token masked independently with probability t. `num_blocks`
+    (Layout.num_blocks) spares a device sync; by default it is read from `blocks`.
 
     Returns x_t (L,), masked (L,) bool, t per token (L,) float32.
     """
-    num_blocks = int(blocks.max()) + 1
+    num_blocks = int(blocks.max()) + 1 if num_blocks is None else num_blocks
     device = tokens.device
     t_block = low + (high - low) * torch.rand(num_blocks, generator=generator, device=device)  # (B,)
     t = t_block[blocks]  # (L,)

@@ -1,4 +1,4 @@
-"""Block-by-block generation with an exact KV cache (SPEC.md §1, Sampling).
+"""Block-by-block generation with an exact KV cache.
 
 Each sequence grows one block at a time. The block starts as MASK tokens (the prompt's last, partial block
 keeps its known tokens); each denoising step runs the model on that block only, attending to itself and to

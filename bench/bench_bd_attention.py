@@ -75,6 +75,22 @@ def work_table(means=(300, 1000), head_dim=16, backward=False) -> list[dict]:
     return rows
 
 
+def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90) -> list[dict]:
+    """Work ratio of every configuration of the autotune space (kernels.bd_attention.kernel_configs) at the
+    record's shape, from the kernels' loop bounds replayed on the host (computed_entries; no kernel runs)."""
+    from kernels.bd_attention import computed_entries, kernel_configs, schedule_bounds
+
+    rows = []
+    for kernel in ("forward", "dq", "dkdv"):
+        for i, cfg in enumerate(kernel_configs(kernel, head_dim, dtype, arch)):
+            row = dict(kernel=kernel, index=i, tiles=f"{cfg['BM']}x{cfg['BN']} w{cfg['num_warps']} s{cfg['num_stages']}")
+            for mean in means:
+                cu = fineweb_like_cu_seqlens(L, mean)
+                row[mean] = computed_entries(schedule_bounds(cu, L, BLOCK), kernel, cfg) / allowed_entries(cu, BLOCK)
+            rows.append(row)
+    return rows
+
+
 def gpu_bench():
     import time
 
@@ -82,7 +98,7 @@ def gpu_bench():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from kernels.bd_attention import bd_attention
-    from kernels.reference import bd_attention_mask
+    from kernels.reference import bd_attention_mask, bd_mask_mod
 
     dev = "cuda"
     flex = torch.compile(flex_attention, dynamic=False)
@@ -94,17 +110,7 @@ def gpu_bench():
         q, k, v = (torch.randn(2 * L, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         do = torch.randn_like(q)
-        pos = torch.arange(L, device=dev)
-        doc = torch.searchsorted(cu[1:].long(), pos, right=True)
-        blk = (pos - cu.long()[doc]) // BLOCK
-        doc2, blk2, noisy2 = doc.repeat(2), blk.repeat(2), torch.arange(2 * L, device=dev) < L
-
-        def mask_mod(b, h, qi, ki):
-            same = doc2[qi] == doc2[ki]
-            nn = noisy2[qi] & noisy2[ki] & (blk2[qi] == blk2[ki])
-            nc = noisy2[qi] & ~noisy2[ki] & (blk2[ki] < blk2[qi])
-            cc = ~noisy2[qi] & ~noisy2[ki] & (blk2[ki] <= blk2[qi])
-            return same & (nn | nc | cc)
+        mask_mod = bd_mask_mod(cu, BLOCK)
 
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -132,9 +138,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="time the kernels on a CUDA GPU")
     parser.add_argument("--backward", action="store_true", help="CPU: count the backward kernels too (slower)")
+    parser.add_argument("--configs", action="store_true", help="work ratio of every autotune configuration")
     args = parser.parse_args()
     if args.gpu:
         gpu_bench()
+        return
+    if args.configs:
+        print(f"L={L}, block {BLOCK}, head dim {HEAD_DIM}, bf16, sm_90 space; work ratio = entries computed / allowed")
+        print(f"{'kernel':>8} {'#':>2} {'tiles':>14} {'mean 300':>9} {'mean 1000':>10}")
+        for r in config_table():
+            print(f"{r['kernel']:>8} {r['index']:>2} {r['tiles']:>14} {r[300]:9.3f} {r[1000]:10.3f}")
         return
     print(f"L={L}, block {BLOCK}, documents log-normal (sigma 1), seed 0; work ratio = entries computed / allowed")
     print(f"{'mean':>5} {'docs':>5} {'allowed':>11} {'FlexAttention 128x128':>22} {'ours fwd':>9} {'unmasked':>9}"

@@ -1,4 +1,7 @@
-"""Which GPU a tensor lives on, for the launchers' per-architecture tile choices."""
+"""Where an op runs: which GPU a tensor lives on (for the launchers' tile choices), and whether CPU tensors
+take the Triton kernels through the interpreter."""
+import os
+
 import torch
 
 
@@ -8,3 +11,10 @@ def arch(x: torch.Tensor) -> int:
         return 90
     major, minor = torch.cuda.get_device_capability(x.device)
     return 10 * major + minor
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors run the PyTorch reference, or the kernels through the
+    interpreter when TRITON_INTERPRET=1 (it must be set before `kernels` is imported: Triton reads it when
+    it decorates a kernel)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,4 +1,4 @@
-"""Block-diffusion attention in Triton, forward and backward (SPEC.md §1 attention rules).
+"""Block-diffusion attention in Triton, forward and backward (the attention rules of docs/design.md §2).
 
 q, k, v are (2L, H, D): rows 0..L-1 the noisy copy x_t, rows L..2L-1 the clean copy x_0. For a position p
 with document start s, document end e, block start b0 and block end b1 (blocks restart at each document),
@@ -21,11 +21,16 @@ Table columns: (lo, hi) pairs of segment 0 (diagonal, other-half rows 0..L-1), s
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils.flop_counter import register_flop_formula
 
+from . import reference
 from ._device import arch as _arch
+from ._device import use_triton
 
 LOG2E = 1.4426950408889634
 SUB = 16  # rows of a diagonal sub-tile: the smallest M of a tensor-core dot
@@ -302,21 +307,71 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> di
     return cfg
 
 
+# Larger tiles than the defaults, tried by the autotuner on a GPU for bf16 (what training runs; fp16 and fp32 keep
+# their one configuration): 128-row tiles and 64-key chunks are FlexAttention's and the Triton tutorial's shapes,
+# better tensor-core use per instruction at the price of more masked work at document and block edges. Each
+# entry names the GPUs on which it compiles without register spills (kernels/compile_check.py compiles every
+# one of them; 128x32 tiles spill on sm_80/86/89, the 64x32 dK/dV at D=64 on sm_80).
+# bench/bench_bd_attention.py --configs reports each one's work ratio.
+ALL_ARCHS = (80, 86, 89, 90)
+AUTOTUNE_EXTRA = {  # kernel: [(configuration, archs)]
+    "forward": [(dict(BM=128, BN=32, num_warps=8), (90,)), (dict(BM=64, BN=64, num_warps=4), ALL_ARCHS),
+                (dict(BM=128, BN=64, num_warps=8), ALL_ARCHS)],
+    "dq": [(dict(BM=128, BN=32, num_warps=8), (90,)), (dict(BM=64, BN=64, num_warps=8), ALL_ARCHS)],
+    "dkdv": [(dict(BM=64, BN=32, num_warps=8), (86, 89, 90))],
+}
+
+
+def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> list[dict]:
+    """The autotune space of one kernel on one GPU: the default configuration first, then the larger tiles."""
+    default = kernel_config(kernel, D, dtype, arch)
+    if dtype != torch.bfloat16:
+        return [default]
+    extra = [dict(cfg, num_stages=default["num_stages"]) for cfg, archs in AUTOTUNE_EXTRA[kernel] if arch in archs]
+    return [default] + [cfg for cfg in extra if cfg != default]
+
+
+_TUNED: dict[tuple, dict] = {}  # (kernel, D, dtype, arch, log2 L) -> the fastest configuration measured
+
+
+def _pick(kernel: str, q: torch.Tensor, launch) -> dict:
+    """The configuration for this call. On a GPU the first call of each (kernel, head dim, dtype, GPU, size
+    class) times every configuration of the space on the real inputs (triton.testing.do_bench) and keeps the
+    fastest; the kernels write their outputs without accumulating, so the trial runs leave no trace. The
+    interpreter always takes the default."""
+    D, L = q.shape[-1], q.shape[0] // 2
+    space = kernel_configs(kernel, D, q.dtype, _arch(q))
+    if not q.is_cuda or len(space) == 1:
+        return space[0]
+    key = (kernel, D, q.dtype, _arch(q), L.bit_length())
+    if key not in _TUNED:
+        import triton.testing
+
+        times = [triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in space]
+        _TUNED[key] = space[min(range(len(space)), key=times.__getitem__)]
+    return _TUNED[key]
+
+
 def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
-    """The two (2L, 6) int32 range tables of the module docstring: (query side, for the forward and dQ;
-    key side, for dK/dV). On cu_seqlens' device, no host sync."""
+    """The range tables of the module docstring, (2, 2L, 6) int32: [0] the query side (forward and dQ),
+    [1] the key side (dK/dV). On cu_seqlens' device, no host sync. A model builds them once per sequence and
+    passes them to every layer (`schedule=`); without them each call builds its own.
+
+    cu_seqlens[0] <= 0: a sequence that starts -cu_seqlens[0] tokens into its first document. That document's
+    blocks follow its own grid (positions counted from its real start) and are clipped at position 0."""
     cu = cu_seqlens.long()
     pos = torch.arange(L, device=cu.device)
     doc = torch.searchsorted(cu[1:], pos, right=True)
     s, e = cu[doc], cu[doc + 1]
     b0 = s + (pos - s) // block_size * block_size
     b1 = torch.minimum(b0 + block_size, e)
+    s, b0 = s.clamp_min(0), b0.clamp_min(0)  # the first document's grid, clipped at the sequence start
     z = torch.zeros_like(pos)
     queries = torch.cat([torch.stack([b0, b1, z, z, s, b0], 1),  # noisy rows
                          torch.stack([z, z, z, z, s, b1], 1)])  # clean rows
     keys = torch.cat([torch.stack([b0, b1, z, z, z, z], 1),  # noisy keys
                       torch.stack([z, z, b1, e, b0, e], 1)])  # clean keys
-    return queries.to(torch.int32).contiguous(), keys.to(torch.int32).contiguous()
+    return torch.stack([queries, keys]).to(torch.int32).contiguous()
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -324,7 +379,19 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _validate(q, k, v, cu_seqlens, block_size):
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, L: int) -> None:
+    """Boundaries must increase strictly from cu_seqlens[0] <= 0 (minus the first document's offset: how many
+    of its tokens precede the sequence) to L, with cu_seqlens[1] > 0. Reads the values: on a GPU tensor that is
+    a host sync, so the op checks them only for CPU tensors; the training path checks its host-side copy once
+    per sequence (bdiff/noise.py)."""
+    c = cu_seqlens
+    if not (int(c[0]) <= 0 < int(c[1]) and int(c[-1]) == L and bool((c[1:] > c[:-1]).all())):
+        raise ValueError(f"cu_seqlens must increase strictly from a value <= 0 (minus the first document's offset) "
+                         f"to L={L}, with cu_seqlens[1] > 0, got {c.tolist()[:8]}...")
+
+
+def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True):
+    """Shapes, dtypes and devices; with `values`, also cu_seqlens' boundaries when reading them costs no sync."""
     if q.ndim != 3:
         raise ValueError(f"q must be (2L, H, D), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -344,31 +411,38 @@ def _validate(q, k, v, cu_seqlens, block_size):
     if not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise ValueError(f"block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
     if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1D int32 tensor [0, ..., L], got {cu_seqlens.dtype} "
+        raise ValueError(f"cu_seqlens must be a 1D int32 tensor [-offset, ..., L], got {cu_seqlens.dtype} "
                          f"of shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
-    # One host sync: the schedule is only correct for increasing boundaries from 0 to L.
-    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == R // 2) & (cu_seqlens[1:] > cu_seqlens[:-1]).all()
-    if not bool(ok):
-        raise ValueError(f"cu_seqlens must increase strictly from 0 to L={R // 2}, got {cu_seqlens.tolist()[:8]}...")
+    if schedule is not None and (schedule.shape != (2, R, 6) or schedule.dtype != torch.int32
+                                 or schedule.device != q.device):
+        raise ValueError(f"schedule must be schedule_bounds(cu_seqlens, L, block_size): (2, {R}, 6) int32 on "
+                         f"{q.device}, got {schedule.dtype} of shape {tuple(schedule.shape)} on {schedule.device}")
+    if values and cu_seqlens.device.type == "cpu":
+        validate_cu_seqlens(cu_seqlens, R // 2)
 
 
-def _launch_forward(q, k, v, bounds, scale, count=None):
+def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None):
+    """O and LSE (log2 units). `cfg`: one configuration of the autotune space (None: picked by `_pick`)."""
     R, H, D = q.shape
     L = R // 2
-    cfg = kernel_config("forward", D, q.dtype, _arch(q))
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((H, R), torch.float32, q.device)
     counts = count if count is not None else lse  # a valid pointer; written only with COUNT
     scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' phase-1 state
-    _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-        q, k, v, o, lse, q, lse, o, scratch, bounds, counts, L, scale * LOG2E, scale, H=H, D=D, SUB=SUB,
-        SUB_N=SUB_N, BACKWARD=False, COUNT=count is not None, PRECISION=_precision(q), **cfg)
+
+    def launch(cfg):
+        _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
+            q, k, v, o, lse, q, lse, o, scratch, bounds, counts, L, scale * LOG2E, scale, H=H, D=D, SUB=SUB,
+            SUB_N=SUB_N, BACKWARD=False, COUNT=count is not None, PRECISION=_precision(q), **cfg)
+
+    launch(cfg or _pick("forward", q, launch))
     return o, lse
 
 
-def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None):
+def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None, cfgs=None):
+    """dQ, dK, dV. `cfgs`: (dQ configuration, dK/dV configuration), or None to pick them (`_pick`)."""
     R, H, D = q.shape
     L = R // 2
     delta = _empty(lse.shape, torch.float32, q.device)
@@ -376,16 +450,21 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None)
     dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
     dq_count, dkdv_count = (lse, lse) if count is None else count  # valid pointers; written only with COUNT
     common = dict(H=H, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=count is not None, PRECISION=_precision(q))
-    cfg = kernel_config("dq", D, q.dtype, _arch(q))
     scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' partial dQ
-    _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-        q, k, v, o, lse, do, delta, dq, scratch, q_bounds, dq_count, L, scale * LOG2E, scale, BACKWARD=True,
-        **common, **cfg)
-    cfg = kernel_config("dkdv", D, q.dtype, _arch(q))
-    _bd_attn_dkdv_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-        q, k, v, do, lse, delta, dk, dv, k_bounds, dkdv_count, L, scale * LOG2E, scale, **common, **cfg)
-    return dq, dk, dv
 
+    def launch_dq(cfg):
+        _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
+            q, k, v, o, lse, do, delta, dq, scratch, q_bounds, dq_count, L, scale * LOG2E, scale, BACKWARD=True,
+            **common, **cfg)
+
+    def launch_dkdv(cfg):
+        _bd_attn_dkdv_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
+            q, k, v, do, lse, delta, dk, dv, k_bounds, dkdv_count, L, scale * LOG2E, scale, **common, **cfg)
+
+    dq_cfg, dkdv_cfg = cfgs or (None, None)
+    launch_dq(dq_cfg or _pick("dq", q, launch_dq))
+    launch_dkdv(dkdv_cfg or _pick("dkdv", q, launch_dkdv))
+    return dq, dk, dv
 
 
 def _precision(q):
@@ -394,57 +473,193 @@ def _precision(q):
     return "tf32"
 
 
-class BDAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, block_size, scale=None):
-        _validate(q, k, v, cu_seqlens, block_size)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        q_bounds, k_bounds = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
-        o, lse = _launch_forward(q, k, v, q_bounds, scale)
-        ctx.save_for_backward(q, k, v, o, lse, q_bounds, k_bounds)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, q_bounds, k_bounds = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(q, k, v, o, lse, do.contiguous(), q_bounds, k_bounds, ctx.scale)
-        return dq, dk, dv, None, None, None
+def _cpu_attention_calls(q, cu_seqlens, block_size, tensors):
+    """Per document: its rows, the (1, H, 2n, D) views of `tensors` on those rows, and the additive mask that
+    PyTorch's CPU flash-attention kernels take."""
+    for rows, mask in reference.document_rows(q, cu_seqlens, block_size):
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        yield rows, [x[rows].transpose(0, 1)[None] for x in tensors], bias[None, None]
 
 
-def bd_attention(q, k, v, cu_seqlens, block_size, scale=None):
-    """Triton block-diffusion attention; same signature and semantics as `bd_attention_ref`."""
-    return BDAttentionFn.apply(q, k, v, cu_seqlens, block_size, scale)
+def _cpu_forward(q, k, v, cu_seqlens, block_size, scale):
+    """The CPU path: the kernels SDPA itself runs on CPU (flash attention with a mask), one document at a time
+    as in `reference.bd_attention_ref`, which also returns each row's log-sum-exp for the backward."""
+    out = torch.empty_like(q)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    for rows, (qd, kd, vd), bias in _cpu_attention_calls(q, cu_seqlens, block_size, (q, k, v)):
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qd, kd, vd, attn_mask=bias, scale=scale)
+        out[rows] = o[0].transpose(0, 1)
+        lse[:, rows] = l[0].float() * LOG2E  # the kernels' unit: log2
+    return out, lse
 
 
-def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False):
+def _cpu_backward(do, q, k, v, o, lse, cu_seqlens, block_size, scale):
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for rows, (dod, qd, kd, vd, od), bias in _cpu_attention_calls(q, cu_seqlens, block_size, (do, q, k, v, o)):
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dod, qd, kd, vd, od, (lse[:, rows] / LOG2E)[None], 0.0, False, attn_mask=bias, scale=scale)
+        for g, d in zip((dq, dk, dv), grads):
+            g[rows] = d[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# The operator: torch.ops.bdiff.bd_attention (and its backward), CPU and CUDA, fake and autograd
+# ---------------------------------------------------------------------------------------------------
+# A custom_op, not a triton_op: the op is opaque to torch.compile, so a compiled model keeps one graph
+# around it, and the CPU kernel can run the PyTorch reference (or the interpreter), which a traced
+# triton_op body cannot choose at run time.
+
+@torch.library.custom_op("bdiff::bd_attention", mutates_args=())
+def _bd_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
+                     scale: float | None = None, schedule: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (2L, H, D) in q's dtype, lse (H, 2L) float32: log2 of each row's softmax denominator over
+    the scaled scores, saved for the backward; not differentiable)."""
+    _validate(q, k, v, cu_seqlens, block_size, schedule)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(q):
+        return _cpu_forward(q, k, v, cu_seqlens, block_size, scale)
+    if schedule is None:
+        schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
+    return _launch_forward(q.contiguous(), k.contiguous(), v.contiguous(), schedule[0], scale)
+
+
+@_bd_attention_op.register_fake
+def _(q, k, v, cu_seqlens, block_size, scale=None, schedule=None):
+    _validate(q, k, v, cu_seqlens, block_size, schedule, values=False)
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("bdiff::bd_attention_backward", mutates_args=())
+def _bd_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              o: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int,
+                              scale: float | None = None, schedule: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `bd_attention` for the output gradient `do`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(q):
+        return _cpu_backward(do, q, k, v, o, lse, cu_seqlens, block_size, scale)
+    if schedule is None:
+        schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _launch_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(), schedule[0], schedule[1],
+                            scale)
+
+
+@_bd_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, block_size, scale=None, schedule=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, block_size, scale, schedule = (list(inputs) + [None, None])[:7]
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, schedule)
+    ctx.block_size, ctx.scale = block_size, scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens, schedule = ctx.saved_tensors
+    dq, dk, dv = torch.ops.bdiff.bd_attention_backward(do, q, k, v, o, lse, cu_seqlens, ctx.block_size, ctx.scale,
+                                                       schedule)
+    return dq, dk, dv, None, None, None, None
+
+
+_bd_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOPs for torch.utils.flop_counter: entries the kernels compute (computed_entries, from the schedule's values, so
+# the counter must see real index tensors) times 2·D per dot: forward QKᵀ and PV (4D); dQ recomputes S and
+# forms dP and dS·K (6D); dK/dV recomputes Sᵀ and forms Pᵀ·dO, V·dOᵀ and dSᵀ·Q (8D).
+FLOPS_PER_ENTRY = {"forward": 4, "dq": 6, "dkdv": 8}  # times the head dim
+
+
+def _flops(q, kernels, cu_seqlens, block_size, schedule):
+    R, H, D = q.shape
+    with unset_fake_temporarily():  # the counter may run under a fake-tensor mode; the layout must be real
+        if isinstance(schedule if schedule is not None else cu_seqlens, FakeTensor):
+            raise ValueError("counting bd_attention FLOPs needs the real layout: pass real cu_seqlens/schedule "
+                             "tensors (the FLOPs depend on the documents)")
+        schedule = schedule_bounds(cu_seqlens.cpu(), R // 2, block_size) if schedule is None else schedule
+        return sum(FLOPS_PER_ENTRY[kn] * D * H * computed_entries(schedule, kn, kernel_config(kn, D, q.dtype, _arch(q)))
+                   for kn in kernels)
+
+
+@register_flop_formula(torch.ops.bdiff.bd_attention, get_raw=True)
+def _(q, k, v, cu_seqlens, block_size, scale=None, schedule=None, *, out_val=None):
+    return _flops(q, ("forward",), cu_seqlens, block_size, schedule)
+
+
+@register_flop_formula(torch.ops.bdiff.bd_attention_backward, get_raw=True)
+def _(do, q, k, v, o, lse, cu_seqlens, block_size, scale=None, schedule=None, *, out_val=None):
+    return _flops(q, ("dq", "dkdv"), cu_seqlens, block_size, schedule)
+
+
+def bd_attention(q, k, v, cu_seqlens, block_size, scale=None, schedule=None):
+    """Block-diffusion attention, q/k/v (2L, H, D) -> (2L, H, D); semantics of `reference.bd_attention_ref`.
+    CUDA runs the Triton kernels, CPU the reference (the kernels through the interpreter with
+    TRITON_INTERPRET=1). `schedule`: `schedule_bounds(...)`, built once and shared by every layer."""
+    return torch.ops.bdiff.bd_attention(q, k, v, cu_seqlens, block_size, scale, schedule)[0]
+
+
+def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, configs=None):
     """Run the kernels in counting mode. Returns {kernel: (entries computed, entries computed unmasked)}
-    for forward, and with backward=True for the dQ and dK/dV kernels too."""
-    _validate(q, k, v, cu_seqlens, block_size)
+    for forward, and with backward=True for the dQ and dK/dV kernels too. `configs`: {kernel: configuration}
+    to count other tiles than the defaults."""
+    _validate(q, k, v, cu_seqlens, block_size, None)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    R, H, _ = q.shape
+    R, H, D = q.shape
     q_bounds, k_bounds = schedule_bounds(cu_seqlens, R // 2, block_size)
+    cfg = {kernel: (configs or {}).get(kernel) or kernel_config(kernel, D, q.dtype, _arch(q))
+           for kernel in ("forward", "dq", "dkdv")}
 
     def counters(kernel):  # two int32 per program: entries computed, of which unmasked
-        tiles = 2 * triton.cdiv(R // 2, kernel_config(kernel, q.shape[-1], q.dtype, _arch(q))["BM"])
+        tiles = 2 * triton.cdiv(R // 2, cfg[kernel]["BM"])
         return torch.zeros(2 * tiles * H, dtype=torch.int32, device=q.device)
 
     fwd = counters("forward")
-    o, lse = _launch_forward(q, k, v, q_bounds, scale, count=fwd)
+    o, lse = _launch_forward(q, k, v, q_bounds, scale, count=fwd, cfg=cfg["forward"])
     result = {"forward": tuple(fwd.view(-1, 2).long().sum(0).tolist())}
     if backward:
         dq_c, dkv_c = counters("dq"), counters("dkdv")
-        _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c))
+        _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c),
+                         cfgs=(cfg["dq"], cfg["dkdv"]))
         result["dq"] = tuple(dq_c.view(-1, 2).long().sum(0).tolist())
         result["dkdv"] = tuple(dkv_c.view(-1, 2).long().sum(0).tolist())
     return result
 
 
+def computed_entries(schedule: torch.Tensor, kernel: str, cfg: dict) -> int:
+    """Entries (query, key pairs) one head of `kernel` computes under configuration `cfg`, from the schedule
+    alone: the kernels' loop bounds replayed on the host, no kernel run (tests check it against count_work).
+    It gives the FLOP counts (torch.utils.flop_counter) and the work ratio of every autotune configuration."""
+    L = schedule.shape[1] // 2
+    # numpy, not torch: flop counters call this while a fake-tensor mode may be active
+    table = schedule[1 if kernel == "dkdv" else 0].cpu().numpy().astype(np.int64)  # (2L, 6)
+    BM, BN = cfg["BM"], cfg["BN"]
+    T = -(-L // BM)
+
+    def rows(half, offset, n):  # (T, n): each tile's rows from `offset`, clamped like _rows in the kernels
+        first = half * L + np.arange(T)[:, None] * BM + offset
+        return np.minimum(first + np.arange(n), half * L + L - 1)
+
+    def chunks(r, col, n):  # chunks of n visited by each tile for the range in columns (col, col + 1)
+        span = table[r, col + 1].max(-1) - table[r, col].min(-1)
+        return int(((np.maximum(span, 0) + n - 1) // n).sum())
+
+    diagonal = sum(chunks(rows(0, i * SUB, SUB), 0, SUB_N) for i in range(BM // SUB)) * SUB * SUB_N
+    if kernel == "dkdv":  # noisy keys: the diagonal; clean keys: segments 1 and 2
+        return diagonal + (chunks(rows(1, 0, BM), 2, BN) + chunks(rows(1, 0, BM), 4, BN)) * BM * BN
+    # queries: segment 2 for both halves, then the diagonal for noisy tiles
+    return diagonal + (chunks(rows(0, 0, BM), 4, BN) + chunks(rows(1, 0, BM), 4, BN)) * BM * BN
+
+
 def compile_configs(arch: int) -> list[dict]:
-    """Every configuration the launchers above pick on a GPU of compute capability `arch` (80, 86, 89, 90),
-    for kernels/compile_check.py."""
+    """Every configuration the launchers above may pick on a GPU of compute capability `arch` (80, 86, 89, 90),
+    the whole autotune space included, for kernels/compile_check.py."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     configs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -459,16 +674,16 @@ def compile_configs(arch: int) -> list[dict]:
             }
             signatures["dq"] = signatures["forward"]
             for kernel in ("forward", "dq", "dkdv"):
-                cfg = kernel_config(kernel, D, dtype, arch)
-                constexprs = dict(common, BM=cfg["BM"], BN=cfg["BN"])
-                if kernel != "dkdv":
-                    constexprs["BACKWARD"] = kernel == "dq"
-                configs.append(dict(
-                    name=f"bd_attention {kernel} {name} D={D}",
-                    fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel,
-                    signature=dict(signatures[kernel], **{k: "constexpr" for k in constexprs}), constexprs=constexprs,
-                    options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
-                    hgmma=dtype != torch.float32))
+                for i, cfg in enumerate(kernel_configs(kernel, D, dtype, arch)):
+                    constexprs = dict(common, BM=cfg["BM"], BN=cfg["BN"])
+                    if kernel != "dkdv":
+                        constexprs["BACKWARD"] = kernel == "dq"
+                    configs.append(dict(
+                        name=f"bd_attention {kernel} {name} D={D}" + (f" (autotune {i})" if i else ""),
+                        fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel,
+                        signature=dict(signatures[kernel], **{k: "constexpr" for k in constexprs}),
+                        constexprs=constexprs, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                        hgmma=dtype != torch.float32))
             configs.append(dict(
                 name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel,
                 signature=dict(O=t, DO=t, DELTA="*fp32", L="i32", H="constexpr", D="constexpr", BM="constexpr"),

@@ -1,5 +1,6 @@
 """Compile every shipped kernel configuration for real NVIDIA targets on a machine without a GPU, and
-read the resource report of each cubin (SPEC.md §4).
+read the resource report of each cubin (registers, shared memory, spills, HGMMA) with the cuobjdump
+that Triton's wheel ships.
 
     python -m kernels.compile_check            # table: registers, shared memory, spills, HGMMA
     python -m kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)

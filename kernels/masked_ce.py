@@ -15,6 +15,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils.flop_counter import register_flop_formula
+
+from . import reference
+from ._device import use_triton
 
 
 @triton.jit
@@ -85,13 +90,6 @@ def _validate(hidden, weight, targets, token_weights, vocab_size):
             raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
     if not isinstance(vocab_size, int) or not 1 <= vocab_size <= weight.shape[0]:
         raise ValueError(f"vocab_size must be an int in [1, weight rows={weight.shape[0]}], got {vocab_size!r}")
-    # One host sync for both value checks: a target past the vocabulary or a negative weight is a bug upstream.
-    bad_target, negative = torch.stack([((targets < 0) | (targets >= vocab_size)).any(),
-                                        (token_weights < 0).any()]).tolist()
-    if bad_target:
-        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
-    if negative:
-        raise ValueError("token_weights must be >= 0")
 
 
 def _accumulate_dweight(dweight, grad, h):
@@ -105,58 +103,115 @@ def _accumulate_dweight(dweight, grad, h):
         dweight[v0:v0 + step] += (grad[:, v0:v0 + step].T @ h).float()
 
 
-class MaskedLinearCrossEntropyFn(torch.autograd.Function):
-    @staticmethod
-    @torch.autocast("cuda", enabled=False)  # the matmuls below run in hidden's dtype by construction
-    def forward(ctx, hidden, weight, targets, token_weights, vocab_size):
-        _validate(hidden, weight, targets, token_weights, vocab_size)
-        N, D = hidden.shape
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad = need_dh or need_dw
-        active = token_weights.nonzero().flatten()  # rows that carry loss; the others are never computed
-        # Logit rows 16-aligned where the weight is padded (lm_head is, to 128): vectorized loads in the kernel.
-        width = min(weight.shape[0], -(-vocab_size // 16) * 16)
-        W = weight[:width].to(hidden.dtype)  # (width, D); a view when the dtypes agree
-        dhidden = torch.zeros_like(hidden) if need_dh else None
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        C = chunk_rows(vocab_size, hidden.dtype)
-        logits_buf = torch.empty((min(C, active.numel()), width), dtype=hidden.dtype, device=hidden.device)
-        row_loss = torch.empty(min(C, active.numel()), dtype=torch.float32, device=hidden.device)
-        cfg = kernel_config()
-        for c0 in range(0, active.numel(), C):
-            rows = active[c0:c0 + C]
-            n = rows.numel()
-            h = hidden.index_select(0, rows)  # (n, D)
-            logits = torch.mm(h, W.T, out=logits_buf[:n])  # (n, width)
-            _masked_ce_kernel[(n,)](logits, targets.index_select(0, rows),
-                                    token_weights.index_select(0, rows).float(), row_loss, vocab_size, width,
-                                    BV=cfg["BV"], GRAD=grad, num_warps=cfg["num_warps"],
-                                    num_stages=cfg["num_stages"])
-            loss += row_loss[:n].sum()
-            if need_dh:
-                dhidden.index_copy_(0, rows, logits @ W)  # logits now hold the gradient
-            if need_dw:
-                _accumulate_dweight(dweight[:width], logits, h)
-        ctx.save_for_backward(dhidden, dweight)
-        ctx.weight_dtype = weight.dtype
-        return loss
+def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_dw):
+    """The loss, and the gradients requested, in one pass over the active rows (see the module docstring)."""
+    N, D = hidden.shape
+    # The row count sizes the work: one host sync, which also reads the two value checks of the inputs.
+    count, bad_target, negative = torch.stack([(token_weights != 0).sum(),
+                                               ((targets < 0) | (targets >= vocab_size)).any(),
+                                               (token_weights < 0).any()]).tolist()
+    if bad_target:
+        raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
+    if negative:
+        raise ValueError("token_weights must be >= 0")
+    # Rows that carry loss, in order: a stable sort puts them first; unlike nonzero, no second sync.
+    active = torch.argsort((token_weights == 0).to(torch.uint8), stable=True)[:count]
+    # Logit rows 16-aligned where the weight is padded (lm_head is, to 128): vectorized loads in the kernel.
+    width = min(weight.shape[0], -(-vocab_size // 16) * 16)
+    W = weight[:width].to(hidden.dtype)  # (width, D); a view when the dtypes agree
+    dhidden = torch.zeros_like(hidden) if need_dh else hidden.new_empty(0)
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw \
+        else weight.new_empty(0, dtype=torch.float32)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    C = chunk_rows(vocab_size, hidden.dtype)
+    logits_buf = torch.empty((min(C, count), width), dtype=hidden.dtype, device=hidden.device)
+    row_loss = torch.empty(min(C, count), dtype=torch.float32, device=hidden.device)
+    cfg = kernel_config()
+    for c0 in range(0, count, C):
+        rows = active[c0:c0 + C]
+        n = rows.numel()
+        h = hidden.index_select(0, rows)  # (n, D)
+        logits = torch.mm(h, W.T, out=logits_buf[:n])  # (n, width)
+        _masked_ce_kernel[(n,)](logits, targets.index_select(0, rows),
+                                token_weights.index_select(0, rows).float(), row_loss, vocab_size, width,
+                                BV=cfg["BV"], GRAD=need_dh or need_dw, num_warps=cfg["num_warps"],
+                                num_stages=cfg["num_stages"])
+        loss += row_loss[:n].sum()
+        if need_dh:
+            dhidden.index_copy_(0, rows, logits @ W)  # logits now hold the gradient
+        if need_dw:
+            _accumulate_dweight(dweight[:width], logits, h)
+    return loss, dhidden, dweight
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dhidden, dweight = ctx.saved_tensors
-        # Scaled in place: the only copies of these gradients, so backward allocates nothing. A second
-        # backward through the same graph (retain_graph=True) would scale twice.
-        if dhidden is not None:
-            dhidden.mul_(grad_loss.to(dhidden.dtype))
-        if dweight is not None:
-            dweight = dweight.mul_(grad_loss).to(ctx.weight_dtype)
-        return dhidden, dweight, None, None, None
+
+# ---------------------------------------------------------------------------------------------------
+# The operator: torch.ops.bdiff.masked_linear_cross_entropy, CPU and CUDA, fake and autograd
+# ---------------------------------------------------------------------------------------------------
+# A custom_op (opaque to torch.compile): the launcher picks its rows from the data (one sync, a loop over
+# chunks), which a traced triton_op body could not do without breaking the graph.
+
+@torch.library.custom_op("bdiff::masked_linear_cross_entropy", mutates_args=())
+def _masked_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor,
+                  vocab_size: int, need_dhidden: bool = False, need_dweight: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, dhidden, dweight): the float32 loss and, where asked for, its gradients (dhidden in hidden's
+    dtype, dweight in float32 over every weight row, zero on the padding); a gradient not
+    asked for is an empty tensor. They are formed during the forward pass, while the logits exist."""
+    _validate(hidden, weight, targets, token_weights, vocab_size)
+    if not use_triton(hidden):
+        loss, dh, dw = reference.masked_linear_cross_entropy_ref_grads(hidden, weight, targets, token_weights,
+                                                                       vocab_size)
+        return loss, dh if need_dhidden else dh.new_empty(0), dw if need_dweight else dw.new_empty(0)
+    with torch.autocast("cuda", enabled=False):  # the matmuls run in hidden's dtype by construction
+        return _forward(hidden, weight, targets, token_weights, vocab_size, need_dhidden, need_dweight)
+
+
+@_masked_ce_op.register_fake
+def _(hidden, weight, targets, token_weights, vocab_size, need_dhidden=False, need_dweight=False):
+    _validate(hidden, weight, targets, token_weights, vocab_size)
+    return (hidden.new_empty((), dtype=torch.float32),
+            torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape if need_dweight else (0,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    _, dhidden, dweight = output
+    ctx.mark_non_differentiable(dhidden, dweight)
+    ctx.save_for_backward(dhidden, dweight)
+    ctx.weight_dtype = inputs[1].dtype
+
+
+def _backward(ctx, grad_loss, _dh, _dw):
+    dhidden, dweight = ctx.saved_tensors
+    dh = dhidden * grad_loss.to(dhidden.dtype) if dhidden.numel() else None
+    dw = (dweight * grad_loss).to(ctx.weight_dtype) if dweight.numel() else None
+    return dh, dw, None, None, None, None, None
+
+
+_masked_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.bdiff.masked_linear_cross_entropy, get_raw=True)
+def _(hidden, weight, targets, token_weights, vocab_size, need_dhidden=False, need_dweight=False, *, out_val=None):
+    """FLOPs for torch.utils.flop_counter: only the rows with a nonzero weight are computed (the counter must see
+    the real weights): logits, and dhidden and dweight where asked for, 2·D per entry of the row x vocabulary."""
+    with unset_fake_temporarily():  # the counter may run under a fake-tensor mode; the weights must be real
+        if isinstance(token_weights, FakeTensor):
+            raise ValueError("counting masked_linear_cross_entropy FLOPs needs the real token_weights (only rows "
+                             "with a nonzero weight are computed)")
+        rows = int((token_weights != 0).sum())
+    width = min(weight.shape[0], -(-vocab_size // 16) * 16)
+    return 2 * rows * width * hidden.shape[1] * (1 + need_dhidden + need_dweight)
 
 
 def masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size):
-    """Triton masked-weighted linear cross-entropy; see `masked_linear_cross_entropy_ref`."""
-    return MaskedLinearCrossEntropyFn.apply(hidden, weight, targets, token_weights, vocab_size)
+    """sum_i token_weights[i] · CE(hidden[i] · weight[:vocab_size]ᵀ, targets[i]); semantics of
+    `reference.masked_linear_cross_entropy_ref`. CUDA runs the fused Triton path, CPU the reference (the
+    kernel through the interpreter with TRITON_INTERPRET=1). Gradients are computed in the forward pass for
+    the inputs that need them."""
+    grad = torch.is_grad_enabled()
+    return torch.ops.bdiff.masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size,
+                                                       grad and hidden.requires_grad, grad and weight.requires_grad)[0]
 
 
 def compile_configs(arch: int) -> list[dict]:

@@ -17,8 +17,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
+from . import reference
 from ._device import arch as _arch
+from ._device import use_triton
 from .reference import QUINTIC, _coefficient_schedule
 
 
@@ -173,9 +176,47 @@ def _run(G, steps, coefficients, safety, count=False):
     return (out if G.ndim == 3 else out[0]), visits
 
 
+# The operator: torch.ops.bdiff.newton_schulz, CPU and CUDA, with a fake implementation. A custom_op (opaque to
+# torch.compile): an optimizer step runs it outside any graph, and the CPU kernel chooses the reference or the
+# interpreter at run time. No autograd: it is an optimizer's update, not part of a model.
+
+@torch.library.custom_op("bdiff::newton_schulz", mutates_args=())
+def _newton_schulz_op(G: torch.Tensor, steps: int = 5, coefficients: list[float] | None = None,
+                      safety: float = 0.0) -> torch.Tensor:
+    """`coefficients`: one (a, b, c) triple for every step, or steps triples, flattened; None: the quintic."""
+    _validate(G)
+    triples = [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)] if coefficients else QUINTIC
+    if len(triples) == 1:
+        triples = triples[0]
+    if not use_triton(G):
+        return reference.newton_schulz_ref(G, steps, triples, safety)
+    return _run(G, steps, triples, safety)[0]
+
+
+@_newton_schulz_op.register_fake
+def _(G, steps=5, coefficients=None, safety=0.0):
+    _validate(G)
+    return torch.empty_like(G)
+
+
+@register_flop_formula(torch.ops.bdiff.newton_schulz)
+def _(G_shape, steps=5, coefficients=None, safety=0.0, *, out_shape=None):
+    """FLOPs for torch.utils.flop_counter, as the kernels compute them: per step, two symmetric products over the
+    T(T+1)/2 tiles on or above the diagonal (depth n for X·Xᵀ, m for A·A) and the dense update B·X."""
+    m, n = sorted(G_shape[-2:])
+    bsz = G_shape[0] if len(G_shape) == 3 else 1
+    cfg = kernel_config("sym")
+    T = -(-m // cfg["BM"])
+    sym = T * (T + 1) // 2 * cfg["BM"] ** 2 * 2 * (n + m)
+    return bsz * steps * (sym + 2 * m * m * n)
+
+
 def newton_schulz(G, steps: int = 5, coefficients=QUINTIC, safety: float = 0.0) -> torch.Tensor:
-    """Triton Newton–Schulz; same semantics as `newton_schulz_ref` (no autograd: an optimizer step)."""
-    return _run(G, steps, coefficients, safety)[0]
+    """Newton–Schulz orthogonalization of a 2D or batched 3D tensor; semantics of `reference.newton_schulz_ref`
+    (coefficients: one (a, b, c) triple or one per step). CUDA runs the Triton kernels, CPU the reference (the
+    kernels through the interpreter with TRITON_INTERPRET=1)."""
+    schedule = _coefficient_schedule(steps, coefficients)  # validates before the op flattens them
+    return torch.ops.bdiff.newton_schulz(G, steps, [c for triple in schedule for c in triple], float(safety))
 
 
 def count_work(G, steps: int = 5, coefficients=QUINTIC, safety: float = 0.0) -> dict:

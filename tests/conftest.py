@@ -1,11 +1,25 @@
 import os
 
-# Triton reads this when @triton.jit decorates a kernel, so it must be set before `kernels` is imported:
-# CPU tensors then run the Triton kernels through the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch  # importing torch decorates none of our kernels
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when `kernels` is imported, so it is
+# decided here, once per process. Without a GPU, CPU tensors run the Triton kernels through the interpreter
+# (the parity tests, marked `interpreter`). With a GPU the kernels run natively (tests/test_gpu.py) and the
+# interpreter tests skip, unless TRITON_INTERPRET=1 is set by hand (then the GPU tests skip).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if INTERPRET:
+        return
+    skip = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (the default "
+                                   "without a GPU)")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -1,19 +1,20 @@
-"""Block-diffusion attention: the mask (bd_attention_mask) against the four rules of SPEC.md §1, and the
+"""Block-diffusion attention: the mask (bd_attention_mask) against the four attention rules, and the
 reference bd_attention_ref against a direct per-query softmax."""
 import pytest
 import torch
 
-from conftest import random_cu_seqlens
+from conftest import INTERPRET, random_cu_seqlens
 from kernels.reference import bd_attention_mask, bd_attention_ref
 
 
 def rule_mask(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """SPEC.md §1 rules, written entry by entry."""
+    """The attention rules, written entry by entry. A first document that starts before the sequence
+    (cu_seqlens[0] = -offset) counts its positions from its real start."""
     bounds = cu_seqlens.tolist()
     L = bounds[-1]
     doc, block = [], []
     for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        for p in range(s, e):
+        for p in range(max(s, 0), e):
             doc.append(d)
             block.append((p - s) // block_size)
     mask = torch.zeros(2 * L, 2 * L, dtype=torch.bool)
@@ -44,7 +45,7 @@ LAYOUTS = [  # (document lengths, block_size): awkward on purpose
 @pytest.mark.parametrize("lengths,block_size", LAYOUTS)
 def test_mask_follows_rules(lengths, block_size):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    torch.testing.assert_close(bd_attention_mask(cu, block_size), rule_mask(cu, block_size), msg=lambda m: f"mask breaks the SPEC rules: {m}")
+    torch.testing.assert_close(bd_attention_mask(cu, block_size), rule_mask(cu, block_size), msg=lambda m: f"mask breaks the attention rules: {m}")
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 5, 16, 64])
@@ -136,6 +137,7 @@ def check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol):
         torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{where}: d{n}: {m}")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,atol,rtol", KERNEL_TOLERANCES)
 @pytest.mark.parametrize("lengths,block_size,heads,dim", [
     ([150, 300, 62], 16, 2, 64),  # realistic: FineWeb-like documents, the record's block size and head dim
@@ -148,6 +150,7 @@ def test_kernel_matches_reference(gen, lengths, block_size, heads, dim, dtype, a
     check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol)
 
 
+@pytest.mark.interpreter
 @settings(max_examples=12, deadline=None)
 @given(lengths=st.lists(st.integers(1, 90), min_size=1, max_size=5), block_size=st.integers(1, 128),
        seed=st.integers(0, 2**31 - 1))
@@ -155,6 +158,7 @@ def test_kernel_matches_reference_on_random_layouts(lengths, block_size, seed):
     check_kernel(torch.Generator().manual_seed(seed), lengths, block_size, 1, 16, torch.float32, 2e-5, 2e-5)
 
 
+@pytest.mark.interpreter
 def test_kernel_clean_rows_ignore_noisy_rows(gen):
     cu = random_cu_seqlens(gen, L=100, max_doc=60)
     q, k, v = (torch.randn(200, 2, 16, generator=gen) for _ in range(3))
@@ -166,6 +170,7 @@ def test_kernel_clean_rows_ignore_noisy_rows(gen):
                                msg="clean tokens must not see noisy tokens")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mean,limit", [(300, 1.35), (1000, 1.2)])
 def test_work_ratio(mean, limit):
     """The kernels count the entries they compute (COUNT=True); they must stay near the allowed ones, on
@@ -179,6 +184,7 @@ def test_work_ratio(mean, limit):
     assert unmasked > 0.5 * entries, "most chunks of long documents should run without element masks"
 
 
+@pytest.mark.interpreter
 def test_backward_work_covers_allowed_entries(gen):
     cu = random_cu_seqlens(gen, L=300, max_doc=200)
     q, k, v = (torch.randn(600, 1, 16, generator=gen) for _ in range(3))
@@ -210,3 +216,114 @@ def test_bad_input(change, match):
     args = dict(good_inputs(), **change)
     with pytest.raises(ValueError, match=match):
         bda.bd_attention(**args)
+
+
+# ---- the operator torch.ops.bdiff.bd_attention: opcheck, and the reference backward it runs on CPU ----------
+
+@pytest.mark.parametrize("path", ["reference", "interpreter"])
+def test_opcheck(gen, monkeypatch, path):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, on both CPU paths."""
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif not INTERPRET:
+        pytest.skip("the interpreter is off in this process")
+    cu = torch.tensor([0, 5, 29], dtype=torch.int32)  # L=29 fills no tile; block 4 divides no document
+    q, k, v = (torch.randn(58, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    for schedule in (None, bda.schedule_bounds(cu, 29, 4)):
+        torch.library.opcheck(torch.ops.bdiff.bd_attention.default, (q, k, v, cu, 4, None, schedule))
+
+
+def test_op_cpu_path_matches_reference(gen, monkeypatch):
+    """The CPU operator (PyTorch's CPU flash-attention kernels per document, with the log-sum-exp they return
+    fed to their backward) against autograd through bd_attention_ref, in float32."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cu = torch.tensor([0, 1, 14, 17, 39], dtype=torch.int32)
+    q, k, v = (torch.randn(78, 3, 16, generator=gen, requires_grad=True) for _ in range(3))
+    do = torch.randn(78, 3, 16, generator=gen)
+    out = bda.bd_attention(q, k, v, cu, 5, 0.3)
+    want = bd_attention_ref(q, k, v, cu, 5, 0.3)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want_grads = torch.autograd.grad(want, (q, k, v), do)
+    for name, g, w in zip("qkv", got, want_grads):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_shared_schedule_equals_built_one(gen):
+    """A schedule built once and passed to every call gives what each call would build for itself."""
+    cu = random_cu_seqlens(gen, L=70, max_doc=40)
+    q, k, v = (torch.randn(140, 1, 16, generator=gen) for _ in range(3))
+    shared = bda.bd_attention(q, k, v, cu, 16, None, bda.schedule_bounds(cu, 70, 16))
+    torch.testing.assert_close(shared, bda.bd_attention(q, k, v, cu, 16), atol=0, rtol=0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config", range(4))
+def test_computed_entries_equal_kernel_counts(gen, config):
+    """computed_entries (the kernels' loop bounds replayed on the host, behind the FLOP counts and the autotune
+    table) equals what the kernels count while they run, for every configuration of the autotune space."""
+    cu = random_cu_seqlens(gen, L=300, max_doc=140)
+    q, k, v = (torch.randn(600, 1, 64, generator=gen).half() for _ in range(3))  # fp16: the interpreter's dots
+    schedule = bda.schedule_bounds(cu, 300, 16)
+    chosen = {}
+    for kernel in ("forward", "dq", "dkdv"):
+        space = bda.kernel_configs(kernel, 64, torch.bfloat16)  # the space; its tiles run in fp16 here
+        chosen[kernel] = space[min(config, len(space) - 1)]
+    counts = bda.count_work(q, k, v, cu, 16, backward=True, configs=chosen)
+    for kernel, cfg in chosen.items():
+        assert bda.computed_entries(schedule, kernel, cfg) == counts[kernel][0], f"{kernel} {cfg}"
+
+
+# ---- a first document that starts before the sequence (cu_seqlens[0] = -offset) -------------------------------
+
+OFFSETS = [0, 1, 15, 16, 37]  # none, the seed's rule, block_size - 1, block_size, larger
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_mask_with_first_document_offset(offset):
+    cu = torch.tensor([-offset, 40, 65, 125], dtype=torch.int32)
+    assert torch.equal(bd_attention_mask(cu, 16), rule_mask(cu, 16)), f"offset {offset}"
+
+
+def test_offset_one_shifts_the_first_blocks():
+    """Worked example, block size 4, offset 1: the fragment's positions are 1, 2, ... so its first block holds
+    3 tokens (rows 0-2) and its second starts at row 3."""
+    cu = torch.tensor([-1, 6, 9], dtype=torch.int32)
+    mask = bd_attention_mask(cu, 4)
+    L = 9
+    assert mask[0, :3].all() and not mask[0, 3:L].any(), "noisy row 0 sees noisy rows 0-2: its block"
+    assert mask[3, 3:6].all() and not mask[3, :3].any(), "noisy row 3 starts the second block (positions 4-7)"
+    assert mask[3, L:L + 3].all() and not mask[3, L + 3:].any(), "noisy row 3 sees the clean first block only"
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_reference_with_offset_matches_direct_softmax(gen, dtype, atol, rtol, offset):
+    cu = torch.tensor([-offset, 40, 65, 125], dtype=torch.int32)
+    q, k, v = (torch.randn(250, 2, 8, generator=gen, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(250, 2, 8, generator=gen, dtype=dtype)
+    out = bd_attention_ref(q, k, v, cu, 16)
+    want = direct_attention(q, k, v, rule_mask(cu, 16), 8 ** -0.5)
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+    for name, g, w in zip("qkv", torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_kernel_with_offset_matches_reference(gen, monkeypatch, offset):
+    """Forward and backward kernels (schedule_bounds clips the first document's grid at 0) and the CPU
+    operator, against the float64 reference built from the same cu_seqlens."""
+    cu = torch.tensor([-offset, 70, 75, 150], dtype=torch.int32)
+    q, k, v = (torch.randn(300, 2, 16, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(300, 2, 16, generator=gen)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = bd_attention_ref(*ref_in, cu, 16)
+    want_grads = torch.autograd.grad(want, ref_in, do.double())
+    for interpret in ("1", "0"):  # the Triton kernels, then the CPU operator
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        out = bda.bd_attention(q, k, v, cu, 16)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{interpret}: out {m}")
+        for name, g, w in zip("qkv", grads, want_grads):
+            torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"d{n}: {m}")

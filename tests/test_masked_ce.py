@@ -3,6 +3,7 @@ log-sum-exp written out in float64."""
 import pytest
 import torch
 
+from conftest import INTERPRET
 from kernels.reference import masked_linear_cross_entropy_ref
 
 
@@ -70,6 +71,7 @@ def against_reference(hidden, weight, targets, token_weights, vocab_size, atol, 
     return loss, dh, dw
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,atol,rtol", KERNEL_TOLERANCES)
 @pytest.mark.parametrize("N,D,V,vocab_size", [
     (300, 32, 50304, 50258),  # realistic: GPT-2 + MASK, lm_head padded to 50304; N spans 3 chunks, unevenly
@@ -81,6 +83,7 @@ def test_kernel_matches_reference(gen, N, D, V, vocab_size, dtype, atol, rtol):
     assert not dw[vocab_size:].any(), "padded weight rows must get zero gradient"
 
 
+@pytest.mark.interpreter
 def test_all_weights_zero(gen):
     hidden, weight, targets, _ = inputs(gen, 64, 16, 1000, 1000, torch.float32)
     loss = mce.masked_linear_cross_entropy(hidden, weight, targets, torch.zeros(64), 1000)
@@ -88,6 +91,7 @@ def test_all_weights_zero(gen):
     assert loss.item() == 0.0 and not dh.any() and not dw.any(), "no row carries loss: all zero, no NaN"
 
 
+@pytest.mark.interpreter
 def test_huge_logits_stay_finite(gen):
     hidden, weight, targets, token_weights = inputs(gen, 50, 16, 1000, 1000, torch.float32, scale=2500.0)
     # fp32 logits of 1e4 carry ~1e4 * 2^-24 * sqrt(D) ≈ 1e-3 of rounding each, which goes straight into p.
@@ -96,6 +100,7 @@ def test_huge_logits_stay_finite(gen):
     assert torch.isfinite(loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
 
 
+@pytest.mark.interpreter
 def test_bf16_true_class_gradient():
     """p(target) ≈ 0.994: its gradient p − 1 ≈ −0.006 must come from fp32, not from a bf16 p that rounds
     toward 1. The logits are small integers, exact in bf16, so only the kernel's arithmetic can err."""
@@ -133,6 +138,7 @@ def test_bad_input(change, match):
         mce.masked_linear_cross_entropy(**dict(good_inputs(), **change))
 
 
+@pytest.mark.interpreter
 def test_memory_does_not_grow_with_rows(gen):
     V, D = 50304, 16
     extra = {}
@@ -143,3 +149,24 @@ def test_memory_does_not_grow_with_rows(gen):
     assert extra[4096] <= 64 * 2**20, f"{extra[4096] / 2**20:.1f} MiB beyond inputs and gradients at N=4096"
     assert extra[4096] - extra[1024] < 2**20, f"extra memory grows with N: {extra}"
     assert reference > 10 * extra[1024], f"the reference holds N x V logits: {reference / 2**20:.0f} MiB at N=1024"
+
+
+@pytest.mark.parametrize("path", ["reference", "interpreter"])
+def test_opcheck(gen, monkeypatch, path):
+    """torch.ops.bdiff.masked_linear_cross_entropy: schema, fake implementation, autograd and AOT dispatch."""
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif not INTERPRET:
+        pytest.skip("the interpreter is off in this process")
+    hidden, weight, targets, token_weights = inputs(gen, 37, 16, 40, 33, torch.float32)
+    for need in ((True, True), (True, False), (False, False)):
+        torch.library.opcheck(torch.ops.bdiff.masked_linear_cross_entropy.default,
+                              (hidden, weight, targets, token_weights, 33, *need))
+
+
+def test_op_reference_gradients_match_autograd(gen, monkeypatch):
+    """The CPU operator's written-out gradients (reference.masked_linear_cross_entropy_ref_grads) against
+    autograd through masked_linear_cross_entropy_ref."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hidden, weight, targets, token_weights = inputs(gen, 50, 8, 24, 21, torch.float32)
+    against_reference(hidden, weight, targets, token_weights, 21, 1e-5, 1e-5)

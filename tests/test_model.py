@@ -1,9 +1,9 @@
 """The model and its objective: parameter count of the record preset, document layout and noising,
-and the loss against a direct transcription of SPEC.md §1 step 5."""
+and the loss against a direct transcription of the objective (docs/design.md §1)."""
 import pytest
 import torch
 
-from bdiff.config import record, tiny
+from bdiff.config import PRESETS, record, tiny
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout, noise_blocks
 
@@ -32,13 +32,76 @@ def random_tokens(gen, L, doc_starts):
 
 def test_document_layout(gen):
     tokens = random_tokens(gen, 100, [10, 11, 60])  # a document of length 1 at position 10
-    layout = document_layout(tokens, BOS, block_size=16)
+    layout = document_layout(tokens, BOS, block_size=16, first_offset=0)
     assert layout.cu_seqlens.tolist() == [0, 10, 11, 60, 100]
     assert layout.positions[[0, 10, 11, 27, 60, 99]].tolist() == [0, 0, 0, 16, 0, 39], "positions restart at BOS"
     starts = [0, 10, 11, 27, 43, 59, 60, 76, 92]  # where a new block begins
     changes = (layout.blocks[1:] != layout.blocks[:-1]).nonzero().flatten() + 1
     assert [0] + changes.tolist() == starts, "blocks must restart at documents and never straddle one"
     assert layout.blocks.unique().numel() == len(starts), "block ids must be unique per (document, block)"
+
+
+def seed_positions(tokens: list[int]) -> list[int]:
+    """The seed's rule, as written in its code: index minus the index of the latest BOS at or before it, a
+    sequence with no BOS yet counting as if one stood at index -1."""
+    last, out = -1, []
+    for i, tok in enumerate(tokens):
+        last = i if tok == BOS else last
+        out.append(i - last)
+    return out
+
+
+def test_mid_document_layout_follows_the_seed():
+    """Worked example, block size 4: 6 tokens of a document that began one token earlier, then a BOS."""
+    tokens = torch.tensor([7, 7, 7, 7, 7, 7, BOS, 7, 7, 7, 7, 7])
+    layout = document_layout(tokens, BOS, block_size=4)
+    assert layout.cu_seqlens.tolist() == [-1, 6, 12], "cu_seqlens[0] = -1: one token of the document is unseen"
+    assert layout.positions.tolist() == [1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5] == seed_positions(tokens.tolist())
+    assert layout.blocks.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3], \
+        "the fragment's first block holds block_size - 1 tokens, every later block is shifted by one"
+
+
+def test_layout_of_a_sequence_starting_with_bos_is_unchanged(gen):
+    tokens = random_tokens(gen, 100, [0, 37])
+    layout = document_layout(tokens, BOS, block_size=16)
+    assert layout.cu_seqlens.tolist() == [0, 37, 100]
+    assert layout.positions.tolist() == list(range(37)) + list(range(63)) == seed_positions(tokens.tolist())
+    with pytest.raises(ValueError, match="first_offset"):
+        document_layout(tokens, BOS, block_size=16, first_offset=3)
+
+
+def test_loss_on_a_mid_document_sequence_matches_the_formula(gen):
+    """The model's loss on a sequence that starts inside a document, against the objective written out in
+    float64 from the seed's position rule: blocks = position // block_size within each document, noisy rows
+    see their own block and earlier clean blocks, clean rows clean blocks up to their own; loss = sum over
+    masked positions of CE / (t + 1e-3), divided by L."""
+    model = tiny_model(gen)
+    tokens = random_tokens(gen, 90, [29, 30, 71])  # no BOS at 0: a fragment of 29 tokens opens the sequence
+    L, bs = 90, model.cfg.block_size
+    pos = seed_positions(tokens.tolist())
+    doc = torch.tensor(tokens.tolist()).eq(BOS).cumsum(0)  # (L,) document index (the fragment is 0)
+    block = torch.tensor(pos) // bs
+    new_block = torch.cat([torch.tensor([False]), (doc[1:] != doc[:-1]) | (block[1:] != block[:-1])])
+    blocks = new_block.cumsum(0)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    loss = model(tokens, (0.0, 1.0), generator=torch.Generator().manual_seed(seed))
+    x_t, masked, t = noise_blocks(tokens, blocks, MASK, 0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    d2, b2, noisy = doc.repeat(2), block.repeat(2), torch.arange(2 * L) < L
+    same = d2[:, None] == d2[None, :]
+    rules = torch.where(noisy[:, None], torch.where(noisy[None, :], b2[None, :] == b2[:, None], b2[None, :] < b2[:, None]),
+                        ~noisy[None, :] & (b2[None, :] <= b2[:, None]))
+    mask = same & rules  # (2L, 2L)
+
+    def attend(layer, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+
+    model64 = model.double()
+    h = model64.run_layers(torch.cat([x_t, tokens]), torch.tensor(pos * 2), attend)
+    logits = h[:L] @ model64.lm_head.weight[:model.cfg.vocab_size].T
+    want = sum(-torch.log_softmax(logits[i], -1)[tokens[i]] / (t[i] + 1e-3) for i in range(L) if masked[i]) / L
+    assert masked.any()
+    torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_noise_blocks(gen):
@@ -105,6 +168,7 @@ def test_bad_tokens_shape():
         BlockDiffusionLM(tiny().model)(torch.zeros(2, 8, dtype=torch.long) + 5)
 
 
+@pytest.mark.interpreter
 def test_model_through_triton_kernel(gen, monkeypatch):
     """The loss and every gradient are the same whether attention runs the reference or the Triton kernel."""
     model = tiny_model(gen)
@@ -121,3 +185,54 @@ def test_model_through_triton_kernel(gen, monkeypatch):
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---- the compiled objective (torch.compile, fullgraph) -------------------------------------------------------
+
+# (atol, rtol) of the compiled loss and gradients against eager: fp32 on CPU, where inductor fuses and
+# reorders the elementwise work (rms_norm, rotary, the value mix) and so rounds differently, never more.
+COMPILE_TOLERANCE = (2e-5, 1e-4)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each compile test starts from an empty dynamo cache and counters."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cpu"])
+def test_compiled_step_matches_eager(gen, fresh_dynamo, preset):
+    model = BlockDiffusionLM(PRESETS[preset]().model)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5, generator=gen)
+    tokens = random_tokens(gen, 512, [0, 77, 78, 300])
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            model.compile_objective()
+        model.zero_grad()
+        loss = model(tokens, generator=torch.Generator().manual_seed(seed))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    atol, rtol = COMPILE_TOLERANCE
+    torch.testing.assert_close(loss, eager_loss, atol=atol, rtol=rtol)
+    for name in eager_grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"compiled gradient of {n}: {m}")
+
+
+def test_compiled_step_does_not_recompile_per_layout(gen, fresh_dynamo):
+    """20 sequences, each with its own document count and layout: one graph, at most one recompilation."""
+    model = tiny_model(gen)
+    model.compile_objective()
+    for step in range(20):
+        starts = sorted(set(torch.randint(1, 128, (step % 7 + 1,), generator=gen).tolist()) | {0})
+        loss = model(random_tokens(gen, 128, starts), generator=gen)
+        loss.backward()
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 <= compiles <= 2, f"{compiles} graphs compiled for 20 layouts (at most one recompilation allowed)"

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import INTERPRET
 from kernels.reference import QUINTIC, newton_schulz_ref
 
 
@@ -72,6 +73,7 @@ nsk = importlib.import_module("kernels.newton_schulz")  # the module; `kernels.n
 KERNEL_TOLERANCES = [(torch.float32, 2e-5, 1e-4)]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,atol,rtol", KERNEL_TOLERANCES)
 @pytest.mark.parametrize("shape", [
     (768, 768),  # realistic: a record-model attention matrix
@@ -85,6 +87,7 @@ def test_kernel_matches_reference(gen, shape, dtype, atol, rtol):
     torch.testing.assert_close(nsk.newton_schulz(G), newton_schulz_ref(G), atol=atol, rtol=rtol)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_kernel_schedules_match_reference(gen, name):
     coefficients, safety = SCHEDULES[name]
@@ -93,6 +96,20 @@ def test_kernel_schedules_match_reference(gen, name):
     torch.testing.assert_close(out, newton_schulz_ref(G, len(coefficients), coefficients, safety), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["reference", "interpreter"])
+def test_opcheck(gen, monkeypatch, path):
+    """torch.ops.bdiff.newton_schulz: schema and fake implementation, one triple and a per-step schedule."""
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif not INTERPRET:
+        pytest.skip("the interpreter is off in this process")
+    G = torch.randn(2, 40, 24, generator=gen)
+    coefficients, safety = SCHEDULES["polar_express"]
+    for args in ((G, 5, list(QUINTIC), 0.0), (G, 5, [c for t in coefficients for c in t], safety)):
+        torch.library.opcheck(torch.ops.bdiff.newton_schulz.default, args)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name,band", [("quintic", (0.6, 1.25)), ("polar_express", (0.75, 1.15))])
 @pytest.mark.parametrize("conditioning", ["random", "ill"])
 def test_schedule_singular_value_band(gen, name, band, conditioning):
@@ -109,6 +126,7 @@ def test_schedule_singular_value_band(gen, name, band, conditioning):
     assert s.min() > lo and s.max() < hi, f"{name}: singular values in [{s.min():.3f}, {s.max():.3f}], want {band}"
 
 
+@pytest.mark.interpreter
 def test_symmetric_kernel_visits_upper_triangle_only(gen):
     T = 5
     G = torch.randn(T * 128 - 7, 700, generator=gen)  # T tiles a side, the last one partial
@@ -117,6 +135,7 @@ def test_symmetric_kernel_visits_upper_triangle_only(gen):
     assert work["update_tiles"] == T * 6, "the update is a dense (T x cdiv(700, 128)) grid"
 
 
+@pytest.mark.interpreter
 def test_symmetric_flops_at_4096():
     """The issue's bar: the symmetric products do <= 0.55 of the dense FLOPs at 4096². Counted from the
     tile grid the kernel launches (T(T+1)/2 programs, each a 128x128 tile of depth n)."""

@@ -112,3 +112,15 @@ def test_dry_run_record(capsys):
     printed = capsys.readouterr().out
     assert "parameters: 162,166,314" in printed
     assert "block_size 16 == 16 OK" in printed
+
+
+def test_compiled_tiny_run(stdlib_dir, tmp_path, capsys):
+    """`train.py --preset tiny --steps 5 --compile`: the objective compiled with fullgraph=True on CPU."""
+    torch._dynamo.reset()
+    out = str(tmp_path)
+    train.main(["--preset", "tiny", "--steps", "5", "--compile", "--data_dir", stdlib_dir, "--out_dir", out,
+                "--run-name", "c"])
+    assert "compile: on" in capsys.readouterr().out
+    losses = [e["train_loss"] for e in read_log(out, "c") if "train_loss" in e]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
+    torch._dynamo.reset()

@@ -1,0 +1,355 @@
+"""One full training step (forward, backward, optimizer) of the same model on the same batch and noise, in two
+formulations:
+
+    ours   bdiff's objective: the block-diffusion attention operator with one schedule shared by every layer,
+           the masked-weighted linear cross-entropy that computes only the rows that carry loss, Muon with the
+           Triton Newton–Schulz; the objective compiled (fullgraph).
+    seed   nano-block-diffusion's: FlexAttention with a BlockMask built from the mask rules for every sequence,
+           the float32 logits of the whole noisy half and a plain cross-entropy, Muon with Newton–Schulz in
+           torch matmuls (bf16 on a GPU); the objective compiled.
+
+    python bench/bench_step.py              # CPU, tiny model: both give the same loss and gradients (exit 1 if not)
+    python bench/bench_step.py --flops      # FLOPs of one record step by op, ours and the seed's (CPU, fake tensors)
+    python bench/bench_step.py --memory     # peak memory of one record step at 16,384 tokens (CPU, fake tensors)
+    python bench/bench_step.py --gpu        # CUDA, record model: step time, tokens/s and peak memory of each
+
+The model, the noise and x_t are shared; only the formulation differs, so the CPU check proves the baseline
+computes the seed's objective.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bdiff.config import PRESETS  # noqa: E402
+from bdiff.model import BlockDiffusionLM  # noqa: E402
+from bdiff.muon import Muon  # noqa: E402
+from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks  # noqa: E402
+from kernels.reference import bd_mask_mod  # noqa: E402
+
+# (atol, rtol) of the seed formulation's loss and gradients against ours on CPU in float32: the same
+# arithmetic up to summation order (softmax over allowed keys, the loss over rows), so float32 rounding only.
+TOLERANCE = (1e-5, 1e-4)
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (L,) clean tokens x_0
+    layout: Layout
+    x_t: torch.Tensor  # (L,) noised tokens
+    weights: torch.Tensor  # (L,) 1/(t + 1e-3) on masked tokens, 0 elsewhere
+
+
+def make_batch(cfg, L: int, mean_doc: int, seed: int, device) -> Batch:
+    """Random tokens with BOS about every `mean_doc` tokens; one noise draw from U[0.3, 0.8] per block."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.mask_id, (L,), generator=gen)
+    tokens[tokens == cfg.bos_id] = 0
+    tokens[torch.rand(L, generator=gen) < 1 / mean_doc] = cfg.bos_id
+    layout = document_layout(tokens, cfg.bos_id, cfg.block_size)
+    x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, 0.3, 0.8, generator=gen,
+                                  num_blocks=layout.num_blocks)
+    return Batch(tokens.to(device), layout.to(device), x_t.to(device), loss_weights(masked, t).to(device))
+
+
+def ours_loss(model: BlockDiffusionLM, b: Batch) -> torch.Tensor:
+    lay = b.layout
+    return model.objective(b.x_t, b.tokens, b.weights, lay.positions, lay.cu_seqlens, lay.schedule)
+
+
+def seed_loss(model: BlockDiffusionLM, b: Batch, attention) -> torch.Tensor:
+    """The seed's formulation: `attention(q, k, v)` on (1, H, 2L, D) (FlexAttention with the sequence's
+    BlockMask), the logits of the whole noisy half in float32, a plain cross-entropy."""
+    def attend(layer, q, k, v):  # (2L, H, D) each
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+        return attention(q, k, v)[0].transpose(0, 1)
+
+    positions = b.layout.positions
+    h = model.run_layers(torch.cat([b.x_t, b.tokens]), torch.cat([positions, positions]), attend)
+    L = b.tokens.numel()
+    logits = model.logits(h[:L])  # (L, V) float32
+    return (F.cross_entropy(logits, b.tokens, reduction="none") * b.weights).sum() / L
+
+
+def flex(b: Batch, block_size: int, compiled=None):
+    """FlexAttention as the seed runs it: a BlockMask built from the mask rules for this sequence."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    R = 2 * b.tokens.numel()
+    block_mask = create_block_mask(bd_mask_mod(b.layout.cu_seqlens, block_size), None, None, R, R,
+                                   device=b.tokens.device)
+    return lambda q, k, v: (compiled or flex_attention)(q, k, v, block_mask=block_mask)
+
+
+def seed_newton_schulz(G, steps, coefficients, safety):
+    """The seed's Newton–Schulz: plain torch matmuls, bf16 on a GPU (float32 on CPU), wide form."""
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.shape[-2] > X.shape[-1]
+    X = X.mT if tall else X
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1 + safety) + 1e-7)
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+def gradients(model: BlockDiffusionLM, loss_fn) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def cpu_check(preset: str = "tiny", L: int = 256, seed: int = 0) -> dict:
+    """Loss and gradients of both formulations on one batch, float32 on CPU. FlexAttention has no backward on
+    CPU: the seed's loss is computed with FlexAttention itself (eager), its gradients with the dense mask that
+    FlexAttention's `create_mask` makes from the same mask_mod (SDPA: the same masked softmax)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    torch.manual_seed(seed)
+    cfg = PRESETS[preset]().model
+    model = BlockDiffusionLM(cfg)
+    with torch.no_grad():  # the head starts at zero; random values make the loss depend on everything
+        model.lm_head.weight.normal_(0, 0.5)
+    b = make_batch(cfg, L, mean_doc=90, seed=seed, device="cpu")
+    ours, ours_grads = gradients(model, lambda: ours_loss(model, b))
+    with torch.no_grad():
+        seed_flex = seed_loss(model, b, flex(b, cfg.block_size)).item()
+    dense = create_mask(bd_mask_mod(b.layout.cu_seqlens, cfg.block_size), None, None, 2 * L, 2 * L, device="cpu")
+    seed_value, seed_grads = gradients(model, lambda: seed_loss(
+        model, b, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)))
+    worst = max(((ours_grads[n] - seed_grads[n]).abs().max() / seed_grads[n].abs().max().clamp_min(1e-12)).item()
+                for n in ours_grads)
+    return dict(L=L, documents=b.layout.cu_seqlens.numel() - 1, loss_ours=ours, loss_seed=seed_value,
+                loss_seed_flex=seed_flex, worst_grad_rel=worst, grads=(ours_grads, seed_grads))
+
+
+def gpu_bench(L: int = 16384, mean_doc: int = 1000, iters: int = 10):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dev = torch.device("cuda")
+    cfg = PRESETS["record"]()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | record model, one micro-step of L={L} "
+          f"tokens (2L={2 * L} rows), documents ~{mean_doc} tokens, bf16 autocast; step = forward + backward + "
+          f"Adam + Muon")
+    flex_compiled = torch.compile(flex_attention, dynamic=False)
+    results = {}
+    for name in ("ours", "seed"):
+        torch.manual_seed(0)
+        model = BlockDiffusionLM(cfg.model).to(dev)
+        model.embed.bfloat16()
+        hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+        others = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight or p is model.lm_head.weight]
+        adam = torch.optim.Adam(others, lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
+        muon = Muon(hidden, lr=0.025, momentum=0.95, **({} if name == "ours" else
+                                                         dict(orthogonalize=seed_newton_schulz)))
+        if name == "ours":
+            model.compile_objective()
+        else:
+            seed_compiled = torch.compile(seed_loss)
+        batches = [make_batch(cfg.model, L, mean_doc, seed=i, device=dev) for i in range(3)]
+
+        def step(b):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if name == "ours":
+                    loss = ours_loss(model, b)
+                else:  # the seed builds its BlockMask for every sequence
+                    loss = seed_compiled(model, b, flex(b, cfg.model.block_size, flex_compiled))
+            loss.backward()
+            adam.step()
+            muon.step()
+            model.zero_grad(set_to_none=True)
+
+        for b in batches:  # compile and warm up
+            step(b)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(iters):
+            step(batches[i % len(batches)])
+        torch.cuda.synchronize()
+        ms = 1000 * (time.perf_counter() - t0) / iters
+        results[name] = dict(ms=ms, tokens_per_s=L / ms * 1000, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        del model, adam, muon
+        torch.cuda.empty_cache()
+    print(f"{'formulation':>12} {'step ms':>9} {'tokens/s':>10} {'peak GiB':>9}")
+    for name, r in results.items():
+        print(f"{name:>12} {r['ms']:9.1f} {r['tokens_per_s']:10,.0f} {r['peak_gib']:9.2f}")
+    print(f"speed-up ours/seed: {results['seed']['ms'] / results['ours']['ms']:.2f}x, "
+          f"memory ratio: {results['ours']['peak_gib'] / results['seed']['peak_gib']:.2f}")
+    return results
+
+
+def _fake_model(cfg, device, gpu_dtypes: bool = False):
+    """The model with fake parameters on `device` (FakeTensorMode must be active): shapes and dtypes, no memory,
+    no values (they matter neither for FLOPs nor for bytes). `gpu_dtypes`: the embedding in bf16, as train.py
+    keeps it on a GPU (every activation is then bf16, as under autocast)."""
+    with torch.device("meta"):
+        model = BlockDiffusionLM(cfg.model)
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is None:  # a Linear's absent bias
+                continue
+            dtype = torch.bfloat16 if module is model.embed and gpu_dtypes else p.dtype
+            module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device))
+        for name, buf in module._buffers.items():
+            module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+    return model
+
+
+def flop_table(L: int = 16384, mean_doc: int = 1000) -> dict:
+    """FLOPs of one record training step (forward and backward of one micro-step, and the Muon update), by op,
+    in both formulations, from torch.utils.flop_counter on fake tensors (no FLOP is executed). Our ops count
+    the entries they compute (their registered formulas read the real layout). The seed's attention is
+    FlexAttention's: every 128x128 tile of its BlockMask that is not wholly masked, 4·D FLOPs per entry forward
+    and 10·D backward (FlashAttention-2's five matmuls); its loss computes all L rows of logits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench_bd_attention import flex_block_mask_entries
+
+    cfg = PRESETS["record"]()
+    b = make_batch(cfg.model, L, mean_doc, seed=0, device="cpu")  # real: the formulas read the layout
+    D, H, layers = cfg.model.head_dim, cfg.model.num_heads, cfg.model.num_layers
+    table = {}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _fake_model(cfg, torch.device("cpu"))
+        for name in ("ours", "seed"):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                if name == "ours":
+                    loss = ours_loss(model, b)
+                else:  # the attention's FLOPs are FlexAttention's tiles, added below
+                    loss = seed_loss(model, b, lambda q, k, v: q + k + v)  # no FLOPs; gradients reach q, k, v
+                loss.backward()
+                muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2],
+                            **({} if name == "ours" else dict(orthogonalize=seed_newton_schulz)))
+                muon.step()
+            model.zero_grad(set_to_none=True)
+            counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+            row = dict(attention=sum(n for op, n in counts.items() if "bd_attention" in op),
+                       loss=counts.get("bdiff.masked_linear_cross_entropy", 0),
+                       newton_schulz=counts.get("bdiff.newton_schulz", 0))
+            row["matmuls"] = sum(counts.values()) - sum(row.values())
+            table[name] = row
+    flex_entries = flex_block_mask_entries(b.layout.cu_seqlens, cfg.model.block_size)
+    table["seed"]["attention"] = (4 + 10) * D * H * layers * flex_entries
+    # The seed's loss is plain matmuls (lm_head on all L rows, its two gradients) and Newton–Schulz is torch
+    # matmuls: split them out of "matmuls" so that both columns have the same rows.
+    table["seed"]["loss"] = 6 * L * cfg.model.model_dim * cfg.model.vocab_size  # logits, dhidden, dweight
+    table["seed"]["matmuls"] -= table["seed"]["loss"]
+    ns = sum(5 * (4 * min(p.shape) ** 2 * max(p.shape) + 2 * min(p.shape) ** 3)
+             for p in model.blocks.parameters() if p.ndim == 2)
+    table["seed"]["newton_schulz"] = ns
+    table["seed"]["matmuls"] -= ns
+    return dict(L=L, mean_doc=mean_doc, documents=b.layout.cu_seqlens.numel() - 1, table=table)
+
+
+def memory_table(L: int = 16384, mean_doc: int = 1000) -> dict:
+    """Peak memory of one record training step at the full micro-batch, as a GPU would hold it, measured
+    without one: MemTracker under FakeTensorMode (no memory is allocated) by category, and the tensors autograd
+    saves for the backward by dtype (saved_tensors_hooks). Autocast does not run on fake tensors; the bf16
+    embedding (as train.py keeps it on a GPU) makes every activation bf16 as it does under autocast. Not seen:
+    the temporaries inside the loss op (one chunk of logits and the bf16 copy of lm_head, ~110 MiB) and the
+    CUDA context."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = PRESETS["record"]()
+    b = make_batch(cfg.model, L, mean_doc, seed=0, device="cpu")
+    saved: dict[str, int] = {}
+    seen: set[int] = set()
+    loss_seen: list = []
+
+    def pack(t):  # bytes saved by the first micro-step's forward, by dtype
+        key = id(t.untyped_storage())
+        if not loss_seen and key not in seen:  # a storage saved by several ops counts once
+            seen.add(key)
+            saved[str(t.dtype).removeprefix("torch.")] = saved.get(str(t.dtype).removeprefix("torch."), 0) + \
+                t.untyped_storage().nbytes()
+        return t
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # Fake CPU tensors: autograd on fake CUDA tensors needs CUDA's device guard, which a CPU-only build
+        # lacks. Bytes do not depend on the device; the model is set up as on a GPU (bf16 embedding).
+        dev = torch.device("cpu")
+        model = _fake_model(cfg, dev, gpu_dtypes=True)
+        def fake(t):  # a fake tensor of t's shape and dtype: the byte count needs no values
+            return torch.empty(t.shape, dtype=t.dtype, device=dev)
+
+        lay = b.layout
+        layout = Layout(fake(lay.cu_seqlens), fake(lay.positions), fake(lay.blocks), fake(lay.schedule), lay.num_blocks)
+        batch = Batch(fake(b.tokens), layout, fake(b.x_t), fake(b.weights))
+        adam = torch.optim.Adam([model.embed.weight, model.lm_head.weight] +
+                                [p for p in model.parameters() if p.ndim < 2], lr=1e-3)
+        muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2])
+        tracker = MemTracker()
+        tracker.track_external(model, adam, muon)
+        with tracker:  # two optimizer steps of two micro-steps: the second runs with optimizer state and
+            for _ in range(2):  # accumulated gradients alive, as every step after the first does
+                for _ in range(2):
+                    tracker.reset_mod_stats()  # per-module stats cover one call; the peak spans all four
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        loss = ours_loss(model, batch)
+                    loss_seen.append(loss)
+                    loss.backward()
+                adam.step()
+                muon.step()
+                model.zero_grad(set_to_none=True)
+        peak = tracker.get_tracker_snapshot("peak")
+    categories = {str(k).split(".")[-1].lower(): v for k, v in next(iter(peak.values())).items()}
+    return dict(L=L, categories=categories, saved_by_dtype=saved)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="time both formulations on a CUDA GPU, record model")
+    parser.add_argument("--flops", action="store_true", help="FLOPs of one record step by op, both formulations")
+    parser.add_argument("--memory", action="store_true", help="peak memory of one record step (fake tensors)")
+    parser.add_argument("--mean-doc", type=int, default=1000, help="mean document length of the batches")
+    args = parser.parse_args()
+    if args.gpu:
+        gpu_bench(mean_doc=args.mean_doc)
+        return 0
+    if args.flops:
+        r = flop_table(mean_doc=args.mean_doc)
+        print(f"record model, one micro-step of L={r['L']} tokens, {r['documents']} documents (mean ~{r['mean_doc']}),"
+              f" forward + backward + Muon; TFLOP")
+        print(f"{'op':>16} {'ours':>9} {'seed':>9} {'ours/seed':>10}")
+        for op in ("matmuls", "attention", "loss", "newton_schulz"):
+            ours, seed = r["table"]["ours"][op], r["table"]["seed"][op]
+            print(f"{op:>16} {ours / 1e12:9.3f} {seed / 1e12:9.3f} {ours / seed:10.3f}")
+        ours, seed = (sum(r["table"][n].values()) for n in ("ours", "seed"))
+        print(f"{'total':>16} {ours / 1e12:9.3f} {seed / 1e12:9.3f} {ours / seed:10.3f}")
+        return 0
+    if args.memory:
+        r = memory_table(mean_doc=args.mean_doc)
+        print(f"record model, one training step at L={r['L']} tokens (2L={2 * r['L']} rows), peak by category (GiB)")
+        for name, value in r["categories"].items():
+            print(f"{name:>12} {value / 2**30:8.2f}")
+        print("tensors saved for the backward, by dtype (GiB): " +
+              ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(r["saved_by_dtype"].items())))
+        return 0
+    r = cpu_check()
+    atol, rtol = TOLERANCE
+    print(f"tiny model, L={r['L']}, {r['documents']} documents, float32 on CPU")
+    print(f"loss ours {r['loss_ours']:.8f} | seed with FlexAttention {r['loss_seed_flex']:.8f} | seed with its "
+          f"dense mask {r['loss_seed']:.8f}")
+    print(f"worst gradient difference ours vs seed: {r['worst_grad_rel']:.2e} of the largest entry")
+    ok = all(abs(r["loss_ours"] - r[k]) <= atol + rtol * abs(r[k]) for k in ("loss_seed", "loss_seed_flex"))
+    for n, g in r["grads"][0].items():
+        ok &= torch.allclose(g, r["grads"][1][n], atol=atol, rtol=rtol)
+    print("same loss and gradients" if ok else f"MISMATCH beyond (atol, rtol) = {TOLERANCE}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The three ops run natively on a CUDA GPU, in bf16 and fp16, against the PyTorch references computed in
+float32 on the same inputs, and a compiled 20-step training run. Skipped without a GPU, and in a process
+where the Triton interpreter is on (tests/conftest.py decides that once per process)."""
+import os
+
+import pytest
+import torch
+
+import train
+from bdiff.data import build_stdlib_corpus
+from conftest import INTERPRET
+from kernels.bd_attention import bd_attention
+from kernels.masked_ce import masked_linear_cross_entropy
+from kernels.newton_schulz import newton_schulz
+from kernels.reference import bd_attention_ref, masked_linear_cross_entropy_ref, newton_schulz_ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                                  reason="needs a CUDA GPU and the Triton interpreter off")]
+
+# (dtype, atol, rtol) against the float32 reference on the same rounded inputs. The kernels round P (and dS) to
+# the input dtype before their second dot and the output at the end: bf16 keeps 8 bits (2^-9 relative), fp16 11.
+TOLERANCES = [(torch.bfloat16, 2e-2, 2e-2), (torch.float16, 4e-3, 4e-3)]
+
+
+def documents(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("lengths,block_size,heads,dim", [
+    ([900, 2100, 96, 1000], 16, 6, 128),  # the record's heads, head dim and block size; L=4096
+    ([1, 7, 1, 200, 33], 5, 2, 64),  # length-1 documents, a block size that divides nothing, L fills no tile
+])
+def test_bd_attention_on_gpu(dtype, atol, rtol, lengths, block_size, heads, dim):
+    cu = documents(lengths)
+    R = 2 * int(cu[-1])
+    q, k, v = (torch.randn(R, heads, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(R, heads, dim, device="cuda", dtype=dtype)
+    out = bd_attention(q, k, v, cu, block_size)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    want = bd_attention_ref(*ref_in, cu, block_size)
+    want_grads = torch.autograd.grad(want, ref_in, do.float())
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), want, atol=atol, rtol=rtol)
+    for name, g, w in zip("qkv", grads, want_grads):
+        torch.testing.assert_close(g.float(), w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+def test_masked_linear_cross_entropy_on_gpu(dtype, atol, rtol):
+    N, D, V, vocab = 3000, 768, 50304, 50258  # record head; N spans several chunks
+    hidden = torch.randn(N, D, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(V, D, device="cuda") * 0.02).requires_grad_()  # fp32 like lm_head
+    targets = torch.randint(0, vocab, (N,), device="cuda")
+    token_weights = torch.rand(N, device="cuda") * 3 * (torch.rand(N, device="cuda") < 0.55)
+    loss = masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab)
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    ref_in = [hidden.detach().float().requires_grad_(), weight.detach().to(dtype).float().requires_grad_()]
+    want = masked_linear_cross_entropy_ref(*ref_in, targets, token_weights, vocab)
+    want_dh, want_dw = torch.autograd.grad(want, ref_in)
+    torch.testing.assert_close(loss, want, atol=atol * N, rtol=rtol)
+    torch.testing.assert_close(dh.float(), want_dh, atol=atol, rtol=rtol, msg=lambda m: f"dhidden: {m}")
+    torch.testing.assert_close(dw, want_dw, atol=atol, rtol=rtol, msg=lambda m: f"dweight: {m}")
+
+
+@pytest.mark.parametrize("shape", [(768, 768), (6, 768, 3072), (3072, 768), (130, 200)])
+def test_newton_schulz_on_gpu(shape):
+    G = torch.randn(*shape, device="cuda")
+    # bf16 operands over five iterations: each entry of the result (size ~1/sqrt(n)) within 3e-2 absolute.
+    torch.testing.assert_close(newton_schulz(G), newton_schulz_ref(G), atol=3e-2, rtol=0)
+
+
+def test_compiled_training_smoke(tmp_path):
+    """20 compiled steps of a small model (head dim 64, a shipped kernel configuration) on the GPU."""
+    data = str(tmp_path / "stdlib")
+    build_stdlib_corpus(data)
+    model = train.main(["--preset", "tiny", "--model_dim", "128", "--num_heads", "2", "--head_dim", "64",
+                        "--steps", "20", "--compile", "--data_dir", data, "--out_dir", str(tmp_path),
+                        "--run-name", "gpu", "--log_every", "5"])
+    assert next(model.parameters()).is_cuda
+    with open(os.path.join(tmp_path, "gpu.jsonl")) as f:
+        losses = [line for line in f if '"train_loss"' in line]
+    assert len(losses) == 20
