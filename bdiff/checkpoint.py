@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import shutil
 
 import torch
@@ -63,13 +64,39 @@ def resolve(resume: str, run_dir: str) -> str:
     return resume
 
 
+def safe_load(path: str, map_location=None, required: tuple[str, ...] = ()) -> dict:
+    """A checkpoint file, loaded with torch.load(weights_only=True): tensors, numbers, strings, lists, tuples
+    and dicts only, so that loading never runs code from the file (a pickle can). A file that needs more, is
+    not a torch file, or is not a dict with the `required` keys is refused with one line; nothing of it runs."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        if not culprit:  # no forbidden object named: not a pickle at all
+            raise CheckpointError(f"{path}: not a torch checkpoint (UnpicklingError)") from None
+        raise CheckpointError(f"{path}: refused: it holds more than tensors, numbers, strings, lists and dicts, so "
+                              f"loading it could run code; nothing of it was run ({culprit[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # zip and pickle framing errors
+        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__})") from None
+    missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: not a bdiff checkpoint (no {', '.join(missing)})")
+    return obj
+
+
+SHARED_KEYS = ("model", "adam", "step", "config", "data", "world_size")
+RANK_KEYS = ("muon", "noise_rng", "cpu_rng", "cuda_rng")
+
+
 def load(path: str, rank: int, world: int, config: dict) -> tuple[dict, dict]:
     """(shared state, this rank's state), after checking that this run can continue from them exactly."""
-    shared = torch.load(os.path.join(path, "shared.pt"), weights_only=False)
+    shared = safe_load(os.path.join(path, "shared.pt"), required=SHARED_KEYS)
     if shared["config"]["model"] != config["model"]:
         diff = {k: (v, config["model"][k]) for k, v in shared["config"]["model"].items() if config["model"].get(k) != v}
         raise CheckpointError(f"{path}: the model differs from this run's (checkpoint vs now: {diff})")
     if shared["world_size"] != world:
         raise CheckpointError(f"{path}: written by {shared['world_size']} ranks, resumed with {world}; per-rank noise "
                               f"and Muon shards cannot be split differently: run with {shared['world_size']} ranks")
-    return shared, torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
+    return shared, safe_load(os.path.join(path, f"rank{rank}.pt"), required=RANK_KEYS)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bdiff import checkpoint
 from bdiff.config import ModelConfig
 from bdiff.model import BlockDiffusionLM
 
@@ -229,14 +230,12 @@ def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p,
 
 def load_checkpoint(path: str, device="cpu") -> tuple[BlockDiffusionLM, dict]:
     """The model of a checkpoint train.py wrote, and its config dict."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise SamplingError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # pickle and zip errors: not a torch checkpoint
-        raise SamplingError(f"{path}: not a bdiff checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model" not in ckpt.get("config", {}):
-        raise SamplingError(f"{path}: not a bdiff checkpoint (no model weights and config)")
+    try:  # weights_only: loading never runs code from the file
+        ckpt = checkpoint.safe_load(path, map_location=device, required=("model", "config"))
+    except checkpoint.CheckpointError as e:
+        raise SamplingError(str(e)) from None
+    if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
+        raise SamplingError(f"{path}: not a bdiff checkpoint (no model config)")
     try:
         cfg = ModelConfig(**ckpt["config"]["model"])
         model = BlockDiffusionLM(cfg).to(device)

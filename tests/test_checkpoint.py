@@ -110,7 +110,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path
     run_dir = os.path.join(str(tmp_path), "nan")
     good = checkpoint.complete_checkpoints(run_dir)
     assert good[-1] == checkpoint.checkpoint_dir(run_dir, 6) and good[-1] in str(error.value)
-    shared = torch.load(os.path.join(good[-1], "shared.pt"), weights_only=False)
+    shared = torch.load(os.path.join(good[-1], "shared.pt"), weights_only=True)
     assert shared["step"] == 6 and all(torch.isfinite(v).all() for v in shared["model"].values())
 
 
@@ -157,3 +157,47 @@ def test_plot(data_dir, tmp_path):
     assert plot_main([os.path.join(out, "p.jsonl")]) == 0
     png = os.path.join(out, "p.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+
+
+class Payload:
+    """Unpickling this creates a file: what a hostile checkpoint could do if it were loaded as a pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, tmp_path):
+    """Every load uses weights_only=True: a file whose unpickling would run code is refused with one line by
+    resume and by sample.py, and the code does not run."""
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "out" / "evil"
+    ckpt = run_dir / "ckpt_000002"
+    ckpt.mkdir(parents=True)
+    for name in ("shared.pt", "rank0.pt"):
+        torch.save({"model": Payload(str(marker)), "config": {"model": {}}}, ckpt / name)
+    (ckpt / checkpoint.COMPLETE).write_text("")
+    torch.save({"model": Payload(str(marker)), "config": {"model": {}}}, run_dir / "final.pt")
+    commands = {
+        "resume": [sys.executable, "train.py", "--preset", "tiny", "--data_dir", data_dir, "--out_dir",
+                   str(tmp_path / "out"), "--run-name", "evil", "--resume", "auto"],
+        "sample": [sys.executable, "sample.py", "--ckpt", str(run_dir / "final.pt"), "--prompt", "def"],
+    }
+    for what, cmd in commands.items():
+        result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, f"{what}: exit {result.returncode}, stderr {result.stderr}"
+        assert "refused" in lines[0] and ("final.pt" in lines[0] or "shared.pt" in lines[0]), f"{what}: {lines[0]}"
+        assert not marker.exists(), f"{what}: the checkpoint's code ran"
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="not a torch checkpoint"):
+        checkpoint.safe_load(str(path))
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a bdiff checkpoint"):
+        checkpoint.safe_load(str(path), required=checkpoint.SHARED_KEYS)
