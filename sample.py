@@ -8,7 +8,8 @@ import sys
 
 import torch
 
-from bdiff.sampling import STRATEGIES, SamplingError, decode, encode, generate, load_checkpoint
+from bdiff.sampling import STRATEGIES, SamplingError, generate, load_checkpoint
+from bdiff.tokenizer import TokenizerError, decode, encode, tokenizer_of
 
 
 def main(argv=None) -> None:
@@ -31,7 +32,8 @@ def main(argv=None) -> None:
     cfg = model.cfg
     if args.block_size is not None and args.block_size != cfg.block_size:
         raise SamplingError(f"--block_size {args.block_size} does not match the checkpoint's block size {cfg.block_size}")
-    prompts = [encode(text, cfg) for text in args.prompt]
+    tokenizer = tokenizer_of(config)  # the data the model was trained on decides, not its vocabulary size
+    prompts = [encode(text, tokenizer, cfg.bos_id) for text in args.prompt]
     limit = config.get("train", {}).get("seq_len")
     if limit and max(len(p) for p in prompts) + args.max_new_tokens > limit:
         raise SamplingError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens ({args.max_new_tokens}) "
@@ -39,7 +41,7 @@ def main(argv=None) -> None:
     out = generate(model, prompts, args.max_new_tokens, args.steps_per_block, args.temperature, args.top_p,
                    args.strategy, args.threshold, args.seed, use_cache=not args.no_cache)
     for text, tokens in zip(args.prompt, out.tokens):
-        print(f"--- {text!r}\n{text}{decode(tokens, cfg)}")
+        print(f"--- {text!r}\n{text}{decode(tokens, tokenizer)}")
     print(f"--- {out.new_tokens} tokens in {out.seconds:.2f}s ({out.new_tokens / out.seconds:,.0f} tok/s), "
           f"{out.model_calls / out.new_tokens:.2f} model calls per token, KV cache {out.cache_bytes / 2**20:.1f} MiB")
 
@@ -47,6 +49,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except SamplingError as e:
+    except (SamplingError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

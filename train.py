@@ -26,11 +26,12 @@ import bdiff
 from bdiff import checkpoint
 from bdiff.checkpoint import CheckpointError
 from bdiff.config import PRESETS, Config, ConfigError, get_preset
-from bdiff.data import DataError, DistributedLoader, shard_files, unigram_entropy
+from bdiff.data import VOCABULARIES, DataError, DistributedLoader, check_model_fits_data, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout
 from bdiff.muon import Muon
-from bdiff.sampling import decode, encode, generate
+from bdiff.sampling import generate
+from bdiff.tokenizer import decode, encode
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 RECORD_VAL_LOSS = 3.44
@@ -69,6 +70,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
     """Train; returns the trained model (None for --dry-run)."""
     cfg, args = parse_args(argv)
     mc, tc = cfg.model, cfg.train
+    check_model_fits_data(tc.data, mc.vocab_size, mc.bos_id, mc.mask_id)  # before anything is built
 
     # ---- processes and devices ----
     ddp = "RANK" in os.environ
@@ -285,28 +287,47 @@ def main(argv=None) -> BlockDiffusionLM | None:
         if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
             last_checkpoint = save_checkpoint(step + 1)
 
-    # ---- the end: summary and checkpoint ----
-    if tc.data == "stdlib":
-        log(f"val loss {val_loss:.4f} nats vs unigram entropy {unigram_entropy(train_files, mc.vocab_size):.4f} nats "
-            f"(the loss of a model that ignores context)")
-        if master:  # a sample from the model just trained
-            raw_model.eval()
-            prompt = "def "
-            out = generate(raw_model, [encode(prompt, mc)], 200, temperature=0.8, top_p=0.9, strategy="random")
-            log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{prompt}{decode(out.tokens[0], mc)}")
-    else:
-        ok = all(rules.values()) and val_loss <= RECORD_VAL_LOSS
-        log(f"record: val loss {val_loss:.4f} {'<=' if val_loss <= RECORD_VAL_LOSS else '>'} {RECORD_VAL_LOSS} "
-            f"with {tc.steps * tokens_per_step:,} tokens; {'meets' if ok else 'does not meet'} the record rules")
+    # ---- the end: the model on disk first, then the extras, none of which can lose it ----
     save_checkpoint(tc.steps)
     if master:
         ckpt_path = os.path.join(run_dir, "final.pt")  # the model alone, for sample.py
         checkpoint.atomic_save({"model": raw_model.state_dict(), "config": cfg.to_dict(), "step": tc.steps,
                                 "val_loss": val_loss}, ckpt_path)
         log(f"checkpoint: {ckpt_path} | total train time {train_time:.1f}s")
+    if master and tc.data == "stdlib":
+        extra("summary", lambda: log(f"val loss {val_loss:.4f} nats vs unigram entropy "
+                                     f"{unigram_entropy(train_files, mc.vocab_size):.4f} nats (the loss of a model "
+                                     f"that ignores context)"))
+    elif master:
+        ok = all(rules.values()) and val_loss <= RECORD_VAL_LOSS
+        log(f"record: val loss {val_loss:.4f} {'<=' if val_loss <= RECORD_VAL_LOSS else '>'} {RECORD_VAL_LOSS} "
+            f"with {tc.steps * tokens_per_step:,} tokens; {'meets' if ok else 'does not meet'} the record rules")
+    if master:
+        extra("sample", lambda: end_of_run_sample(raw_model, cfg, log))
     if ddp:
         dist.destroy_process_group()
     return raw_model
+
+
+def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> None:
+    """200 tokens from the model just trained, in the tokenizer of the data it was trained on."""
+    model.eval()
+    tokenizer = VOCABULARIES[cfg.train.data].tokenizer
+    prompt = "def " if tokenizer == "bytes" else "The"
+    out = generate(model, [encode(prompt, tokenizer, cfg.model.bos_id)], 200, temperature=0.8, top_p=0.9,
+                   strategy="random")
+    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{prompt}"
+        f"{decode(out.tokens[0], tokenizer)}")
+
+
+def extra(what: str, fn) -> None:
+    """Run an extra of the end of a run (summary, sample). The model is already on disk, so a failure costs one
+    line saying what was skipped and why, never the run."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (any failure of an extra is reported the same way)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{what} skipped: {reason}", flush=True)
 
 
 def _version(module: str) -> str:

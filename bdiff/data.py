@@ -14,6 +14,7 @@ import glob
 import os
 import sys
 import sysconfig
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,38 @@ MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 FINEWEB_REPO = "kjj0/finewebedu10B-gpt2"  # Hugging Face dataset of GPT-2-tokenized FineWeb-Edu 10B
 BYTE_BOS, BYTE_MASK = 256, 257  # ids of the byte-level vocabulary: 256 bytes, BOS, MASK
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a data set's token ids mean: a model trained on it must share its BOS and fit its ids."""
+    tokenizer: str  # "bytes" or "gpt2": how its ids map to text
+    num_ids: int  # ids 0..num_ids-1 occur in the data (BOS included)
+    bos_id: int  # the document separator
+
+
+VOCABULARIES = {
+    "stdlib": Vocabulary("bytes", 257, BYTE_BOS),  # 256 bytes + BOS
+    "finewebedu": Vocabulary("gpt2", 50257, 50256),  # GPT-2 BPE; <|endoftext|> separates documents
+}
+
+
+def check_model_fits_data(data: str, vocab_size: int, bos_id: int, mask_id: int) -> None:
+    """Data and model must agree: the model's BOS is the data's, every data id is below vocab_size and the MASK
+    id is none of them. Otherwise training would run without document boundaries (or on ids the embedding
+    lacks), silently; this says which settings fit instead."""
+    v = VOCABULARIES[data]
+    problems = []
+    if bos_id != v.bos_id:
+        problems.append(f"the data marks documents with BOS {v.bos_id}, the model's bos_id is {bos_id}")
+    if vocab_size < v.num_ids + 1:
+        problems.append(f"the data's ids go up to {v.num_ids - 1}, the model's vocab_size is {vocab_size}")
+    if mask_id < v.num_ids:
+        problems.append(f"mask_id {mask_id} is one of the data's ids (0..{v.num_ids - 1})")
+    if problems:
+        fits = ("--preset cpu or tiny, or --vocab_size 258 --bos_id 256 --mask_id 257" if data == "stdlib"
+                else "--preset record, or --vocab_size 50258 --bos_id 50256 --mask_id 50257")
+        raise DataError(f"data {data!r} does not fit the model: {'; '.join(problems)}. For this data use {fits}")
 
 
 class DataError(ValueError):

@@ -243,31 +243,3 @@ def load_checkpoint(path: str, device="cpu") -> tuple[BlockDiffusionLM, dict]:
     except (TypeError, RuntimeError, ValueError) as e:
         raise SamplingError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.eval(), ckpt["config"]
-
-
-def is_byte_level(cfg: ModelConfig) -> bool:
-    return cfg.vocab_size == 258  # 256 bytes + BOS + MASK: the embedded corpus (bdiff/data.py)
-
-
-def encode(text: str, cfg: ModelConfig) -> list[int]:
-    """BOS, then the text's tokens: bytes for the embedded corpus, GPT-2 BPE for FineWeb-Edu models."""
-    if is_byte_level(cfg):
-        return [cfg.bos_id] + list(text.encode("utf-8"))
-    return [cfg.bos_id] + _gpt2().encode(text, allowed_special=set())
-
-
-def decode(tokens: list[int], cfg: ModelConfig) -> str:
-    tokens = [t for t in tokens if t not in (cfg.bos_id, cfg.mask_id)]
-    if is_byte_level(cfg):
-        return bytes(tokens).decode("utf-8", errors="replace")
-    return _gpt2().decode(tokens)
-
-
-def _gpt2():
-    try:
-        import tiktoken
-
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # not installed, or its vocabulary cannot be downloaded offline
-        raise SamplingError("the GPT-2 tokenizer is needed for this checkpoint: `pip install tiktoken`, with "
-                            f"network access once to fetch its vocabulary ({type(e).__name__})") from None

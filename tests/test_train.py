@@ -124,3 +124,55 @@ def test_compiled_tiny_run(stdlib_dir, tmp_path, capsys):
     losses = [e["train_loss"] for e in read_log(out, "c") if "train_loss" in e]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
     torch._dynamo.reset()
+
+
+def test_failed_sample_keeps_the_run(stdlib_dir, tmp_path, capsys, monkeypatch):
+    """The model is on disk before the extras run; a failing sample costs one line, not the run."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory while sampling")
+
+    monkeypatch.setattr(train, "generate", broken)
+    out = str(tmp_path)
+    train.main(["--preset", "tiny", "--steps", "2", "--data_dir", stdlib_dir, "--out_dir", out, "--run-name", "s"])
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert skipped == ["sample skipped: out of memory while sampling"]
+    assert os.path.exists(os.path.join(out, "s", "final.pt")), "the model must be saved before the sample"
+    assert os.path.exists(os.path.join(out, "s", "ckpt_000002", "COMPLETE")), "and the final checkpoint"
+
+
+def test_gpt2_run_without_tiktoken_keeps_the_run(tmp_path, capsys, monkeypatch):
+    """A GPT-2-vocabulary model on GPT-2-tokenized shards, tiktoken absent: trained, saved, one line."""
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # `import tiktoken` raises ImportError
+    gen = torch.Generator().manual_seed(0)
+    data = tmp_path / "fineweb"
+    data.mkdir()
+    for split, name in (("train", "finewebedu_train_000001.bin"), ("val", "finewebedu_val_000000.bin")):
+        tokens = torch.randint(0, 50256, (4096,), generator=gen)
+        tokens[::300] = 50256
+        write_shard(str(data / name), tokens.numpy())
+    model_flags = ["--vocab_size", "50258", "--bos_id", "50256", "--mask_id", "50257", "--lm_head_multiple", "128"]
+    train.main(["--preset", "tiny", "--data", "finewebedu", "--data_dir", str(data), "--steps", "2",
+                "--out_dir", str(tmp_path), "--run-name", "g", *model_flags])
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("sample skipped: GPT-2 text needs tiktoken"), skipped
+    assert os.path.exists(os.path.join(str(tmp_path), "g", "final.pt"))
+
+
+def test_data_and_model_must_agree(stdlib_dir, tmp_path):
+    """The record architecture (BOS 50256) on the byte corpus (BOS 256) is refused before training with one
+    line that names the settings that fit; with byte-level BOS and MASK given as flags it trains, saves and
+    samples bytes, whatever the vocabulary size."""
+    base = [sys.executable, "train.py", "--preset", "record", "--data", "stdlib", "--data_dir", stdlib_dir,
+            "--seq_len", "256", "--micro_steps", "1", "--steps", "1", "--val_tokens", "256", "--val_seq_len", "256",
+            "--val_every", "0", "--out_dir", str(tmp_path), "--num_layers", "2", "--model_dim", "128",
+            "--num_heads", "1", "--no-compile"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    refused = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "BOS 256" in lines[0] and "--bos_id 256" in lines[0], lines[0]
+    fits = subprocess.run(base + ["--bos_id", "256", "--mask_id", "50257", "--run-name", "b"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "sample (" in fits.stdout and "skipped" not in fits.stdout
+    assert os.path.exists(os.path.join(str(tmp_path), "b", "final.pt"))
