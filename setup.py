@@ -4,9 +4,12 @@ setup(
     name="bdiff",
     version="0.1.0",
     description="Block-diffusion language models (BD3-LM) with Triton kernels and a DDP trainer",
-    packages=["bdiff", "kernels"],
+    # The Triton kernels live in the top-level kernels/ directory and install as bdiff.kernels (bdiff/kernels is a
+    # link to it): the name `kernels` belongs to Hugging Face's package. kernels/ has no __init__.py, so even
+    # from the repository root it never shadows an installed `kernels` (a regular package wins over it).
+    packages=["bdiff", "bdiff.kernels"],
     python_requires=">=3.10",
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
     install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "kernels"], "plot": ["matplotlib"]},
 )

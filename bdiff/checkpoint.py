@@ -1,7 +1,13 @@
-"""Checkpoints that survive crashes: out_dir/RUN/ckpt_NNNNNN/ holds shared.pt (written by rank 0: model,
-Adam, step, config, data position, world size) and rank{r}.pt (each rank's Muon shard and RNG streams).
-Every file is written to a temporary name, fsynced and renamed; rank 0 writes COMPLETE last, after every
-rank has finished, so a checkpoint without COMPLETE (a crash mid-write) is never resumed from.
+"""Every file bdiff writes or reads a model from, in one module.
+
+A run's directory out_dir/RUN/ holds
+- ckpt_NNNNNN/ (resumable, every --ckpt_every steps and at the end, the newest --ckpt_keep kept):
+  shared.pt, written by rank 0: {"model", "adam", "step", "config", "data" (loader position), "world_size"};
+  rank{r}.pt, one per rank: {"muon" (this rank's shard), "noise_rng", "cpu_rng", "cuda_rng"};
+  COMPLETE, written by rank 0 last, after every rank's files are on disk.
+- final.pt, the model alone for sampling: {"model", "config", "step", "val_loss"}.
+Every file is written to a temporary name, fsynced and renamed, so a crash mid-write leaves no checkpoint
+marked COMPLETE that is not; every load uses torch.load(weights_only=True), so loading never runs code.
 """
 from __future__ import annotations
 
@@ -11,6 +17,9 @@ import pickle
 import shutil
 
 import torch
+
+from bdiff.config import ModelConfig
+from bdiff.model import BlockDiffusionLM
 
 COMPLETE = "COMPLETE"
 
@@ -71,15 +80,15 @@ def safe_load(path: str, map_location=None, required: tuple[str, ...] = ()) -> d
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        raise CheckpointError(f"{path}: no such checkpoint") from None
     except pickle.UnpicklingError as e:
         culprit = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
         if not culprit:  # no forbidden object named: not a pickle at all
-            raise CheckpointError(f"{path}: not a torch checkpoint (UnpicklingError)") from None
+            raise CheckpointError(f"{path}: not a bdiff checkpoint (not a torch file)") from None
         raise CheckpointError(f"{path}: refused: it holds more than tensors, numbers, strings, lists and dicts, so "
                               f"loading it could run code; nothing of it was run ({culprit[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # zip and pickle framing errors
-        raise CheckpointError(f"{path}: not a torch checkpoint ({type(e).__name__})") from None
+        raise CheckpointError(f"{path}: not a bdiff checkpoint (not a torch file: {type(e).__name__})") from None
     missing = [k for k in required if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise CheckpointError(f"{path}: not a bdiff checkpoint (no {', '.join(missing)})")
@@ -100,3 +109,48 @@ def load(path: str, rank: int, world: int, config: dict) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: written by {shared['world_size']} ranks, resumed with {world}; per-rank noise "
                               f"and Muon shards cannot be split differently: run with {shared['world_size']} ranks")
     return shared, safe_load(os.path.join(path, f"rank{rank}.pt"), required=RANK_KEYS)
+
+
+def save(run_dir: str, step: int, rank: int, keep: int, model, adam, muon, rngs: dict, data_state: dict,
+         config: dict, world: int, barrier=None) -> str:
+    """Write ckpt_NNNNNN/ for `step`: this rank's file, rank 0's shared file, then (after `barrier`, which
+    every rank reaches once its file is on disk) the COMPLETE marker. Returns the directory."""
+    path = checkpoint_dir(run_dir, step)
+    os.makedirs(path, exist_ok=True)
+    atomic_save({"muon": muon.state_dict(), **rngs}, os.path.join(path, f"rank{rank}.pt"))
+    if rank == 0:
+        atomic_save({"model": model.state_dict(), "adam": adam.state_dict(), "step": step, "config": config,
+                     "data": data_state, "world_size": world}, os.path.join(path, "shared.pt"))
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        mark_complete(path, keep)
+    return path
+
+
+def restore(path: str, rank: int, world: int, config: dict, model, adam, muon) -> tuple[int, dict, dict]:
+    """Load a complete checkpoint into the model and both optimizers. Returns (step, this rank's RNG states,
+    the loader position) for the caller to put back where they live."""
+    shared, mine = load(path, rank, world, config)
+    model.load_state_dict(shared["model"])
+    adam.load_state_dict(shared["adam"])
+    muon.load_state_dict(mine["muon"])
+    return shared["step"], {k: mine[k] for k in RANK_KEYS if k != "muon"}, shared["data"]
+
+
+def save_model(path: str, model, config: dict, step: int, val_loss: float) -> None:
+    """final.pt: the model and its config, what sampling needs."""
+    atomic_save({"model": model.state_dict(), "config": config, "step": step, "val_loss": val_loss}, path)
+
+
+def load_model(path: str, device="cpu"):
+    """The model of a final.pt (or any file with "model" and "config"), in eval mode, and its config dict."""
+    ckpt = safe_load(path, map_location=device, required=("model", "config"))
+    if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
+        raise CheckpointError(f"{path}: not a bdiff checkpoint (no model config)")
+    try:
+        model = BlockDiffusionLM(ModelConfig(**ckpt["config"]["model"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
+    return model.eval(), ckpt["config"]

@@ -6,6 +6,7 @@ no GPU is present and no preset is named.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -100,6 +101,43 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class SamplingConfig:
+    """How bdiff.sampling.generate samples; its fields are sample.py's flags, and train.py's end-of-run sample
+    uses the same defaults."""
+    max_new_tokens: int = 256  # new tokens per prompt at most (a sequence also stops after its first BOS)
+    steps_per_block: int | None = None  # denoising steps per block; None: block_size (one token a step)
+    strategy: str = "random"  # which masked tokens a step reveals: "random", "confidence" or "threshold"
+    threshold: float = 0.9  # the "threshold" strategy reveals every token above this confidence (one at least)
+    temperature: float = 0.8  # softmax temperature; 0 is greedy
+    top_p: float = 0.9  # nucleus sampling: keep the smallest set of tokens with this much probability
+    seed: int = 0  # every prompt draws from its own generator seeded with this: a batch changes no text
+    cache: bool = True  # keys/values of finished blocks cached (exact); False recomputes every step (slow)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One --flag per field of the dataclass `cls`, defaulting to None (unset); a True boolean field gives a
+    --no_<name> flag. The field's comment is not at hand here, so the help names the field."""
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else eval(f.type)  # "from __future__" annotations are strings
+        if kind is bool:
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=None,
+                                help=f"{prefix}{f.name} = False")
+        elif getattr(kind, "__origin__", None) is tuple:
+            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=f"{prefix}{f.name}")
+        else:
+            kind = next((k for k in getattr(kind, "__args__", ()) if k is not type(None)), kind)  # int | None -> int
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{prefix}{f.name}")
+
+
+def apply_flags(args: argparse.Namespace, instance) -> None:
+    """Set every field of the dataclass `instance` whose flag was given."""
+    for f in dataclasses.fields(instance):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(instance, f.name, tuple(value) if isinstance(value, list) else value)
 
 
 def record() -> Config:

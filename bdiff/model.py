@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from bdiff.config import ModelConfig
 from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
-from kernels.bd_attention import bd_attention
-from kernels.masked_ce import masked_linear_cross_entropy
+from bdiff.kernels.bd_attention import bd_attention
+from bdiff.kernels.masked_ce import masked_linear_cross_entropy
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.newton_schulz import newton_schulz
-from kernels.reference import QUINTIC
+from bdiff.kernels.newton_schulz import newton_schulz
+from bdiff.kernels.reference import QUINTIC
 
 # Newton–Schulz schedules: (coefficients, safety). "quintic": Muon's (a, b, c) for every step.
 # "polar_express": Amsel, Persson, Musco & Gower 2025, "The Polar Express" (arXiv 2505.16932), one
@@ -50,14 +50,20 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes 2D weight matrices only, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        """One update of every matrix. A parameter without a gradient counts as a zero gradient: every rank
+        must take part in every collective, whatever gradients it holds. `closure` re-evaluates the loss (the
+        torch.optim protocol) and its value is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
             coefficients, safety = SCHEDULES[group["schedule"]]
-            params = [p for p in group["params"] if p.grad is not None]
             by_shape: dict[tuple, list] = {}
-            for p in params:  # every rank sees the same parameters in the same order
+            for p in group["params"]:  # every rank sees the same parameters in the same order
                 by_shape.setdefault(tuple(p.shape), []).append(p)
             pending = []
             for shape, same in by_shape.items():
@@ -67,9 +73,10 @@ class Muon(torch.optim.Optimizer):
                 if mine:
                     grads = []
                     for p in mine:
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                        buf.lerp_(p.grad, 1 - group["momentum"])  # EMA of gradients
-                        grads.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+                        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+                        buf.lerp_(grad, 1 - group["momentum"])  # EMA of gradients
+                        grads.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
                     updates[:len(mine)] = self.orthogonalize(torch.stack(grads), len(coefficients),
                                                              coefficients, safety)
                 if distributed:
@@ -86,3 +93,4 @@ class Muon(torch.optim.Optimizer):
                         p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
                     # Orthogonal updates have unit spectral norm; tall matrices step by (rows/cols)^0.5 more.
                     p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return loss

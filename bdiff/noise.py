@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kernels.bd_attention import schedule_bounds, validate_cu_seqlens
-from kernels.reference import document_positions
+from bdiff.kernels.bd_attention import schedule_bounds, validate_cu_seqlens
+from bdiff.kernels.reference import document_positions
 
 
 @dataclass

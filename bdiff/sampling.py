@@ -9,6 +9,7 @@ never affects earlier blocks, so this equals recomputing the whole x_t ⊕ x_0 l
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bdiff import checkpoint
-from bdiff.config import ModelConfig
+from bdiff.config import ModelConfig, SamplingConfig
 from bdiff.model import BlockDiffusionLM
 
 STRATEGIES = ("confidence", "threshold", "random")
@@ -112,17 +113,18 @@ def _choose(logits, masked, steps_left, strategy, threshold, temperature, top_p,
 
 
 @torch.no_grad()
-def generate(model: BlockDiffusionLM, prompts: list[list[int]], max_new_tokens: int,
-             steps_per_block: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-             strategy: str = "confidence", threshold: float = 0.9, seed: int = 0, use_cache: bool = True,
-             keep_logits: bool = False) -> Generation:
-    """Generate up to `max_new_tokens` after each prompt (lists of token ids), block by block.
+def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: SamplingConfig | None = None, *,
+             keep_logits: bool = False, **options) -> Generation:
+    """Generate after each prompt (lists of token ids), block by block, as `config` says (SamplingConfig: its
+    defaults are sample.py's); keyword `options` override single fields: generate(model, prompts, seed=3).
 
-    steps_per_block: denoising steps per block (default block_size: one token a step); "confidence" reveals
-    ceil(masked / steps left) most confident tokens a step, "threshold" every token above `threshold` (at
-    least one), "random" a random subset of that size. temperature 0 is greedy. A sequence stops after its
-    first BOS (end of text) or at max_new_tokens.
+    "confidence" reveals ceil(masked / steps left) most confident tokens a step, "threshold" every token above
+    the threshold (at least one), "random" a random subset of that size. A sequence stops after its first BOS
+    (end of text) or at max_new_tokens. keep_logits: every step's logits in the result (for tests).
     """
+    c = dataclasses.replace(config or SamplingConfig(), **options)
+    max_new_tokens, steps_per_block, temperature, top_p = c.max_new_tokens, c.steps_per_block, c.temperature, c.top_p
+    strategy, threshold, seed, use_cache = c.strategy, c.threshold, c.seed, c.cache
     cfg = model.cfg
     B = cfg.block_size
     steps_per_block = B if steps_per_block is None else steps_per_block
@@ -229,17 +231,8 @@ def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p,
 # --- checkpoints and text ------------------------------------------------------------------------------
 
 def load_checkpoint(path: str, device="cpu") -> tuple[BlockDiffusionLM, dict]:
-    """The model of a checkpoint train.py wrote, and its config dict."""
-    try:  # weights_only: loading never runs code from the file
-        ckpt = checkpoint.safe_load(path, map_location=device, required=("model", "config"))
+    """The model of a checkpoint train.py wrote, and its config dict (bdiff/checkpoint.py reads it)."""
+    try:
+        return checkpoint.load_model(path, device)
     except checkpoint.CheckpointError as e:
         raise SamplingError(str(e)) from None
-    if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
-        raise SamplingError(f"{path}: not a bdiff checkpoint (no model config)")
-    try:
-        cfg = ModelConfig(**ckpt["config"]["model"])
-        model = BlockDiffusionLM(cfg).to(device)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise SamplingError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
-    return model.eval(), ckpt["config"]

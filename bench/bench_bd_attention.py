@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,44 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 L, HEADS, HEAD_DIM, BLOCK = 16384, 6, 128, 16  # the record model's attention per micro-step
 
 
-def fineweb_like_cu_seqlens(L: int, mean: float, seed: int = 0) -> torch.Tensor:
-    """Packed documents with log-normal lengths (sigma 1, the given mean), the last one cut at L."""
-    rng = np.random.default_rng(seed)
-    sigma = 1.0
-    mu = np.log(mean) - sigma**2 / 2
-    bounds = [0]
-    while bounds[-1] < L:
-        bounds.append(min(L, bounds[-1] + max(1, int(round(rng.lognormal(mu, sigma))))))
-    return torch.tensor(bounds, dtype=torch.int32)
-
-
-def allowed_entries(cu_seqlens: torch.Tensor, block_size: int) -> int:
-    """Entries the mask allows, from the schedule's row ranges (no (2L)^2 mask needed)."""
-    from kernels.bd_attention import schedule_bounds
-
-    rows, _ = schedule_bounds(cu_seqlens, int(cu_seqlens[-1]), block_size)
-    return int((rows[:, 1::2] - rows[:, 0::2]).long().sum())
-
-
-def flex_block_mask_entries(cu_seqlens: torch.Tensor, block_size: int, tile: int = 128) -> int:
-    """Area of the tile x tile tiles of the (2L)^2 mask that hold at least one allowed entry."""
-    from kernels.bd_attention import schedule_bounds
-
-    L = int(cu_seqlens[-1])
-    rows, _ = schedule_bounds(cu_seqlens, L, block_size)
-    rows = rows.long().numpy()
-    T = -(-2 * L // tile)
-    live = np.zeros((T, T), dtype=bool)
-    for seg, key_base in ((0, 0), (2, L)):  # segment 0: noisy keys; 2: clean keys (1 is empty for queries)
-        lo, hi = rows[:, 2 * seg], rows[:, 2 * seg + 1]
-        for r in np.nonzero(hi > lo)[0]:
-            live[r // tile, (key_base + lo[r]) // tile:(key_base + hi[r] - 1) // tile + 1] = True
-    return int(live.sum()) * tile * tile
-
-
 def work_table(means=(300, 1000), head_dim=16, backward=False) -> list[dict]:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    from kernels.bd_attention import count_work
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is imported: the kernels count on CPU
+    from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens, flex_block_mask_entries
+    from bdiff.kernels.bd_attention import count_work
 
     rows = []
     for mean in means:
@@ -76,9 +41,10 @@ def work_table(means=(300, 1000), head_dim=16, backward=False) -> list[dict]:
 
 
 def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90) -> list[dict]:
-    """Work ratio of every configuration of the autotune space (kernels.bd_attention.kernel_configs) at the
+    """Work ratio of every configuration of the autotune space (bdiff.kernels.bd_attention.kernel_configs) at the
     record's shape, from the kernels' loop bounds replayed on the host (computed_entries; no kernel runs)."""
-    from kernels.bd_attention import computed_entries, kernel_configs, schedule_bounds
+    from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
+    from bdiff.kernels.bd_attention import computed_entries, kernel_configs, schedule_bounds
 
     rows = []
     for kernel in ("forward", "dq", "dkdv"):
@@ -92,13 +58,14 @@ def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90)
 
 
 def gpu_bench():
+    from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
     import time
 
     import triton.testing
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from kernels.bd_attention import bd_attention
-    from kernels.reference import bd_attention_mask, bd_mask_mod
+    from bdiff.kernels.bd_attention import bd_attention
+    from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod
 
     dev = "cuda"
     flex = torch.compile(flex_attention, dynamic=False)

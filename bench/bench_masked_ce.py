@@ -27,30 +27,14 @@ def make_inputs(N, D, dtype=torch.float32, device="cpu", seed=0):
     return hidden, weight, targets, token_weights
 
 
-def peak_extra_bytes(fn, hidden, weight, targets, token_weights, vocab_size):
-    """Peak bytes PyTorch holds during forward + backward beyond the inputs, the loss and the gradients,
-    from the profiler's allocation events (CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = fn(hidden, weight, targets, token_weights, vocab_size)
-        dh, dw = torch.autograd.grad(loss, (hidden, weight))
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak - (dh.numel() * dh.element_size() + dw.numel() * dw.element_size() + 8)
-
-
 def cpu_table():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import importlib
 
-    from kernels.reference import masked_linear_cross_entropy_ref
+    from bdiff.kernels.accounting import peak_extra_bytes
+    from bdiff.kernels.reference import masked_linear_cross_entropy_ref
 
-    mce = importlib.import_module("kernels.masked_ce")
+    mce = importlib.import_module("bdiff.kernels.masked_ce")
     small_d = 16
     print(f"V={V} (vocab {VOCAB}), D={small_d}, float32, {WEIGHTED:.0%} of rows weighted; MiB beyond inputs and "
           "gradients, peak over forward + backward")
@@ -79,8 +63,8 @@ def cpu_table():
 def gpu_bench():
     import triton.testing
 
-    from kernels.masked_ce import masked_linear_cross_entropy
-    from kernels.reference import masked_linear_cross_entropy_ref
+    from bdiff.kernels.masked_ce import masked_linear_cross_entropy
+    from bdiff.kernels.reference import masked_linear_cross_entropy_ref
 
     candidates = {"bdiff (Triton)": masked_linear_cross_entropy, "PyTorch eager": masked_linear_cross_entropy_ref,
                   "torch.compile": torch.compile(masked_linear_cross_entropy_ref)}

@@ -25,7 +25,7 @@ def flop_table(shapes=((768, 768), (768, 3072), (4096, 4096))):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import importlib
 
-    nsk = importlib.import_module("kernels.newton_schulz")
+    nsk = importlib.import_module("bdiff.kernels.newton_schulz")
     print("one Newton–Schulz iteration; FLOPs from the tiles the kernels visit (128x128 tiles)")
     print(f"{'shape':>12} {'sym tiles':>9} {'sym / dense':>11} {'update / dense':>14} {'all / dense':>11}")
     for m, n in shapes:
@@ -41,8 +41,8 @@ def gpu_bench():
     from bdiff.config import record
     from bdiff.model import BlockDiffusionLM
     from bdiff.muon import Muon
-    from kernels.newton_schulz import newton_schulz
-    from kernels.reference import newton_schulz_ref
+    from bdiff.kernels.newton_schulz import newton_schulz
+    from bdiff.kernels.reference import newton_schulz_ref
 
     dev = "cuda"
     compiled_ref = torch.compile(newton_schulz_ref)

@@ -21,8 +21,7 @@ def run(model, prompt, new_tokens, steps_per_block):
 
     print(f"{new_tokens} new tokens, {steps_per_block} steps per block of {model.cfg.block_size}")
     for use_cache in (True, False):
-        out = generate(model, [prompt], new_tokens, steps_per_block, temperature=0.8, top_p=0.9, strategy="random",
-                       use_cache=use_cache)
+        out = generate(model, [prompt], max_new_tokens=new_tokens, steps_per_block=steps_per_block, cache=use_cache)
         print(f"{'with' if use_cache else 'without':>8} cache: {out.new_tokens / out.seconds:9,.1f} tok/s, "
               f"{out.model_calls / out.new_tokens:.2f} model calls/token, cache {out.cache_bytes / 2**20:.1f} MiB")
 

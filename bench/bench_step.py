@@ -33,7 +33,7 @@ from bdiff.config import PRESETS  # noqa: E402
 from bdiff.model import BlockDiffusionLM  # noqa: E402
 from bdiff.muon import Muon  # noqa: E402
 from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks  # noqa: E402
-from kernels.reference import bd_mask_mod  # noqa: E402
+from bdiff.kernels.reference import bd_mask_mod  # noqa: E402
 
 # (atol, rtol) of the seed formulation's loss and gradients against ours on CPU in float32: the same
 # arithmetic up to summation order (softmax over allowed keys, the loss over rows), so float32 rounding only.
@@ -214,7 +214,7 @@ def flop_table(L: int = 16384, mean_doc: int = 1000) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bench_bd_attention import flex_block_mask_entries
+    from bdiff.kernels.accounting import flex_block_mask_entries
 
     cfg = PRESETS["record"]()
     b = make_batch(cfg.model, L, mean_doc, seed=0, device="cpu")  # real: the formulas read the layout

@@ -29,7 +29,7 @@ PARTS = [  # (title, command)
      [sys.executable, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"]),
     ("One training step: ours vs the seed's formulation, documents ~300 tokens",
      [sys.executable, "bench/bench_step.py", "--gpu", "--mean-doc", "300"]),
-    ("Kernel resources (compile check, sm_80/86/89/90)", [sys.executable, "-m", "kernels.compile_check"]),
+    ("Kernel resources (compile check, sm_80/86/89/90)", [sys.executable, "-m", "bdiff.kernels.compile_check"]),
 ]
 
 

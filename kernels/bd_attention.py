@@ -89,6 +89,14 @@ def _rows(first, end, N: tl.constexpr):
 
 
 @triton.jit
+def _ranges(BOUNDS, rows, COL: tl.constexpr):
+    """The ranges [lo, hi) in table columns (COL, COL + 1) of `rows`, and their union's bounds (min lo, max hi)."""
+    lo = tl.load(BOUNDS + rows * 6 + COL)
+    hi = tl.load(BOUNDS + rows * 6 + COL + 1)
+    return lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
 def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNTS, L, qk_scale, scale,
                           H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           SUB: tl.constexpr, SUB_N: tl.constexpr, BACKWARD: tl.constexpr,
@@ -161,10 +169,7 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNT
             if BACKWARD:
                 do_i = tl.load(DO + sub_offs)
                 delta_i = tl.load(DELTA + h * 2 * L + sub)
-            lo_i = tl.load(BOUNDS + sub * 6 + 0)
-            hi_i = tl.load(BOUNDS + sub * 6 + 1)
-            sub_lo = tl.min(lo_i, axis=0)
-            sub_hi = tl.max(hi_i, axis=0)
+            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, 0)
             for c0 in range(sub_lo, sub_hi, SUB_N):
                 kp_i = c0 + tl.arange(0, SUB_N)
                 kv_offs_i = kp_i[:, None] * stride + h * D + d[None, :]
@@ -209,10 +214,7 @@ def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_
             v_i = tl.load(V + sub_offs)
             dk_i = tl.zeros((SUB, D), dtype=tl.float32)
             dv_i = tl.zeros((SUB, D), dtype=tl.float32)
-            lo_i = tl.load(BOUNDS + sub * 6 + 0)
-            hi_i = tl.load(BOUNDS + sub * 6 + 1)
-            sub_lo = tl.min(lo_i, axis=0)
-            sub_hi = tl.max(hi_i, axis=0)
+            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, 0)
             for c0 in range(sub_lo, sub_hi, SUB_N):
                 qp_i = c0 + tl.arange(0, SUB_N)
                 qmask_i = qp_i < sub_hi
@@ -432,10 +434,11 @@ def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None):
     counts = count if count is not None else lse  # a valid pointer; written only with COUNT
     scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' phase-1 state
 
-    def launch(cfg):
+    def launch(cfg):  # DO, DELTA and DQ are read only with BACKWARD: any valid pointer serves
         _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-            q, k, v, o, lse, q, lse, o, scratch, bounds, counts, L, scale * LOG2E, scale, H=H, D=D, SUB=SUB,
-            SUB_N=SUB_N, BACKWARD=False, COUNT=count is not None, PRECISION=_precision(q), **cfg)
+            Q=q, K=k, V=v, O=o, LSE=lse, DO=q, DELTA=lse, DQ=o, SCRATCH=scratch, BOUNDS=bounds, COUNTS=counts, L=L,
+            qk_scale=scale * LOG2E, scale=scale, H=H, D=D, SUB=SUB, SUB_N=SUB_N, BACKWARD=False,
+            COUNT=count is not None, PRECISION=_precision(q), **cfg)
 
     launch(cfg or _pick("forward", q, launch))
     return o, lse
@@ -446,20 +449,21 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
     R, H, D = q.shape
     L = R // 2
     delta = _empty(lse.shape, torch.float32, q.device)
-    _bd_attn_delta_kernel[(triton.cdiv(R, 64), H)](o, do, delta, L, H=H, D=D, BM=64)
+    _bd_attn_delta_kernel[(triton.cdiv(R, 64), H)](O=o, DO=do, DELTA=delta, L=L, H=H, D=D, BM=64)
     dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
     dq_count, dkdv_count = (lse, lse) if count is None else count  # valid pointers; written only with COUNT
     common = dict(H=H, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=count is not None, PRECISION=_precision(q))
     scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' partial dQ
 
-    def launch_dq(cfg):
+    def launch_dq(cfg):  # O is not read with BACKWARD
         _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-            q, k, v, o, lse, do, delta, dq, scratch, q_bounds, dq_count, L, scale * LOG2E, scale, BACKWARD=True,
-            **common, **cfg)
+            Q=q, K=k, V=v, O=o, LSE=lse, DO=do, DELTA=delta, DQ=dq, SCRATCH=scratch, BOUNDS=q_bounds,
+            COUNTS=dq_count, L=L, qk_scale=scale * LOG2E, scale=scale, BACKWARD=True, **common, **cfg)
 
     def launch_dkdv(cfg):
         _bd_attn_dkdv_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-            q, k, v, do, lse, delta, dk, dv, k_bounds, dkdv_count, L, scale * LOG2E, scale, **common, **cfg)
+            Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, BOUNDS=k_bounds, COUNTS=dkdv_count, L=L,
+            qk_scale=scale * LOG2E, scale=scale, **common, **cfg)
 
     dq_cfg, dkdv_cfg = cfgs or (None, None)
     launch_dq(dq_cfg or _pick("dq", q, launch_dq))
@@ -666,13 +670,8 @@ def compile_configs(arch: int) -> list[dict]:
         t, name = ptr[dtype], str(dtype).removeprefix("torch.")
         for D in (64, 128):
             common = dict(H=6, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=False, PRECISION="tf32")
-            signatures = {
-                "forward": dict(Q=t, K=t, V=t, O=t, LSE="*fp32", DO=t, DELTA="*fp32", DQ=t, SCRATCH="*fp32",
-                                BOUNDS="*i32", COUNTS="*i32", L="i32", qk_scale="fp32", scale="fp32"),
-                "dkdv": dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", DELTA="*fp32", DK=t, DV=t, BOUNDS="*i32",
-                             COUNTS="*i32", L="i32", qk_scale="fp32", scale="fp32"),
-            }
-            signatures["dq"] = signatures["forward"]
+            types = dict(LSE="*fp32", DELTA="*fp32", SCRATCH="*fp32", BOUNDS="*i32", COUNTS="*i32", L="i32",
+                         qk_scale="fp32", scale="fp32")  # other pointers: the operands' dtype
             for kernel in ("forward", "dq", "dkdv"):
                 for i, cfg in enumerate(kernel_configs(kernel, D, dtype, arch)):
                     constexprs = dict(common, BM=cfg["BM"], BN=cfg["BN"])
@@ -681,11 +680,9 @@ def compile_configs(arch: int) -> list[dict]:
                     configs.append(dict(
                         name=f"bd_attention {kernel} {name} D={D}" + (f" (autotune {i})" if i else ""),
                         fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel,
-                        signature=dict(signatures[kernel], **{k: "constexpr" for k in constexprs}),
-                        constexprs=constexprs, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                        pointer=t, types=types, constexprs=constexprs, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                         hgmma=dtype != torch.float32))
             configs.append(dict(
                 name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel,
-                signature=dict(O=t, DO=t, DELTA="*fp32", L="i32", H="constexpr", D="constexpr", BM="constexpr"),
-                constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1), hgmma=False))
+                pointer=t, types=types, constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1), hgmma=False))
     return configs

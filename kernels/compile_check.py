@@ -2,8 +2,8 @@
 read the resource report of each cubin (registers, shared memory, spills, HGMMA) with the cuobjdump
 that Triton's wheel ships.
 
-    python -m kernels.compile_check            # table: registers, shared memory, spills, HGMMA
-    python -m kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)
+    python -m bdiff.kernels.compile_check            # table: registers, shared memory, spills, HGMMA
+    python -m bdiff.kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)
 
 Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
 """
@@ -29,23 +29,33 @@ NAMES = {80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-MODULES = ["kernels.bd_attention", "kernels.masked_ce", "kernels.newton_schulz"]  # every module with Triton kernels
+MODULES = ["bdiff.kernels.bd_attention", "bdiff.kernels.masked_ce", "bdiff.kernels.newton_schulz"]  # every module with Triton kernels
 
 
 def shipped_configs(arch: int) -> list[dict]:
-    """Each kernel module's `compile_configs(arch)`: dicts of name, fn, signature, constexprs, options, hgmma,
-    and optionally `divisible`, the int arguments that are multiples of 16 where the configuration is used."""
+    """Each kernel module's `compile_configs(arch)`: dicts of name, fn, pointer and types (see `signature`),
+    constexprs, options, hgmma, and optionally `divisible`, the int arguments that are multiples of 16 where the
+    configuration is used."""
     return [cfg for name in MODULES for cfg in importlib.import_module(name).compile_configs(arch)]
+
+
+def signature(cfg: dict) -> dict:
+    """The kernel's own parameter list, typed: "constexpr" where the kernel declares one or the configuration
+    fixes the value (unit strides), the type a configuration names in `types` (scalars, other pointers), and
+    otherwise its `pointer` type (the operands' dtype)."""
+    return {p.name: "constexpr" if p.is_constexpr or p.name in cfg["constexprs"] else
+            cfg["types"].get(p.name, cfg["pointer"]) for p in cfg["fn"].params}
 
 
 def _compile(args) -> dict:
     index, cc = args
     cfg = shipped_configs(cc)[index]
+    sig = signature(cfg)
     # What Triton's launcher tells the compiler: torch allocations are 16-byte aligned, and the int arguments
     # a configuration names are multiples of 16 (the shapes it is shipped for).
-    aligned = [n for n, t in cfg["signature"].items() if t.startswith("*")] + list(cfg.get("divisible", ()))
+    aligned = [n for n, t in sig.items() if t.startswith("*")] + list(cfg.get("divisible", ()))
     attrs = {(cfg["fn"].arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
+    src = ASTSource(fn=cfg["fn"], signature=sig, constexprs=cfg["constexprs"], attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=cfg["options"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

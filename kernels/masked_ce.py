@@ -132,10 +132,9 @@ def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_d
         n = rows.numel()
         h = hidden.index_select(0, rows)  # (n, D)
         logits = torch.mm(h, W.T, out=logits_buf[:n])  # (n, width)
-        _masked_ce_kernel[(n,)](logits, targets.index_select(0, rows),
-                                token_weights.index_select(0, rows).float(), row_loss, vocab_size, width,
-                                BV=cfg["BV"], GRAD=need_dh or need_dw, num_warps=cfg["num_warps"],
-                                num_stages=cfg["num_stages"])
+        _masked_ce_kernel[(n,)](LOGITS=logits, TARGETS=targets.index_select(0, rows),
+                                WEIGHTS=token_weights.index_select(0, rows).float(), LOSS=row_loss, V=vocab_size,
+                                stride=width, GRAD=need_dh or need_dw, **cfg)
         loss += row_loss[:n].sum()
         if need_dh:
             dhidden.index_copy_(0, rows, logits @ W)  # logits now hold the gradient
@@ -222,8 +221,7 @@ def compile_configs(arch: int) -> list[dict]:
         for grad in (False, True):
             configs.append(dict(
                 name=f"masked_ce {'loss+grad' if grad else 'loss'} {dtype}", fn=_masked_ce_kernel,
-                signature=dict(LOGITS=f"*{dtype}", TARGETS="*i64", WEIGHTS="*fp32", LOSS="*fp32", V="i32",
-                               stride="i32", BV="constexpr", GRAD="constexpr"),
+                pointer=f"*{dtype}", types=dict(TARGETS="*i64", WEIGHTS="*fp32", LOSS="*fp32", V="i32", stride="i32"),
                 constexprs=dict(BV=cfg["BV"], GRAD=grad), divisible=["stride"],
                 options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), hgmma=False))
     return configs

@@ -105,15 +105,22 @@ def _upper_tiles(T: int, device: str) -> torch.Tensor:
 
 
 
+def _strides(t: torch.Tensor, *names: str) -> dict:
+    """A (b, rows, cols) tensor's strides under the kernel's argument names."""
+    return dict(zip(names, t.stride()))
+
+
 def _sym(X, out, alpha, C=None, beta=0.0, counts=None):
     """out = alpha·X Xᵀ + beta·C; X (b, M, K) any strides."""
     bsz, M, K = X.shape
     cfg = kernel_config("sym", _arch(X))
     tiles = _upper_tiles(triton.cdiv(M, cfg["BM"]), str(X.device))
     Cx = out if C is None else C  # a valid pointer; read only with HAS_C
+    strides = {**_strides(X, "sxb", "sxm", "sxk"), **_strides(Cx, "scb", "scm", "scn"),
+               **_strides(out, "sob", "som", "son")}
     _ns_sym_kernel[(tiles.shape[0], bsz)](
-        X, Cx, out, tiles, counts if counts is not None else tiles, M, K, alpha, beta, *X.stride(), *Cx.stride(),
-        *out.stride(), BM=cfg["BM"], BK=cfg["BK"], HAS_C=C is not None, COUNT=counts is not None,
+        X=X, C=Cx, OUT=out, TILES=tiles, COUNTS=counts if counts is not None else tiles, M=M, K=K, alpha=alpha,
+        beta=beta, **strides, BM=cfg["BM"], BK=cfg["BK"], HAS_C=C is not None, COUNT=counts is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return tiles.shape[0]
 
@@ -124,7 +131,8 @@ def _update(B, X, out, a, counts=None):
     cfg = kernel_config("update", _arch(X))
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), bsz)
     _ns_update_kernel[grid](
-        B, X, out, counts if counts is not None else out, M, N, a, *B.stride(), *X.stride(), *out.stride(),
+        B=B, X=X, OUT=out, COUNTS=counts if counts is not None else out, M=M, N=N, a=a,
+        **_strides(B, "sbb", "sbm", "sbk"), **_strides(X, "sxb", "sxm", "sxn"), **_strides(out, "sob", "som", "son"),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], COUNT=counts is not None, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return grid[0]
@@ -256,9 +264,8 @@ def compile_configs(arch: int) -> list[dict]:
                 name=f"newton_schulz sym {step} {'' if has_c else layout + ' '}bfloat16".replace("  ", " "),
                 fn=_ns_sym_kernel, options=options, hgmma=True,
                 divisible=["M", "K"] + [n for n, t in strides.items() if t == "i32"],
-                signature=dict(X="*bf16", C="*bf16", OUT="*bf16", TILES="*i32", COUNTS="*i32", M="i32", K="i32",
-                               alpha="fp32", beta="fp32", **strides, BM="constexpr", BK="constexpr",
-                               HAS_C="constexpr", COUNT="constexpr"),
+                pointer="*bf16", types=dict(strides, TILES="*i32", COUNTS="*i32", M="i32", K="i32", alpha="fp32",
+                                            beta="fp32"),
                 constexprs=dict({n: 1 for n in unit}, BM=cfg["BM"], BK=cfg["BK"], HAS_C=has_c, COUNT=False)))
         x_unit_upd = "sxn" if layout == "wide" else "sxm"
         unit = ("sbk", x_unit_upd, "son" if layout == "wide" else "som")
@@ -267,7 +274,6 @@ def compile_configs(arch: int) -> list[dict]:
         configs.append(dict(
             name=f"newton_schulz update {layout} bfloat16", fn=_ns_update_kernel, options=options, hgmma=True,
             divisible=["M", "N"] + [n for n, t in strides.items() if t == "i32"],
-            signature=dict(B="*bf16", X="*bf16", OUT="*bf16", COUNTS="*i32", M="i32", N="i32", a="fp32", **strides,
-                           BM="constexpr", BN="constexpr", BK="constexpr", COUNT="constexpr"),
+            pointer="*bf16", types=dict(strides, COUNTS="*i32", M="i32", N="i32", a="fp32"),
             constexprs=dict({n: 1 for n in unit}, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], COUNT=False)))
     return configs

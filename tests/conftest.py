@@ -28,9 +28,28 @@ def gen():
     return torch.Generator().manual_seed(torch.seed() % 2**31)
 
 
-def random_cu_seqlens(gen: torch.Generator, L: int, max_doc: int) -> torch.Tensor:
-    """Random document boundaries over L positions (documents of length 1..max_doc)."""
-    bounds = [0]
-    while bounds[-1] < L:
-        bounds.append(min(L, bounds[-1] + int(torch.randint(1, max_doc + 1, (1,), generator=gen))))
-    return torch.tensor(bounds, dtype=torch.int32)
+@pytest.fixture
+def reference_ops(monkeypatch):
+    """CPU tensors run the PyTorch references (the model's and trainer's CPU path), not the interpreter, which
+    would take minutes per training step; the kernels have their own tests."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="session")
+def stdlib_dir(tmp_path_factory):
+    """The embedded byte-level corpus, built once per test session."""
+    from bdiff.data import build_stdlib_corpus  # imported late: nothing of bdiff loads before the setting above
+
+    path = tmp_path_factory.mktemp("stdlib")
+    build_stdlib_corpus(str(path))
+    return str(path)
+
+
+@pytest.fixture(params=["reference", "interpreter"])
+def cpu_path(request, monkeypatch):
+    """Each CPU path of an operator in turn: the PyTorch reference, then the Triton kernels in the interpreter."""
+    if request.param == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif not INTERPRET:
+        pytest.skip("the interpreter is off in this process")
+    return request.param

@@ -1,10 +1,14 @@
 """Block-diffusion attention: the mask (bd_attention_mask) against the four attention rules, and the
 reference bd_attention_ref against a direct per-query softmax."""
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
-from conftest import INTERPRET, random_cu_seqlens
-from kernels.reference import bd_attention_mask, bd_attention_ref
+import bdiff.kernels.bd_attention as bda
+from helpers import random_cu_seqlens
+from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
+from bdiff.kernels.reference import bd_attention_mask, bd_attention_ref
 
 
 def rule_mask(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -99,14 +103,6 @@ def test_reference_matches_direct_softmax(gen, dtype, atol, rtol, lengths, block
 
 
 # ---- the Triton kernels (kernels/bd_attention.py) against the reference, through the interpreter ----------
-
-import hypothesis.strategies as st  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-
-import importlib  # noqa: E402
-from bench.bench_bd_attention import allowed_entries, fineweb_like_cu_seqlens  # noqa: E402
-
-bda = importlib.import_module("kernels.bd_attention")  # the module; `kernels.bd_attention` is the op
 
 # (dtype, atol, rtol) against the float64 reference. float32: fp32 accumulation over at most a few hundred
 # keys. float16: inputs, P and the output are rounded to fp16 (2^-11 relative) before and after the dots.
@@ -220,13 +216,8 @@ def test_bad_input(change, match):
 
 # ---- the operator torch.ops.bdiff.bd_attention: opcheck, and the reference backward it runs on CPU ----------
 
-@pytest.mark.parametrize("path", ["reference", "interpreter"])
-def test_opcheck(gen, monkeypatch, path):
+def test_opcheck(gen, cpu_path):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch, on both CPU paths."""
-    if path == "reference":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    elif not INTERPRET:
-        pytest.skip("the interpreter is off in this process")
     cu = torch.tensor([0, 5, 29], dtype=torch.int32)  # L=29 fills no tile; block 4 divides no document
     q, k, v = (torch.randn(58, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
     for schedule in (None, bda.schedule_bounds(cu, 29, 4)):

@@ -12,29 +12,18 @@ import torch
 
 import train
 from bdiff import checkpoint
-from bdiff.data import build_stdlib_corpus
 from bdiff.model import BlockDiffusionLM
 from bdiff.plot import main as plot_main
 from bdiff.plot import read_log
 
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # training on CPU runs the references
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("stdlib")
-    build_stdlib_corpus(str(path))
-    return str(path)
-
-
-def command(ranks, data_dir, out, run, *extra):
-    args = ["train.py", "--preset", "tiny", "--steps", "60", "--ckpt_every", "5", "--data_dir", data_dir,
-            "--out_dir", out, "--run-name", run, *extra]
+def command(ranks, stdlib_dir, out, run, *extra):
+    args = ["train.py", "--preset", "tiny", "--steps", "60", "--ckpt_every", "5", "--data_dir", stdlib_dir,
+            "--out_dir", out, "--run_name", run, *extra]
     if ranks == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
@@ -67,13 +56,13 @@ def losses(out, run):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_kill_and_resume_is_exact(data_dir, tmp_path, ranks):
+def test_kill_and_resume_is_exact(stdlib_dir, tmp_path, ranks):
     out = str(tmp_path)
-    run_to_end(command(ranks, data_dir, out, "straight"))
-    run_and_kill(command(ranks, data_dir, out, "killed"), at_step=23)
+    run_to_end(command(ranks, stdlib_dir, out, "straight"))
+    run_and_kill(command(ranks, stdlib_dir, out, "killed"), at_step=23)
     before, _ = losses(out, "killed")
     assert 15 < len(before) < 60, "killed mid-run, after a few checkpoints"
-    run_to_end(command(ranks, data_dir, out, "killed", "--resume", "auto"))
+    run_to_end(command(ranks, stdlib_dir, out, "killed", "--resume", "auto"))
     want, want_val = losses(out, "straight")
     got, got_val = losses(out, "killed")
     assert sorted(got) == list(range(1, 61))
@@ -94,7 +83,7 @@ def test_partial_checkpoint_is_never_resumed(tmp_path):
         checkpoint.resolve(checkpoint.checkpoint_dir(run_dir, 15), run_dir)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stdlib_dir, tmp_path, monkeypatch):
     forward = BlockDiffusionLM.forward
     calls = {"n": 0}
 
@@ -105,8 +94,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path
 
     monkeypatch.setattr(BlockDiffusionLM, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 8") as error:
-        train.main(["--preset", "tiny", "--steps", "20", "--ckpt_every", "3", "--data_dir", data_dir,
-                    "--out_dir", str(tmp_path), "--run-name", "nan"])
+        train.main(["--preset", "tiny", "--steps", "20", "--ckpt_every", "3", "--data_dir", stdlib_dir,
+                    "--out_dir", str(tmp_path), "--run_name", "nan"])
     run_dir = os.path.join(str(tmp_path), "nan")
     good = checkpoint.complete_checkpoints(run_dir)
     assert good[-1] == checkpoint.checkpoint_dir(run_dir, 6) and good[-1] in str(error.value)
@@ -114,13 +103,13 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path
     assert shared["step"] == 6 and all(torch.isfinite(v).all() for v in shared["model"].values())
 
 
-def test_no_token_range_twice(data_dir, tmp_path):
+def test_no_token_range_twice(stdlib_dir, tmp_path):
     """Across ranks (each range covers every rank's slice), resumes (replayed steps keep their last record)
     and gradient accumulation (several ranges a step)."""
     out = str(tmp_path)
-    run_to_end(command(1, data_dir, out, "accum", "--micro_steps", "4", "--steps", "12"))
-    run_and_kill(command(1, data_dir, out, "resumed", "--steps", "40"), at_step=12)
-    run_to_end(command(1, data_dir, out, "resumed", "--steps", "40", "--resume", "auto"))
+    run_to_end(command(1, stdlib_dir, out, "accum", "--micro_steps", "4", "--steps", "12"))
+    run_and_kill(command(1, stdlib_dir, out, "resumed", "--steps", "40"), at_step=12)
+    run_to_end(command(1, stdlib_dir, out, "resumed", "--steps", "40", "--resume", "auto"))
     for run, per_step in (("accum", 4), ("resumed", 2)):
         steps = {}
         with open(os.path.join(out, f"{run}.jsonl")) as f:
@@ -134,9 +123,9 @@ def test_no_token_range_twice(data_dir, tmp_path):
             assert shard_b > shard_a or start_b >= end_a, f"{run}: ranges overlap or go backwards"
 
 
-def test_mismatched_resume_is_refused(data_dir, tmp_path):
+def test_mismatched_resume_is_refused(stdlib_dir, tmp_path):
     out = str(tmp_path)
-    base = ["--preset", "tiny", "--steps", "4", "--data_dir", data_dir, "--out_dir", out, "--run-name", "r"]
+    base = ["--preset", "tiny", "--steps", "4", "--data_dir", stdlib_dir, "--out_dir", out, "--run_name", "r"]
     train.main(base)
     path = checkpoint.resolve("auto", os.path.join(out, "r"))
     for extra, message in ((["--block_size", "8"], "the model differs"), (["--model_dim", "96", "--head_dim", "48"],
@@ -150,10 +139,10 @@ def test_mismatched_resume_is_refused(data_dir, tmp_path):
         checkpoint.load(path, 0, 2, cfg)
 
 
-def test_plot(data_dir, tmp_path):
+def test_plot(stdlib_dir, tmp_path):
     out = str(tmp_path)
-    train.main(["--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir", data_dir, "--out_dir", out,
-                "--run-name", "p"])
+    train.main(["--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir", stdlib_dir, "--out_dir", out,
+                "--run_name", "p"])
     assert plot_main([os.path.join(out, "p.jsonl")]) == 0
     png = os.path.join(out, "p.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
@@ -169,7 +158,7 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, tmp_path):
+def test_hostile_checkpoint_is_refused_and_never_runs(stdlib_dir, tmp_path):
     """Every load uses weights_only=True: a file whose unpickling would run code is refused with one line by
     resume and by sample.py, and the code does not run."""
     marker = tmp_path / "pwned"
@@ -181,8 +170,8 @@ def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, tmp_path):
     (ckpt / checkpoint.COMPLETE).write_text("")
     torch.save({"model": Payload(str(marker)), "config": {"model": {}}}, run_dir / "final.pt")
     commands = {
-        "resume": [sys.executable, "train.py", "--preset", "tiny", "--data_dir", data_dir, "--out_dir",
-                   str(tmp_path / "out"), "--run-name", "evil", "--resume", "auto"],
+        "resume": [sys.executable, "train.py", "--preset", "tiny", "--data_dir", stdlib_dir, "--out_dir",
+                   str(tmp_path / "out"), "--run_name", "evil", "--resume", "auto"],
         "sample": [sys.executable, "sample.py", "--ckpt", str(run_dir / "final.pt"), "--prompt", "def"],
     }
     for what, cmd in commands.items():
@@ -196,7 +185,7 @@ def test_hostile_checkpoint_is_refused_and_never_runs(data_dir, tmp_path):
 def test_foreign_file_is_refused(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("not a checkpoint")
-    with pytest.raises(checkpoint.CheckpointError, match="not a torch checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a torch file"):
         checkpoint.safe_load(str(path))
     torch.save({"weights": torch.ones(2)}, path)
     with pytest.raises(checkpoint.CheckpointError, match="not a bdiff checkpoint"):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kernels.compile_check import TARGETS, problems
+from bdiff.kernels.compile_check import TARGETS, problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile the real kernels
-    result = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--json"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "bdiff.kernels.compile_check", "--json"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)

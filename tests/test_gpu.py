@@ -7,12 +7,11 @@ import pytest
 import torch
 
 import train
-from bdiff.data import build_stdlib_corpus
 from conftest import INTERPRET
-from kernels.bd_attention import bd_attention
-from kernels.masked_ce import masked_linear_cross_entropy
-from kernels.newton_schulz import newton_schulz
-from kernels.reference import bd_attention_ref, masked_linear_cross_entropy_ref, newton_schulz_ref
+from bdiff.kernels.bd_attention import bd_attention
+from bdiff.kernels.masked_ce import masked_linear_cross_entropy
+from bdiff.kernels.newton_schulz import newton_schulz
+from bdiff.kernels.reference import bd_attention_ref, masked_linear_cross_entropy_ref, newton_schulz_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                                                   reason="needs a CUDA GPU and the Triton interpreter off")]
@@ -71,13 +70,12 @@ def test_newton_schulz_on_gpu(shape):
     torch.testing.assert_close(newton_schulz(G), newton_schulz_ref(G), atol=3e-2, rtol=0)
 
 
-def test_compiled_training_smoke(tmp_path):
+def test_compiled_training_smoke(stdlib_dir, tmp_path):
     """20 compiled steps of a small model (head dim 64, a shipped kernel configuration) on the GPU."""
-    data = str(tmp_path / "stdlib")
-    build_stdlib_corpus(data)
+    data = stdlib_dir
     model = train.main(["--preset", "tiny", "--model_dim", "128", "--num_heads", "2", "--head_dim", "64",
                         "--steps", "20", "--compile", "--data_dir", data, "--out_dir", str(tmp_path),
-                        "--run-name", "gpu", "--log_every", "5"])
+                        "--run_name", "gpu", "--log_every", "5"])
     assert next(model.parameters()).is_cuda
     with open(os.path.join(tmp_path, "gpu.jsonl")) as f:
         losses = [line for line in f if '"train_loss"' in line]

@@ -3,8 +3,9 @@ log-sum-exp written out in float64."""
 import pytest
 import torch
 
-from conftest import INTERPRET
-from kernels.reference import masked_linear_cross_entropy_ref
+import bdiff.kernels.masked_ce as mce
+from bdiff.kernels.accounting import peak_extra_bytes
+from bdiff.kernels.reference import masked_linear_cross_entropy_ref
 
 
 def direct_loss(hidden, weight, targets, token_weights, vocab_size):
@@ -38,12 +39,6 @@ def test_reference_matches_direct(gen, dtype, atol, rtol, N, D, V, vocab_size):
 
 
 # ---- the Triton kernel (kernels/masked_ce.py) against the reference, through the interpreter ---------------
-
-import importlib  # noqa: E402
-
-from bench.bench_masked_ce import peak_extra_bytes  # noqa: E402
-
-mce = importlib.import_module("kernels.masked_ce")  # the module (the op is kernels.masked_linear_cross_entropy)
 
 # (dtype, atol, rtol) against the float64 reference. float32: fp32 logits summed over 50k columns.
 # float16: hidden, weight, logits and the logit gradient are fp16 (2^-11 relative) around fp32 sums.
@@ -151,13 +146,8 @@ def test_memory_does_not_grow_with_rows(gen):
     assert reference > 10 * extra[1024], f"the reference holds N x V logits: {reference / 2**20:.0f} MiB at N=1024"
 
 
-@pytest.mark.parametrize("path", ["reference", "interpreter"])
-def test_opcheck(gen, monkeypatch, path):
+def test_opcheck(gen, cpu_path):
     """torch.ops.bdiff.masked_linear_cross_entropy: schema, fake implementation, autograd and AOT dispatch."""
-    if path == "reference":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    elif not INTERPRET:
-        pytest.skip("the interpreter is off in this process")
     hidden, weight, targets, token_weights = inputs(gen, 37, 16, 40, 33, torch.float32)
     for need in ((True, True), (True, False), (False, False)):
         torch.library.opcheck(torch.ops.bdiff.masked_linear_cross_entropy.default,

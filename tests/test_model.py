@@ -7,14 +7,9 @@ from bdiff.config import PRESETS, record, tiny
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout, noise_blocks
 
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
+
 BOS, MASK = 256, 257
-
-
-@pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    """The model on CPU runs the PyTorch references (kernels/__init__ dispatch); the kernels have their
-    own tests, and test_model_through_triton_kernel checks the model through them once."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 def test_record_parameter_count():

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from conftest import INTERPRET
-from kernels.reference import QUINTIC, newton_schulz_ref
+import bdiff.kernels.newton_schulz as nsk
+from bdiff.muon import SCHEDULES
+from bdiff.kernels.reference import QUINTIC, newton_schulz_ref
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64), (3, 40, 24)])
@@ -58,17 +59,6 @@ def test_bad_input(G, kwargs, match):
 
 # ---- the Triton kernels (kernels/newton_schulz.py) against the reference, through the interpreter ---------
 
-import importlib  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
-
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from bdiff.muon import SCHEDULES, Muon  # noqa: E402
-
-nsk = importlib.import_module("kernels.newton_schulz")  # the module; `kernels.newton_schulz` is the op
-
 # (dtype, atol, rtol): float32 operands, fp32 accumulation, 5 steps of products of size <= 200.
 KERNEL_TOLERANCES = [(torch.float32, 2e-5, 1e-4)]
 
@@ -96,13 +86,8 @@ def test_kernel_schedules_match_reference(gen, name):
     torch.testing.assert_close(out, newton_schulz_ref(G, len(coefficients), coefficients, safety), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["reference", "interpreter"])
-def test_opcheck(gen, monkeypatch, path):
+def test_opcheck(gen, cpu_path):
     """torch.ops.bdiff.newton_schulz: schema and fake implementation, one triple and a per-step schedule."""
-    if path == "reference":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    elif not INTERPRET:
-        pytest.skip("the interpreter is off in this process")
     G = torch.randn(2, 40, 24, generator=gen)
     coefficients, safety = SCHEDULES["polar_express"]
     for args in ((G, 5, list(QUINTIC), 0.0), (G, 5, [c for t in coefficients for c in t], safety)):
@@ -154,42 +139,3 @@ def test_symmetric_flops_at_4096():
 def test_kernel_bad_input(G, match):
     with pytest.raises(ValueError, match=match):
         nsk.newton_schulz(G)
-
-
-# ---- Muon: sharded over ranks, identical everywhere, equal to one process --------------------------
-
-def muon_run(rank, world, port, out):
-    """Six Muon steps on fixed per-step gradients of a few matrices; saves the final parameters."""
-    os.environ.pop("TRITON_INTERPRET", None)  # the reference path: the point here is the sharding
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
-    shapes = [(16, 24), (16, 24), (24, 16), (16, 24), (8, 8)]  # 3 of one shape: uneven shares over 2 ranks
-    params = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
-    opt = Muon(params, lr=0.02, momentum=0.9, weight_decay=0.1, schedule="polar_express")
-    for _ in range(6):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
-    torch.save([p.detach() for p in params], os.path.join(out, f"{world}_{rank}.pt"))
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def test_muon_two_ranks_match_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(muon_run, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    muon_run(0, 1, 0, str(tmp_path))
-    r0, r1, single = (torch.load(tmp_path / f"{name}.pt") for name in ("2_0", "2_1", "1_0"))
-    for a, b, c in zip(r0, r1, single):
-        torch.testing.assert_close(a, b, atol=0, rtol=0, msg="ranks must hold identical parameters")
-        torch.testing.assert_close(a, c, atol=1e-6, rtol=0, msg="2 ranks must equal one process")
-
-
-def test_muon_rejects_non_matrices():
-    with pytest.raises(ValueError, match="2D"):
-        Muon([torch.nn.Parameter(torch.ones(3))])
-    with pytest.raises(ValueError, match="schedule"):
-        Muon([torch.nn.Parameter(torch.ones(3, 3))], schedule="cubic")

@@ -7,17 +7,14 @@ import sys
 import pytest
 import torch
 
-from bdiff.config import tiny
+from bdiff.config import SamplingConfig, tiny
 from bdiff.model import BlockDiffusionLM
 from bdiff.sampling import SamplingError, generate
 from bdiff.tokenizer import decode, encode
 
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the model's CPU path: the references
 
 
 @pytest.fixture
@@ -37,8 +34,9 @@ def random_prompts(gen, lengths):
 def test_cache_is_exact(model, gen):
     """At every denoising step, the logits through the cache equal a full recomputation over x_t ⊕ x_0."""
     prompts = random_prompts(gen, [5, 21, 16])  # odd lengths: partial and exact blocks
-    kw = dict(max_new_tokens=40, steps_per_block=4, temperature=1.0, seed=3, keep_logits=True)
-    cached, full = generate(model, prompts, **kw), generate(model, prompts, use_cache=False, **kw)
+    kw = dict(max_new_tokens=40, steps_per_block=4, temperature=1.0, top_p=1.0, strategy="confidence", seed=3,
+              keep_logits=True)
+    cached, full = generate(model, prompts, **kw), generate(model, prompts, cache=False, **kw)
     assert cached.tokens == full.tokens
     assert len(cached.step_logits) == len(full.step_logits) >= 3 * 4, "several blocks of several steps"
     for step, (a, b) in enumerate(zip(cached.step_logits, full.step_logits)):
@@ -47,8 +45,9 @@ def test_cache_is_exact(model, gen):
 
 def test_same_seed_same_text(model, gen):
     prompts = random_prompts(gen, [7])
-    a, b = (generate(model, prompts, 30, seed=11, strategy="random").tokens for _ in range(2))
-    c = generate(model, prompts, 30, seed=12, strategy="random").tokens
+    kw = dict(max_new_tokens=30, strategy="random", temperature=1.0, top_p=1.0)
+    a, b = (generate(model, prompts, seed=11, **kw).tokens for _ in range(2))
+    c = generate(model, prompts, seed=12, **kw).tokens
     assert a == b, "same seed must give the same text"
     assert a != c, "another seed should give another text"
 
@@ -56,15 +55,15 @@ def test_same_seed_same_text(model, gen):
 @pytest.mark.parametrize("strategy", ["confidence", "threshold", "random"])
 def test_batch_equals_each_prompt_alone(model, gen, strategy):
     prompts = random_prompts(gen, [3, 18, 33])
-    both = generate(model, prompts, 25, steps_per_block=8, temperature=0, strategy=strategy).tokens
-    alone = [generate(model, [p], 25, steps_per_block=8, temperature=0, strategy=strategy).tokens[0]
-             for p in prompts]
+    config = SamplingConfig(max_new_tokens=25, steps_per_block=8, temperature=0, strategy=strategy)
+    both = generate(model, prompts, config).tokens
+    alone = [generate(model, [p], config).tokens[0] for p in prompts]
     assert both == alone
 
 
 def test_stopping_rules(model, gen, monkeypatch):
     prompts = random_prompts(gen, [4, 9])
-    out = generate(model, prompts, 23, temperature=0)
+    out = generate(model, prompts, max_new_tokens=23, temperature=0, strategy="confidence")
     assert all(len(t) <= 23 for t in out.tokens)
     assert all(len(t) == 23 or t[-1] == model.cfg.bos_id for t in out.tokens), "stop at max tokens or at BOS"
     logits = model.logits
@@ -75,12 +74,13 @@ def test_stopping_rules(model, gen, monkeypatch):
         return out
 
     monkeypatch.setattr(model, "logits", bos_everywhere)
-    stopped = generate(model, prompts, 50, temperature=0)
+    stopped = generate(model, prompts, max_new_tokens=50, temperature=0, strategy="confidence")
     assert stopped.tokens == [[model.cfg.bos_id]] * 2, "a sequence ends with its first BOS"
 
 
 def test_steps_and_calls(model, gen):
-    out = generate(model, random_prompts(gen, [16]), 32, steps_per_block=4)
+    out = generate(model, random_prompts(gen, [16]), max_new_tokens=32, steps_per_block=4, strategy="confidence",
+                   temperature=1.0, top_p=1.0)
     assert out.model_calls == 1 + 2 * (4 + 1), "1 prefill block, then 2 blocks of 4 steps + 1 clean pass"
     assert out.cache_bytes > 0 and len(out.tokens[0]) <= 32
 

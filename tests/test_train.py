@@ -3,7 +3,6 @@ lockstep, and bad input ends in one error line."""
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,22 +11,12 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from bdiff.data import build_stdlib_corpus, write_shard
+from bdiff.data import write_shard
+from helpers import free_port
+
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def reference_ops(monkeypatch):
-    """Training on CPU runs the PyTorch references; the interpreter would take minutes per step."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-@pytest.fixture(scope="module")
-def stdlib_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("stdlib")
-    build_stdlib_corpus(str(path))
-    return str(path)
 
 
 def read_log(out_dir, run):
@@ -38,7 +27,7 @@ def read_log(out_dir, run):
 def test_tiny_run_loss_falls(stdlib_dir, tmp_path):
     out = str(tmp_path)
     model = train.main(["--preset", "tiny", "--steps", "40", "--data_dir", stdlib_dir, "--out_dir", out,
-                        "--run-name", "t", "--log_every", "10"])
+                        "--run_name", "t", "--log_every", "10"])
     log = read_log(out, "t")
     losses = [e["train_loss"] for e in log if "train_loss" in e]
     assert len(losses) == 40
@@ -52,12 +41,6 @@ def test_tiny_run_loss_falls(stdlib_dir, tmp_path):
         torch.testing.assert_close(ckpt["model"][name], p, msg=f"checkpoint differs at {name}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -68,7 +51,7 @@ def ddp_worker(rank, world, port, argv, out):
 
 def test_two_gloo_ranks_end_identical(stdlib_dir, tmp_path):
     out = str(tmp_path)
-    argv = ["--preset", "tiny", "--steps", "6", "--data_dir", stdlib_dir, "--out_dir", out, "--run-name", "ddp"]
+    argv = ["--preset", "tiny", "--steps", "6", "--data_dir", stdlib_dir, "--out_dir", out, "--run_name", "ddp"]
     mp.spawn(ddp_worker, args=(2, free_port(), argv, out), nprocs=2, join=True)
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2))
     init = train.BlockDiffusionLM(train.get_preset("tiny").model).state_dict()  # same seed as the run
@@ -108,7 +91,7 @@ def test_errors_are_one_line(stdlib_dir, tmp_path):
 
 
 def test_dry_run_record(capsys):
-    assert train.main(["--preset", "record", "--dry-run"]) is None
+    assert train.main(["--preset", "record", "--dry_run"]) is None
     printed = capsys.readouterr().out
     assert "parameters: 162,166,314" in printed
     assert "block_size 16 == 16 OK" in printed
@@ -119,7 +102,7 @@ def test_compiled_tiny_run(stdlib_dir, tmp_path, capsys):
     torch._dynamo.reset()
     out = str(tmp_path)
     train.main(["--preset", "tiny", "--steps", "5", "--compile", "--data_dir", stdlib_dir, "--out_dir", out,
-                "--run-name", "c"])
+                "--run_name", "c"])
     assert "compile: on" in capsys.readouterr().out
     losses = [e["train_loss"] for e in read_log(out, "c") if "train_loss" in e]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
@@ -133,7 +116,7 @@ def test_failed_sample_keeps_the_run(stdlib_dir, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(train, "generate", broken)
     out = str(tmp_path)
-    train.main(["--preset", "tiny", "--steps", "2", "--data_dir", stdlib_dir, "--out_dir", out, "--run-name", "s"])
+    train.main(["--preset", "tiny", "--steps", "2", "--data_dir", stdlib_dir, "--out_dir", out, "--run_name", "s"])
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert skipped == ["sample skipped: out of memory while sampling"]
     assert os.path.exists(os.path.join(out, "s", "final.pt")), "the model must be saved before the sample"
@@ -152,7 +135,7 @@ def test_gpt2_run_without_tiktoken_keeps_the_run(tmp_path, capsys, monkeypatch):
         write_shard(str(data / name), tokens.numpy())
     model_flags = ["--vocab_size", "50258", "--bos_id", "50256", "--mask_id", "50257", "--lm_head_multiple", "128"]
     train.main(["--preset", "tiny", "--data", "finewebedu", "--data_dir", str(data), "--steps", "2",
-                "--out_dir", str(tmp_path), "--run-name", "g", *model_flags])
+                "--out_dir", str(tmp_path), "--run_name", "g", *model_flags])
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and skipped[0].startswith("sample skipped: GPT-2 text needs tiktoken"), skipped
     assert os.path.exists(os.path.join(str(tmp_path), "g", "final.pt"))
@@ -171,7 +154,7 @@ def test_data_and_model_must_agree(stdlib_dir, tmp_path):
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
     assert "BOS 256" in lines[0] and "--bos_id 256" in lines[0], lines[0]
-    fits = subprocess.run(base + ["--bos_id", "256", "--mask_id", "50257", "--run-name", "b"], cwd=ROOT, env=env,
+    fits = subprocess.run(base + ["--bos_id", "256", "--mask_id", "50257", "--run_name", "b"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "sample (" in fits.stdout and "skipped" not in fits.stdout
