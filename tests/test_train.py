@@ -78,7 +78,8 @@ def test_errors_are_one_line(stdlib_dir, tmp_path):
         f.write(b"\x00" * 4)  # corrupt the magic
     cases = {
         "unknown preset": (["--preset", "nope"], "unknown preset 'nope'"),
-        "missing data": (["--preset", "tiny", "--data", "finewebedu", "--data_dir", str(tmp_path / "none")],
+        "missing data": (["--preset", "tiny", "--data", "finewebedu", "--data_dir", str(tmp_path / "none"),
+                          "--vocab_size", "50258", "--bos_id", "50256", "--mask_id", "50257"],
                          "no finewebedu train shards"),
         "corrupt shard": (["--preset", "tiny", "--data_dir", str(bad), "--out_dir", str(tmp_path)], "bad magic"),
         "bad value": (["--preset", "tiny", "--block_size", "0"], "block_size must be >= 1"),
