@@ -132,54 +132,54 @@ def cpu_check(preset: str = "tiny", L: int = 256, seed: int = 0) -> dict:
                 loss_seed_flex=seed_flex, worst_grad_rel=worst, grads=(ours_grads, seed_grads))
 
 
+def time_step(name: str, cfg, L: int, mean_doc: int, iters: int, flex_compiled) -> dict:
+    """Step time, tokens/s and peak memory of one formulation ("ours" or "seed") on a fresh record model; every
+    tensor of it is freed on return, so the next formulation's peak starts clean."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    model = BlockDiffusionLM(cfg.model).to(dev)
+    model.embed.bfloat16()
+    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    others = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight or p is model.lm_head.weight]
+    adam = torch.optim.Adam(others, lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
+    muon = Muon(hidden, lr=0.025, momentum=0.95, **({} if name == "ours" else dict(orthogonalize=seed_newton_schulz)))
+    if name == "ours":
+        model.compile_objective()
+    seed_compiled = torch.compile(seed_loss)
+    batches = [make_batch(cfg.model, L, mean_doc, seed=i, device=dev) for i in range(3)]
+
+    def step(b):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if name == "ours":
+                loss = ours_loss(model, b)
+            else:  # the seed builds its BlockMask for every sequence
+                loss = seed_compiled(model, b, flex(b, cfg.model.block_size, flex_compiled))
+        loss.backward()
+        adam.step()
+        muon.step()
+        model.zero_grad(set_to_none=True)
+
+    for b in batches:  # compile and warm up
+        step(b)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(iters):
+        step(batches[i % len(batches)])
+    torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - t0) / iters
+    return dict(ms=ms, tokens_per_s=L / ms * 1000, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
 def gpu_bench(L: int = 16384, mean_doc: int = 1000, iters: int = 10):
     from torch.nn.attention.flex_attention import flex_attention
 
-    dev = torch.device("cuda")
     cfg = PRESETS["record"]()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | record model, one micro-step of L={L} "
           f"tokens (2L={2 * L} rows), documents ~{mean_doc} tokens, bf16 autocast; step = forward + backward + "
           f"Adam + Muon")
     flex_compiled = torch.compile(flex_attention, dynamic=False)
-    results = {}
-    for name in ("ours", "seed"):
-        torch.manual_seed(0)
-        model = BlockDiffusionLM(cfg.model).to(dev)
-        model.embed.bfloat16()
-        hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
-        others = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight or p is model.lm_head.weight]
-        adam = torch.optim.Adam(others, lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
-        muon = Muon(hidden, lr=0.025, momentum=0.95, **({} if name == "ours" else
-                                                         dict(orthogonalize=seed_newton_schulz)))
-        if name == "ours":
-            model.compile_objective()
-        else:
-            seed_compiled = torch.compile(seed_loss)
-        batches = [make_batch(cfg.model, L, mean_doc, seed=i, device=dev) for i in range(3)]
-
-        def step(b):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                if name == "ours":
-                    loss = ours_loss(model, b)
-                else:  # the seed builds its BlockMask for every sequence
-                    loss = seed_compiled(model, b, flex(b, cfg.model.block_size, flex_compiled))
-            loss.backward()
-            adam.step()
-            muon.step()
-            model.zero_grad(set_to_none=True)
-
-        for b in batches:  # compile and warm up
-            step(b)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for i in range(iters):
-            step(batches[i % len(batches)])
-        torch.cuda.synchronize()
-        ms = 1000 * (time.perf_counter() - t0) / iters
-        results[name] = dict(ms=ms, tokens_per_s=L / ms * 1000, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-        del model, adam, muon
-        torch.cuda.empty_cache()
+    results = {name: time_step(name, cfg, L, mean_doc, iters, flex_compiled) for name in ("ours", "seed")}
     print(f"{'formulation':>12} {'step ms':>9} {'tokens/s':>10} {'peak GiB':>9}")
     for name, r in results.items():
         print(f"{name:>12} {r['ms']:9.1f} {r['tokens_per_s']:10,.0f} {r['peak_gib']:9.2f}")
