@@ -8,13 +8,27 @@ import sys
 
 import torch
 
-from bdiff.config import SamplingConfig, add_flags, apply_flags
+from bdiff.config import ArgumentParser, SamplingConfig, add_flags, apply_flags
 from bdiff.sampling import SamplingError, generate, load_checkpoint
 from bdiff.tokenizer import TokenizerError, decode, encode, tokenizer_of
 
 
+def check_device(name: str) -> None:
+    """A device that this machine cannot use is reported as such, in one line."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SamplingError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SamplingError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                            f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                            "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SamplingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint path (train.py writes logs/RUN/final.pt)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     add_flags(parser, SamplingConfig)
@@ -23,6 +37,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     sampling = SamplingConfig()
     apply_flags(args, sampling)
+    check_device(args.device)  # before any file is read: the real cause first
 
     model, config = load_checkpoint(args.ckpt, args.device)
     cfg = model.cfg

@@ -25,8 +25,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bdiff
 from bdiff import checkpoint
 from bdiff.checkpoint import CheckpointError
-from bdiff.config import (PRESETS, Config, ConfigError, ModelConfig, SamplingConfig, TrainConfig, add_flags, apply_flags,
-                          get_preset)
+from bdiff.config import (PRESETS, ArgumentParser, Config, ConfigError, ModelConfig, SamplingConfig, TrainConfig,
+                          add_flags, apply_flags, get_preset)
 from bdiff.data import VOCABULARIES, DataError, DistributedLoader, check_model_fits_data, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout
@@ -39,7 +39,7 @@ RECORD_VAL_LOSS = 3.44
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: record on a "
                                                         "GPU, cpu otherwise)")
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the parameter count and config, "

@@ -117,6 +117,13 @@ class SamplingConfig:
     cache: bool = True  # keys/values of finished blocks cached (exact); False recomputes every step (slow)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with bdiff's error convention: a bad command line ends in one stderr line and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
     """One --flag per field of the dataclass `cls`, defaulting to None (unset); a True boolean field gives a
     --no_<name> flag. The field's comment is not at hand here, so the help names the field."""

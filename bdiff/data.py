@@ -9,7 +9,6 @@ tail too short for a whole step is skipped, so no token is ever used twice.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from bdiff.config import ArgumentParser
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -196,13 +197,21 @@ def download_finewebedu(num_train_shards: int, data_dir: str) -> list[str]:
     paths = []
     for n, name in enumerate(names, 1):
         print(f"[{n}/{len(names)}] {name}", flush=True)
-        paths.append(hf_hub_download(repo_id=FINEWEB_REPO, filename=name, repo_type="dataset", local_dir=data_dir))
+        try:
+            paths.append(hf_hub_download(repo_id=FINEWEB_REPO, filename=name, repo_type="dataset",
+                                         local_dir=data_dir))
+        except Exception as e:  # noqa: BLE001 (offline, unreachable, refused: all end the same way for the user)
+            cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise DataError(f"could not download {name} from the Hugging Face Hub ({FINEWEB_REPO}): no network, or "
+                            f"the Hub is unreachable ({type(e).__name__}: {cause}). Files go to {data_dir}/ and those "
+                            "already there are reused; for a mirror set HF_ENDPOINT, to use only local files "
+                            "HF_HUB_OFFLINE=1") from None
         read_shard(paths[-1])  # a damaged download fails here, naming the file
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bdiff.data", description="Fetch or build token shards.")
+    parser = ArgumentParser(prog="python -m bdiff.data", description="Fetch or build token shards.")
     sub = parser.add_subparsers(dest="corpus", required=True)
     fw = sub.add_parser("finewebedu", help="download FineWeb-Edu 10B (GPT-2 tokens) from the Hugging Face hub")
     fw.add_argument("num_train_shards", type=int, nargs="?", default=10, help="train shards of 100M tokens (1-99)")

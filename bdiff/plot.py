@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from bdiff.config import ArgumentParser
+
 
 def read_log(path: str) -> tuple[dict, dict]:
     """{step: (tokens, train loss)} and {step: (tokens, val loss)}; a resumed run's replayed steps keep
@@ -51,7 +53,8 @@ def plot(log_path: str, out_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m bdiff.plot", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log", help="a JSONL log written by train.py")
     parser.add_argument("-o", "--out", help="PNG path (default: the log's path with .png)")
     args = parser.parse_args(argv)

@@ -1,0 +1,69 @@
+"""Every command a user types fails in one line: exit code 2 and a single stderr line that names the input, what
+was wrong and what to do (train.py, sample.py, python -m bdiff.data, python -m bdiff.plot)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+# (name, command, words the one stderr line must hold). {tmp} is a fresh directory; {ckpt} a real final.pt,
+# {foreign} a file that is no checkpoint, {log} a file that is no JSONL log.
+CASES = [
+    ("train: unknown preset", [PY, "train.py", "--preset", "nope"], ["unknown preset 'nope'"]),
+    ("train: not a number", [PY, "train.py", "--steps", "ten"], ["--steps", "invalid int value", "--help"]),
+    ("train: out of range", [PY, "train.py", "--preset", "tiny", "--steps", "0"], ["steps must be >= 1"]),
+    ("train: unknown flag", [PY, "train.py", "--stpes", "3"], ["unrecognized arguments: --stpes"]),
+    ("train: missing data", [PY, "train.py", "--preset", "tiny", "--data", "finewebedu", "--data_dir", "{tmp}/none",
+                             "--vocab_size", "50258", "--bos_id", "50256", "--mask_id", "50257"],
+     ["no finewebedu train shards", "{tmp}/none"]),
+    ("train: data and model disagree", [PY, "train.py", "--preset", "tiny", "--bos_id", "0"],
+     ["BOS 256", "--preset cpu or tiny"]),
+    ("sample: missing checkpoint", [PY, "sample.py", "--ckpt", "{tmp}/none.pt", "--prompt", "a"],
+     ["none.pt", "no such checkpoint"]),
+    ("sample: foreign file", [PY, "sample.py", "--ckpt", "{foreign}", "--prompt", "a"], ["not a bdiff checkpoint"]),
+    ("sample: impossible device", [PY, "sample.py", "--ckpt", "{ckpt}", "--prompt", "a", "--device", "cuda:7"],
+     ["--device cuda:7"]),
+    ("sample: not a device", [PY, "sample.py", "--ckpt", "{ckpt}", "--prompt", "a", "--device", "gpu"],
+     ["--device 'gpu'", "not a device name"]),
+    ("sample: bad number", [PY, "sample.py", "--ckpt", "{ckpt}", "--prompt", "a", "--temperature", "hot"],
+     ["--temperature", "invalid float value"]),
+    ("sample: no prompt", [PY, "sample.py", "--ckpt", "{ckpt}"], ["--prompt", "required"]),
+    ("data: no network", [PY, "-m", "bdiff.data", "finewebedu", "1", "--dir", "{tmp}/fw"],
+     ["could not download", "no network", "{tmp}/fw", "reused", "HF_ENDPOINT", "HF_HUB_OFFLINE"]),
+    ("data: bad count", [PY, "-m", "bdiff.data", "finewebedu", "0"], ["num_train_shards", "[1, 99]"]),
+    ("data: unknown corpus", [PY, "-m", "bdiff.data", "wikipedia"], ["invalid choice: 'wikipedia'"]),
+    ("plot: missing log", [PY, "-m", "bdiff.plot", "{tmp}/none.jsonl"], ["none.jsonl"]),
+    ("plot: foreign file", [PY, "-m", "bdiff.plot", "{log}"], ["error:"]),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    from bdiff.config import tiny
+    from bdiff.model import BlockDiffusionLM
+
+    cfg = tiny()
+    torch.save({"model": BlockDiffusionLM(cfg.model).state_dict(), "config": cfg.to_dict()}, tmp / "final.pt")
+    (tmp / "foreign.pt").write_bytes(b"not a checkpoint")
+    (tmp / "log.jsonl").write_text("this is not json\n")
+    return dict(tmp=str(tmp), ckpt=str(tmp / "final.pt"), foreign=str(tmp / "foreign.pt"), log=str(tmp / "log.jsonl"))
+
+
+@pytest.mark.parametrize("name,command,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_in_one_line(files, name, command, words):
+    if "device cuda" in name and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
+    env["HF_HUB_OFFLINE"] = "1"  # no network here anyway; offline mode fails at once instead of after timeouts
+    result = subprocess.run([part.format(**files) for part in command], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"{name}: exit code {result.returncode}; stderr: {result.stderr[-800:]}"
+    assert len(lines) == 1 and lines[0].startswith("error:"), f"{name}: stderr is not one error line: {lines}"
+    missing = [w.format(**files) for w in words if w.format(**files) not in lines[0]]
+    assert not missing, f"{name}: {missing} not in {lines[0]!r}"
