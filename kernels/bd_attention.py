@@ -362,13 +362,12 @@ def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.
     cu_seqlens[0] <= 0: a sequence that starts -cu_seqlens[0] tokens into its first document. That document's
     blocks follow its own grid (positions counted from its real start) and are clipped at position 0."""
     cu = cu_seqlens.long()
-    pos = torch.arange(L, device=cu.device)
-    doc = torch.searchsorted(cu[1:], pos, right=True)
+    doc, pos_in_doc = reference.document_positions(cu, L)  # (L,) each
     s, e = cu[doc], cu[doc + 1]
-    b0 = s + (pos - s) // block_size * block_size
+    b0 = s + pos_in_doc // block_size * block_size
     b1 = torch.minimum(b0 + block_size, e)
     s, b0 = s.clamp_min(0), b0.clamp_min(0)  # the first document's grid, clipped at the sequence start
-    z = torch.zeros_like(pos)
+    z = torch.zeros_like(doc)
     queries = torch.cat([torch.stack([b0, b1, z, z, s, b0], 1),  # noisy rows
                          torch.stack([z, z, z, z, s, b1], 1)])  # clean rows
     keys = torch.cat([torch.stack([b0, b1, z, z, z, z], 1),  # noisy keys

@@ -20,12 +20,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def document_positions(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def document_positions(cu_seqlens: torch.Tensor, L: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(document index, position inside the document) of each of the L positions, int64 (L,) each.
     cu_seqlens[0] = -offset <= 0: the first document began `offset` tokens before the sequence, so its
-    positions count from `offset` (the seed counts a leading fragment from 1: offset 1)."""
+    positions count from `offset` (the seed counts a leading fragment from 1: offset 1). Passing L spares
+    reading cu_seqlens[-1] (a host sync on a GPU)."""
     cu = cu_seqlens.long()
-    idx = torch.arange(int(cu[-1]), device=cu.device)
+    idx = torch.arange(int(cu[-1]) if L is None else L, device=cu.device)
     doc = torch.searchsorted(cu[1:], idx, right=True)
     return doc, idx - cu[doc]
 
