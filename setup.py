@@ -10,6 +10,7 @@ setup(
     packages=["bdiff", "bdiff.kernels"],
     python_requires=">=3.10",
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
-    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "kernels"], "plot": ["matplotlib"]},
+    # pytest-benchmark: bench/bench_<op>.py are both scripts and the benchmark suite's tests.
+    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub", "pytest-benchmark"],
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels"], "plot": ["matplotlib"]},
 )

@@ -2,6 +2,7 @@
 
     python bench/bench_bd_attention.py            # CPU: work ratio of our kernels vs FlexAttention's BlockMask
     python bench/bench_bd_attention.py --gpu      # GPU: TFLOP/s vs FlexAttention and SDPA, mask build time
+    python -m pytest bench/bench_bd_attention.py --benchmark-only   # the suite: vs FlexAttention (GPU) or SDPA (CPU)
 
 Work ratio = entries computed / allowed entries of the mask. Ours is counted by the kernels themselves
 (COUNT=True, through the Triton interpreter on CPU); FlexAttention's is the area of its 128x128 tiles that
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,48 +59,92 @@ def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90)
     return rows
 
 
-def gpu_bench():
+def inputs(device: str, mean: int):
+    """The suite's and the GPU bench's case: the record's attention (bf16) on a GPU; on a CPU a small one
+    (L=4096, 2 heads of 32, float32) with the same kind of documents. Returns q, k, v (2L, H, D), cu_seqlens,
+    the upstream gradient and the entries the mask allows (all heads)."""
     from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
-    import time
 
-    import triton.testing
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    n, heads, dim, dtype = (L, HEADS, HEAD_DIM, torch.bfloat16) if device == "cuda" else (4096, 2, 32, torch.float32)
+    cu = fineweb_like_cu_seqlens(n, mean)
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v, do = (torch.randn(2 * n, heads, dim, generator=gen, device=device).to(dtype) for _ in range(4))
+    return q, k, v, cu.to(device), do, allowed_entries(cu, BLOCK) * heads
+
+
+def candidates(q, k, v, cu, block=BLOCK) -> dict:
+    """name -> fn() that returns the attention output (requires grad), for bdiff and its baselines:
+    FlexAttention with the BlockMask of the mask rules (built here, once; GPU only: no backward on CPU) and SDPA
+    with the dense (2L, 2L) mask (1 GiB at the record's L). Each gets its own leaf copies of q, k, v."""
+    import torch.nn.functional as F
 
     from bdiff.kernels.bd_attention import bd_attention
     from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod
 
-    dev = "cuda"
-    flex = torch.compile(flex_attention, dynamic=False)
+    R = q.shape[0]
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    heads = [x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v)]  # (1, H, 2L, D)
+    dense = bd_attention_mask(cu, block).to(q.device)  # (2L, 2L) bool
+    out = {"SDPA dense mask": lambda: F.scaled_dot_product_attention(*heads, attn_mask=dense)}
+    if q.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(bd_mask_mod(cu, block), None, None, R, R, device=q.device)
+        flex = torch.compile(flex_attention, dynamic=False)
+        out["FlexAttention"] = lambda: flex(*heads, block_mask=block_mask)
+    out["bdiff"] = lambda: bd_attention(q, k, v, cu, block)
+    return out
+
+
+def forward_backward(fn, do):
+    """fn() and its backward with the upstream gradient do (2L, H, D), in the output's layout."""
+    out = fn()
+    out.backward(do if out.shape == do.shape else do.transpose(0, 1)[None])
+
+
+def gpu_bench():
+    import time
+
+    import triton.testing
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from bdiff.kernels.reference import bd_mask_mod
+
     print(f"{torch.cuda.get_device_name()} | L={L} (2L={2 * L} rows), {HEADS} heads of {HEAD_DIM}, block {BLOCK}, bf16")
     print(f"{'docs mean':>9} {'kernel':>22} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
     for mean in (300, 1000):
-        cu = fineweb_like_cu_seqlens(L, mean).to(dev)
-        allowed = allowed_entries(cu.cpu(), BLOCK) * HEADS
-        q, k, v = (torch.randn(2 * L, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        do = torch.randn_like(q)
-        mask_mod = bd_mask_mod(cu, BLOCK)
-
+        q, k, v, cu, do, allowed = inputs("cuda", mean)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        block_mask = create_block_mask(mask_mod, None, None, 2 * L, 2 * L, device=dev)
+        create_block_mask(bd_mask_mod(cu, BLOCK), None, None, 2 * L, 2 * L, device="cuda")
         torch.cuda.synchronize()
         mask_ms = 1000 * (time.perf_counter() - t0)
-        dense = bd_attention_mask(cu, BLOCK)  # (2L, 2L) bool: 1 GiB, only for the SDPA baseline
-        qh, kh, vh = (x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v))  # (1, H, 2L, D)
-        candidates = {
-            "bdiff (Triton)": lambda: bd_attention(q, k, v, cu, BLOCK),
-            "FlexAttention": lambda: flex(qh, kh, vh, block_mask=block_mask),
-            "SDPA dense mask": lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense),
-        }
-        for name, fn in candidates.items():
+        for name, fn in candidates(q, k, v, cu).items():
             fwd = triton.testing.do_bench(fn)
-            out = fn()
-            grad = do if out.shape == do.shape else do.transpose(0, 1)[None]
-            both = triton.testing.do_bench(lambda: fn().backward(grad))
+            both = triton.testing.do_bench(lambda: forward_backward(fn, do))
             flops = 4 * HEAD_DIM * allowed
             print(f"{mean:9} {name:>22} {fwd:8.3f} {flops / fwd / 1e9:9.1f} {both:8.3f} {2.5 * flops / both / 1e9:9.1f}")
         print(f"{mean:9} {'create_block_mask':>22} {mask_ms:8.3f} ms (first call, includes compilation)")
+
+
+# The suite (bench/conftest.py): bdiff against FlexAttention on a GPU, against SDPA with the dense mask on a CPU
+# (where FlexAttention has no backward), documents of ~300 tokens (where skipping masked work matters most).
+BASELINE = "FlexAttention" if torch.cuda.is_available() else "SDPA dense mask"
+
+
+@pytest.mark.parametrize("candidate", ["SDPA dense mask", "FlexAttention", "bdiff"])
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+def test_bd_attention(measure, candidate, backward):
+    q, k, v, cu, do, allowed = inputs("cuda" if torch.cuda.is_available() else "cpu", mean=300)
+    fns = candidates(q, k, v, cu)
+    if candidate not in fns:
+        pytest.skip(f"{candidate} is timed on a GPU only")
+    fn = fns[candidate]
+    flops = (10 if backward else 4) * q.shape[-1] * allowed  # allowed entries only: 4·D forward, 2.5x with backward
+    measure("attention forward+backward" if backward else "attention forward", candidate,
+            (lambda: forward_backward(fn, do)) if backward else fn,
+            compare_with=BASELINE if candidate != BASELINE else None, work=flops, unit="FLOP",
+            shape=list(q.shape), documents=cu.numel() - 1, allowed_entries=allowed, dtype=str(q.dtype))
 
 
 def main():

@@ -2,6 +2,7 @@
 
     python bench/bench_masked_ce.py          # CPU: extra bytes beyond inputs and gradients, ours vs reference
     python bench/bench_masked_ce.py --gpu    # GPU: ms and peak memory, fwd+bwd, vs eager, compiled, Liger
+    python -m pytest bench/bench_masked_ce.py --benchmark-only   # the suite: fwd+bwd vs eager on any device
 
 The record model's case: N=16,384 rows, V=50,304 (vocab 50,258), D=768, 55% of rows weighted.
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,37 +62,72 @@ def cpu_table():
         print(f"N={N}, D={D}, {str(dtype)[6:]}: ours ~{ours / 2**20:.0f} MiB{note}; reference ~{ref / 2**20:,.0f} MiB")
 
 
-def gpu_bench():
-    import triton.testing
-
+def candidates(device: str) -> dict:
+    """name -> loss function with masked_linear_cross_entropy's signature: bdiff and its baselines (eager
+    PyTorch: the reference under autograd, all rows' logits; on a GPU also compiled, and Liger's fused linear
+    cross-entropy where installed)."""
     from bdiff.kernels.masked_ce import masked_linear_cross_entropy
     from bdiff.kernels.reference import masked_linear_cross_entropy_ref
 
-    candidates = {"bdiff (Triton)": masked_linear_cross_entropy, "PyTorch eager": masked_linear_cross_entropy_ref,
-                  "torch.compile": torch.compile(masked_linear_cross_entropy_ref)}
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    out = {"PyTorch eager": masked_linear_cross_entropy_ref}
+    if device == "cuda":
+        out["torch.compile"] = torch.compile(masked_linear_cross_entropy_ref)
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-        def liger(h, w, t, tw, vocab):  # per-class weights only: unweighted rows are dropped with ignore_index
-            t = torch.where(tw > 0, t, torch.full_like(t, -100))
-            return liger_fused_linear_cross_entropy(h, w[:vocab], t, reduction="sum")
+            def liger(h, w, t, tw, vocab):  # per-class weights only: unweighted rows are dropped with ignore_index
+                t = torch.where(tw > 0, t, torch.full_like(t, -100))
+                return liger_fused_linear_cross_entropy(h, w[:vocab], t, reduction="sum")
 
-        candidates["Liger FLCE (no token weights)"] = liger
-    except ImportError:
-        print("liger-kernel not installed: skipping it")
+            out["Liger FLCE"] = liger
+        except ImportError:
+            pass
+    out["bdiff"] = masked_linear_cross_entropy
+    return out
+
+
+def step_of(fn, args):
+    """Forward and backward of one loss function: the loss and the gradients of hidden and the weight."""
+    def step():
+        loss = fn(*args, VOCAB)
+        torch.autograd.grad(loss, args[:2])
+
+    return step
+
+
+def gpu_bench():
+    import triton.testing
+
     args = make_inputs(N, D, torch.bfloat16, "cuda")
     print(f"{torch.cuda.get_device_name()} | N={N}, V={V}, D={D}, bf16, {WEIGHTED:.0%} rows weighted")
-    for name, fn in candidates.items():
-        def step():
-            loss = fn(*args, VOCAB)
-            torch.autograd.grad(loss, args[:2])
-
+    found = candidates("cuda")
+    if "Liger FLCE" not in found:
+        print("liger-kernel not installed: skipping it")
+    for name, fn in found.items():
+        step = step_of(fn, args)
         step()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         print(f"{name:>30}: {triton.testing.do_bench(step):8.2f} ms  peak +{peak:,.0f} MiB")
+
+
+# The suite (bench/conftest.py): forward + backward against eager PyTorch; the record's case on a GPU, on a CPU
+# the record's vocabulary with N=1024 rows of D=64 (the CPU path computes every row, as eager does).
+@pytest.mark.parametrize("candidate", ["PyTorch eager", "torch.compile", "Liger FLCE", "bdiff"])
+def test_masked_ce(measure, candidate):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    found = candidates(device)
+    if candidate not in found:
+        pytest.skip(f"{candidate}: GPU only" + (" and liger-kernel is not installed" if "Liger" in candidate else ""))
+    n, d, dtype = (N, D, torch.bfloat16) if device == "cuda" else (1024, 64, torch.float32)
+    args = make_inputs(n, d, dtype, device)
+    rows = int((args[3] > 0).sum())
+    measure("loss forward+backward", candidate, step_of(found[candidate], args),
+            compare_with="PyTorch eager" if candidate != "PyTorch eager" else None, work=n, unit="row",
+            rows=n, weighted_rows=rows, vocab=VOCAB, dim=d, dtype=str(dtype),
+            logit_flops_all_rows=6 * n * VOCAB * d)
 
 
 def main():

@@ -3,6 +3,7 @@
     python bench/bench_newton_schulz.py          # CPU: FLOPs of our kernels vs the dense loop (counting mode)
     python bench/bench_newton_schulz.py --gpu    # GPU: ms per call vs torch.matmul (eager and compiled),
                                                  #      and the Muon step of the record model
+    python -m pytest bench/bench_newton_schulz.py --benchmark-only   # the suite: vs torch matmuls on any device
 
 FLOPs are counted from the tiles the kernels visit (COUNT=True, one iteration, through the interpreter).
 """
@@ -12,6 +13,7 @@ import argparse
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +62,26 @@ def gpu_bench():
     for p in hidden:
         p.grad = torch.randn_like(p)
     print(f"record model Muon step ({len(hidden)} matrices): {triton.testing.do_bench(opt.step):.3f} ms")
+
+
+# The suite (bench/conftest.py): one Muon batch against the same iteration in torch matmuls; the record's q/k/v/proj
+# batch (48 x 768 x 768, bf16) on a GPU, the cpu preset's (16 x 128 x 128) and MLP (4 x 512 x 128) on a CPU.
+@pytest.mark.parametrize("candidate", ["torch matmuls", "bdiff"])
+@pytest.mark.parametrize("shape", ["square", "tall"])
+def test_newton_schulz(measure, candidate, shape):
+    from bdiff.kernels.newton_schulz import newton_schulz
+    from bdiff.kernels.reference import newton_schulz_ref
+
+    cuda = torch.cuda.is_available()
+    dims = {"square": (48, 768, 768) if cuda else (16, 128, 128), "tall": (12, 3072, 768) if cuda else (4, 512, 128)}
+    G = torch.randn(*dims[shape], device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else torch.float32)
+    fn = {"torch matmuls": newton_schulz_ref, "bdiff": newton_schulz}[candidate]
+    b, m, n = G.shape
+    m, n = max(m, n), min(m, n)
+    flops = 5 * b * (4 * n * n * m + 2 * n**3)  # dense: XXᵀ, A·A, (bA + cA²)·X per quintic step
+    measure(f"newton-schulz {shape}", candidate, lambda: fn(G),
+            compare_with="torch matmuls" if candidate == "bdiff" else None, work=flops, unit="FLOP",
+            shape=list(G.shape), dtype=str(G.dtype), steps=5)
 
 
 def main():

@@ -12,6 +12,7 @@ formulations:
     python bench/bench_step.py --flops      # FLOPs of one record step by op, ours and the seed's (CPU, fake tensors)
     python bench/bench_step.py --memory     # peak memory of one record step at 16,384 tokens (CPU, fake tensors)
     python bench/bench_step.py --gpu        # CUDA, record model: step time, tokens/s and peak memory of each
+    python -m pytest bench/bench_step.py --benchmark-only   # the suite: ours vs the seed, compiled vs eager
 
 The model, the noise and x_t are shared; only the formulation differs, so the CPU check proves the baseline
 computes the seed's objective.
@@ -19,11 +20,13 @@ computes the seed's objective.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +36,7 @@ from bdiff.config import PRESETS  # noqa: E402
 from bdiff.model import BlockDiffusionLM  # noqa: E402
 from bdiff.muon import Muon  # noqa: E402
 from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks  # noqa: E402
-from bdiff.kernels.reference import bd_mask_mod  # noqa: E402
+from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod  # noqa: E402
 
 # (atol, rtol) of the seed formulation's loss and gradients against ours on CPU in float32: the same
 # arithmetic up to summation order (softmax over allowed keys, the loss over rows), so float32 rounding only.
@@ -132,40 +135,60 @@ def cpu_check(preset: str = "tiny", L: int = 256, seed: int = 0) -> dict:
                 loss_seed_flex=seed_flex, worst_grad_rel=worst, grads=(ours_grads, seed_grads))
 
 
-def time_step(name: str, cfg, L: int, mean_doc: int, iters: int, flex_compiled) -> dict:
-    """Step time, tokens/s and peak memory of one formulation ("ours" or "seed") on a fresh record model; every
-    tensor of it is freed on return, so the next formulation's peak starts clean."""
-    dev = torch.device("cuda")
+def make_step(name: str, cfg, L: int, mean_doc: int, device: str, compiled: bool = True, flex_compiled=None):
+    """One training step (forward, backward, Adam + Muon) of one formulation, "ours" or "seed", on a fresh model:
+    returns step() over three batches in turn. On a GPU the seed attends with FlexAttention (its BlockMask built
+    every step, as the seed does), under bf16 autocast with a bf16 embedding (as train.py); on a CPU with SDPA
+    and the dense mask built every step (FlexAttention has no CPU backward), float32. `compiled`: the objective
+    compiled (ours: compile_objective; the seed: torch.compile of its loss)."""
+    dev = torch.device(device)
     torch.manual_seed(0)
     model = BlockDiffusionLM(cfg.model).to(dev)
-    model.embed.bfloat16()
+    if dev.type == "cuda":
+        model.embed.bfloat16()
     hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
     others = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight or p is model.lm_head.weight]
     adam = torch.optim.Adam(others, lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
     muon = Muon(hidden, lr=0.025, momentum=0.95, **({} if name == "ours" else dict(orthogonalize=seed_newton_schulz)))
-    if name == "ours":
+    if name == "ours" and compiled:
         model.compile_objective()
-    seed_compiled = torch.compile(seed_loss)
+    seed_fn = torch.compile(seed_loss) if compiled else seed_loss
     batches = [make_batch(cfg.model, L, mean_doc, seed=i, device=dev) for i in range(3)]
+    block = cfg.model.block_size
 
-    def step(b):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def dense(b):  # SDPA with the dense mask of this sequence
+        mask = bd_attention_mask(b.layout.cu_seqlens, block)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    turn = iter(range(10**9))
+
+    def step():
+        b = batches[next(turn) % len(batches)]
+        with autocast:
             if name == "ours":
                 loss = ours_loss(model, b)
-            else:  # the seed builds its BlockMask for every sequence
-                loss = seed_compiled(model, b, flex(b, cfg.model.block_size, flex_compiled))
+            else:  # the seed builds its mask for every sequence
+                loss = seed_fn(model, b, flex(b, block, flex_compiled) if dev.type == "cuda" else dense(b))
         loss.backward()
         adam.step()
         muon.step()
         model.zero_grad(set_to_none=True)
 
-    for b in batches:  # compile and warm up
-        step(b)
+    return step
+
+
+def time_step(name: str, cfg, L: int, mean_doc: int, iters: int, flex_compiled) -> dict:
+    """Step time, tokens/s and peak memory of one formulation ("ours" or "seed") on a fresh record model; every
+    tensor of it is freed on return, so the next formulation's peak starts clean."""
+    step = make_step(name, cfg, L, mean_doc, "cuda", flex_compiled=flex_compiled)
+    for _ in range(3):  # compile and warm up
+        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    for i in range(iters):
-        step(batches[i % len(batches)])
+    for _ in range(iters):
+        step()
     torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - t0) / iters
     return dict(ms=ms, tokens_per_s=L / ms * 1000, peak_gib=torch.cuda.max_memory_allocated() / 2**30)
@@ -307,6 +330,34 @@ def memory_table(L: int = 16384, mean_doc: int = 1000) -> dict:
         peak = tracker.get_tracker_snapshot("peak")
     categories = {str(k).split(".")[-1].lower(): v for k, v in next(iter(peak.values())).items()}
     return dict(L=L, categories=categories, saved_by_dtype=saved)
+
+
+# The suite (bench/conftest.py): a whole step, documents of ~300 tokens. On a GPU the record model at L=16,384:
+# ours and the seed's, eager and compiled. On a CPU the cpu preset: ours against the seed's at L=1024 (2x the
+# preset's, where the dense mask's cost shows), ours compiled against eager at the preset's own L=512 (the demo).
+SUITE = [  # (candidate, formulation, compiled, compared with, L on a CPU)
+    ("seed eager", "seed", False, None, 1024),
+    ("seed compiled", "seed", True, "seed eager", None),
+    ("bdiff eager", "ours", False, "seed eager", 1024),
+    ("bdiff eager", "ours", False, None, 512),
+    ("bdiff compiled", "ours", True, "bdiff eager", 512),
+]
+CASES = [case for case in SUITE if torch.cuda.is_available() or case[-1]]
+
+
+@pytest.mark.parametrize("candidate, name, compiled, compare_with, cpu_L", CASES,
+                         ids=[f"{c[0]}-L{c[-1]}" if c[-1] else c[0] for c in CASES])
+def test_step(measure, candidate, name, compiled, compare_with, cpu_L):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cuda = torch.cuda.is_available()
+    cfg = PRESETS["record" if cuda else "cpu"]()
+    L = cfg.train.seq_len if cuda else cpu_L
+    step = make_step(name, cfg, L, 300, "cuda" if cuda else "cpu", compiled,
+                     torch.compile(flex_attention, dynamic=False) if cuda else None)
+    measure(f"training step L={L}", candidate, step, compare_with=compare_with, work=L, unit="token",
+            warmup=3,  # one call per batch: the compiled step's recompilation for a new document count is not timed
+            model=cfg.model.__dict__ | {}, L=L, mean_doc=300, compiled=compiled)
 
 
 def main() -> int:

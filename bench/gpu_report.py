@@ -4,7 +4,8 @@
     python bench/gpu_report.py --out report.md
 
 It runs the GPU tests (tests/test_gpu.py: the kernels natively in bf16/fp16 against the references, a compiled
-training run), every bench with --gpu, the full-step comparison with the seed's formulation
+training run), the benchmark suite (python -m pytest bench --benchmark-only, saved for --benchmark-compare), every
+bench with --gpu, the full-step comparison with the seed's formulation
 (bench/bench_step.py --gpu) and the compile check of every shipped kernel configuration. A part that fails is
 reported with its output and the rest still run; the exit code is 1 if any part failed.
 """
@@ -21,6 +22,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARTS = [  # (title, command)
     ("GPU tests", [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"]),
+    ("Benchmark suite: every op against its baseline (saved under .benchmarks/)",
+     [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "--benchmark-autosave", "-q", "-p",
+      "no:cacheprovider"]),
     ("Attention: speed vs FlexAttention and SDPA", [sys.executable, "bench/bench_bd_attention.py", "--gpu"]),
     ("Masked-weighted linear cross-entropy", [sys.executable, "bench/bench_masked_ce.py", "--gpu"]),
     ("Newton–Schulz", [sys.executable, "bench/bench_newton_schulz.py", "--gpu"]),

@@ -1,0 +1,50 @@
+"""The benchmark suite (bench/conftest.py) is collected only when asked for, covers every op, records what makes
+its numbers meaningful, and never times the interpreter. Each check runs pytest in a subprocess, as a user would."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("test_bd_attention", "test_masked_ce", "test_newton_schulz", "test_step", "test_sampling")
+
+
+def pytest_run(*args, interpret=False):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_default_run_leaves_the_suite_out_and_bench_collects_every_op():
+    default = pytest_run("--collect-only", "-q")
+    assert default.returncode == 0, default.stdout[-2000:]
+    assert "bench/" not in default.stdout, "python -m pytest must not collect the benchmark suite"
+    suite = pytest_run("bench", "--collect-only", "-q")
+    assert suite.returncode == 0, suite.stdout[-2000:]
+    for op in OPS:
+        assert f"::{op}[" in suite.stdout, f"the suite has no benchmark {op}"
+
+
+def test_a_suite_run_prints_ratios_and_saves_extra_info(tmp_path):
+    out = tmp_path / "run.json"
+    result = pytest_run("bench/bench_newton_schulz.py", "--benchmark-only", "-k", "square",
+                        f"--benchmark-json={out}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("newton-schulz square") and "bdiff" in l)
+    ratio, limit = map(float, line.split()[-2:])
+    assert 0 < ratio <= limit, line
+    runs = {b["params"]["candidate"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert set(runs) == {"torch matmuls", "bdiff"}
+    for name, info in runs.items():
+        for key in ("op", "device", "torch", "triton", "shape", "FLOP/s"):
+            assert key in info, f"{name}: extra_info lacks {key}"
+    assert runs["bdiff"]["compared_with"] == "torch matmuls"
+    assert abs(runs["bdiff"]["ratio"] - ratio) <= 5e-4, "the printed ratio (3 decimals) is the saved one"
+
+
+def test_the_interpreter_is_never_timed():
+    result = pytest_run("bench/bench_newton_schulz.py", "--benchmark-only", "-rs", interpret=True)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "4 skipped" in result.stdout and "interpreter runs are never timed" in result.stdout, result.stdout[-2000:]
