@@ -1,6 +1,7 @@
 """Generate text from a checkpoint written by train.py.
 
     python sample.py --ckpt logs/RUN/final.pt --prompt "def main():"
+    python sample.py --ckpt logs/RUN/model --prompt "def main():"        # a model directory (or user/name on the Hub)
     python sample.py --ckpt logs/RUN/final.pt --prompt "The ocean" --max_new_tokens 256 --strategy threshold
 """
 import argparse
@@ -29,7 +30,8 @@ def check_device(name: str) -> None:
 
 def main(argv=None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint path (train.py writes logs/RUN/final.pt)")
+    parser.add_argument("--ckpt", required=True, help="final.pt, a model or run directory (logs/RUN/model, "
+                                                      "logs/RUN) or a Hub id (user/name)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     add_flags(parser, SamplingConfig)
     parser.add_argument("--block_size", type=int, default=None, help="checked against the checkpoint")

@@ -10,7 +10,8 @@ setup(
     packages=["bdiff", "bdiff.kernels"],
     python_requires=">=3.10",
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
-    # pytest-benchmark: bench/bench_<op>.py are both scripts and the benchmark suite's tests.
-    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub", "pytest-benchmark"],
+    # pytest-benchmark: bench/bench_<op>.py are both scripts and the benchmark suite's tests. safetensors: the
+    # weights format of model directories and the Hub (bdiff/hub.py).
+    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub", "safetensors", "pytest-benchmark"],
     extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels"], "plot": ["matplotlib"]},
 )

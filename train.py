@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import uuid
@@ -23,10 +24,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bdiff
-from bdiff import checkpoint
+from bdiff import checkpoint, hub
 from bdiff.checkpoint import CheckpointError
-from bdiff.config import (PRESETS, ArgumentParser, Config, ConfigError, ModelConfig, SamplingConfig, TrainConfig,
-                          add_flags, apply_flags, get_preset)
+from bdiff.config import (PRESETS, RECORD_VAL_LOSS, ArgumentParser, Config, ConfigError, ModelConfig,
+                          SamplingConfig, TrainConfig, add_flags, apply_flags, get_preset)
 from bdiff.data import VOCABULARIES, DataError, DistributedLoader, check_model_fits_data, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout
@@ -35,7 +36,6 @@ from bdiff.sampling import generate
 from bdiff.tokenizer import decode, encode
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
-RECORD_VAL_LOSS = 3.44
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
@@ -317,7 +317,9 @@ def main(argv=None) -> BlockDiffusionLM | None:
                                barrier=dist.barrier if proc.ddp else None)
 
     tokens_per_step = tc.micro_steps * tc.seq_len
+    log_every = tc.log_every or auto_log_every(tc.steps)
     val_loss, train_time, t0 = float("nan"), 0.0, time.perf_counter()
+    started = t0
     for step in range(start_step, tc.steps + 1):
         if step == tc.steps or (tc.val_every and step > 0 and step % tc.val_every == 0):
             train_time += time.perf_counter() - t0
@@ -335,9 +337,11 @@ def main(argv=None) -> BlockDiffusionLM | None:
         step_s, t0 = time.perf_counter() - t0, time.perf_counter()
         train_time += step_s
         train_loss = loss_sum.item() / tc.micro_steps
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+        if (step + 1) % log_every == 0 or step + 1 == tc.steps:
+            eta = train_time / (step + 1 - start_step) * (tc.steps - step - 1)
             proc.log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | tokens {(step + 1) * tokens_per_step:,} | "
-                     f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s")
+                     f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s | "
+                     f"elapsed {duration(time.perf_counter() - started)} | eta {duration(eta)}")
         record({"step": step + 1, "train_loss": train_loss, "tokens": (step + 1) * tokens_per_step,
                 "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult,
                 "grad_norm": grad_norm.item(), "data": consumed})
@@ -347,8 +351,15 @@ def main(argv=None) -> BlockDiffusionLM | None:
     save(tc.steps)  # the model on disk first, then the extras, none of which can lose it
     if proc.master:
         checkpoint.save_model(os.path.join(run_dir, "final.pt"), raw_model, cfg.to_dict(), tc.steps, val_loss)
-        proc.log(f"checkpoint: {os.path.join(run_dir, 'final.pt')} | total train time {train_time:.1f}s")
-        finish(raw_model, cfg, rules, val_loss, train_files, tokens_per_step * tc.steps, proc.log)
+        model_dir = hub.save_pretrained(raw_model, os.path.join(run_dir, "model"), cfg.to_dict(), tc.steps,
+                                        tokens_per_step * tc.steps, val_loss)
+        proc.log(f"checkpoint: {os.path.join(run_dir, 'final.pt')} | model: {model_dir} | total train time "
+                 f"{train_time:.1f}s")
+        sample = finish(raw_model, cfg, rules, val_loss, train_files, tokens_per_step * tc.steps, proc.log)
+        launcher = f"torchrun --standalone --nproc_per_node={proc.world}" if proc.ddp else "python"
+        extra("model card", lambda: model_card(model_dir, sample, log_path, launcher, argv))
+        proc.log(f"next: python -m bdiff.eval --model {model_dir} --draws 4 | python sample.py --ckpt {model_dir} "
+                 f"--prompt {shlex.quote(sample_prompt(cfg))} | python -m bdiff.hub push {model_dir} USER/NAME")
     if proc.ddp:
         dist.destroy_process_group()
     return raw_model
@@ -356,8 +367,9 @@ def main(argv=None) -> BlockDiffusionLM | None:
 
 # ---- the end ----------------------------------------------------------------------------------------------
 
-def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_files, tokens: int, log) -> None:
-    """The summary and a sample, once the model is saved."""
+def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_files, tokens: int,
+           log) -> str | None:
+    """The summary and a sample (returned), once the model is saved."""
     if cfg.train.data == "stdlib":
         extra("summary", lambda: log(f"val loss {val_loss:.4f} nats vs unigram entropy "
                                      f"{unigram_entropy(train_files, cfg.model.vocab_size):.4f} nats (the loss of a "
@@ -366,24 +378,53 @@ def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, t
         ok = all(rules.values()) and val_loss <= RECORD_VAL_LOSS
         log(f"record: val loss {val_loss:.4f} {'<=' if val_loss <= RECORD_VAL_LOSS else '>'} {RECORD_VAL_LOSS} "
             f"with {tokens:,} tokens; {'meets' if ok else 'does not meet'} the record rules")
-    extra("sample", lambda: end_of_run_sample(model, cfg, log))
+    return extra("sample", lambda: end_of_run_sample(model, cfg, log))
 
 
-def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> None:
-    """200 tokens from the model just trained, in the tokenizer of the data it was trained on."""
+def sample_prompt(cfg: Config) -> str:
+    return "def " if VOCABULARIES[cfg.train.data].tokenizer == "bytes" else "The"
+
+
+def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> str:
+    """200 tokens from the model just trained, in the tokenizer of the data it was trained on; returns the text."""
     model.eval()
     tokenizer = VOCABULARIES[cfg.train.data].tokenizer
-    prompt = "def " if tokenizer == "bytes" else "The"
+    prompt = sample_prompt(cfg)
     out = generate(model, [encode(prompt, tokenizer, cfg.model.bos_id)], SamplingConfig(max_new_tokens=200))
-    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{prompt}"
-        f"{decode(out.tokens[0], tokenizer)}")
+    text = prompt + decode(out.tokens[0], tokenizer)
+    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{text}")
+    return text
 
 
-def extra(what: str, fn) -> None:
-    """Run an extra of the end of a run (summary, sample). The model is already on disk, so a failure costs one
-    line saying what was skipped and why, never the run."""
+def model_card(model_dir: str, sample: str | None, log_path: str, launcher: str, argv) -> None:
+    """The model directory's card gets the loss plot (where matplotlib is installed), the sample and the command
+    that reproduces the run."""
+    from bdiff.plot import plot
+
+    with contextlib.suppress(ImportError):  # no matplotlib: a card without the plot
+        plot([log_path], os.path.join(model_dir, hub.PLOT))
+    args = sys.argv[1:] if argv is None else argv
+    hub.write_card(model_dir, sample=sample, command=f"{launcher} train.py {' '.join(map(shlex.quote, args))}".strip())
+
+
+def auto_log_every(steps: int) -> int:
+    """About 50 lines a run, at a round step count: 600 steps log every 10th."""
+    target = max(1, steps // 50)
+    return max(n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if n <= target)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def extra(what: str, fn):
+    """Run an extra of the end of a run (summary, sample, model card) and return its result. The model is already
+    on disk, so a failure costs one line saying what was skipped and why (and returns None), never the run."""
     try:
-        fn()
+        return fn()
     except Exception as e:  # noqa: BLE001 (any failure of an extra is reported the same way)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{what} skipped: {reason}", flush=True)

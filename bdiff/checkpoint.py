@@ -1,4 +1,5 @@
-"""Every file bdiff writes or reads a model from, in one module.
+"""The files of a run that only bdiff reads: resumable checkpoints and final.pt (the model directory that
+other tools read, model/, is bdiff/hub.py's).
 
 A run's directory out_dir/RUN/ holds
 - ckpt_NNNNNN/ (resumable, every --ckpt_every steps and at the end, the newest --ckpt_keep kept):

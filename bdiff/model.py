@@ -123,6 +123,20 @@ class BlockDiffusionLM(nn.Module):
         padded_vocab = -(-cfg.vocab_size // cfg.lm_head_multiple) * cfg.lm_head_multiple
         self.lm_head = CastedLinear(cfg.model_dim, padded_vocab, zero_init=True)
 
+    @classmethod
+    def from_pretrained(cls, name: str, device="cpu") -> BlockDiffusionLM:
+        """The model of a model directory, a run directory or a Hub id (user/name), in eval mode (bdiff/hub.py)."""
+        from bdiff.hub import from_pretrained
+
+        return from_pretrained(name, device)[0]
+
+    def save_pretrained(self, directory: str, config: dict, **info) -> str:
+        """model.safetensors, config.json and a model card in `directory`; `config` is the run's config dict
+        (Config.to_dict()), `info` step, tokens and val_loss for the card (bdiff/hub.py)."""
+        from bdiff.hub import save_pretrained
+
+        return save_pretrained(self, directory, config, **info)
+
     def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
                       schedule: torch.Tensor | None = None, keep: int | None = None):
         """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows, or of the first `keep` rows.

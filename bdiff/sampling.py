@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from bdiff import checkpoint
 from bdiff.config import ModelConfig, SamplingConfig
 from bdiff.model import BlockDiffusionLM
 
@@ -230,9 +229,12 @@ def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p,
 
 # --- checkpoints and text ------------------------------------------------------------------------------
 
-def load_checkpoint(path: str, device="cpu") -> tuple[BlockDiffusionLM, dict]:
-    """The model of a checkpoint train.py wrote, and its config dict (bdiff/checkpoint.py reads it)."""
+def load_checkpoint(name: str, device="cpu") -> tuple[BlockDiffusionLM, dict]:
+    """The model and its config dict from a final.pt of train.py, a model or run directory, or a Hub id
+    (bdiff/hub.py)."""
+    from bdiff.hub import HubError, load_any
+
     try:
-        return checkpoint.load_model(path, device)
-    except checkpoint.CheckpointError as e:
+        return load_any(name, device)
+    except HubError as e:
         raise SamplingError(str(e)) from None

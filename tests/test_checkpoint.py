@@ -14,7 +14,7 @@ import train
 from bdiff import checkpoint
 from bdiff.model import BlockDiffusionLM
 from bdiff.plot import main as plot_main
-from bdiff.plot import read_log
+from bdiff.plot import read_log, read_run
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -139,13 +139,19 @@ def test_mismatched_resume_is_refused(stdlib_dir, tmp_path):
         checkpoint.load(path, 0, 2, cfg)
 
 
-def test_plot(stdlib_dir, tmp_path):
+def test_plot_one_run_and_a_comparison(stdlib_dir, tmp_path):
     out = str(tmp_path)
-    train.main(["--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir", stdlib_dir, "--out_dir", out,
-                "--run_name", "p"])
+    for run, seed in (("p", "0"), ("q", "1")):
+        train.main(["--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir", stdlib_dir, "--out_dir", out,
+                    "--run_name", run, "--seed", seed])
     assert plot_main([os.path.join(out, "p.jsonl")]) == 0
-    png = os.path.join(out, "p.png")
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    assert plot_main([os.path.join(out, "p.jsonl"), os.path.join(out, "q.jsonl")]) == 0
+    for png in ("p.png", "compare.png", os.path.join("p", "model", "loss.png")):
+        png = os.path.join(out, png)
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000, png
+    (p_val, q_val) = (read_run(os.path.join(out, f"{r}.jsonl"))["val"] for r in "pq")
+    assert sorted(p_val) == sorted(q_val) == [3, 6] and p_val != q_val, "two seeds, the same validation steps"
+    assert all(time is not None for _, _, time in p_val.values()), "validation entries carry the training time"
 
 
 class Payload:

@@ -1,5 +1,5 @@
 """Every command a user types fails in one line: exit code 2 and a single stderr line that names the input, what
-was wrong and what to do (train.py, sample.py, python -m bdiff.data, python -m bdiff.plot)."""
+was wrong and what to do (train.py, sample.py, python -m bdiff.data, bdiff.plot, bdiff.eval and bdiff.hub)."""
 import os
 import subprocess
 import sys
@@ -38,6 +38,15 @@ CASES = [
     ("data: unknown corpus", [PY, "-m", "bdiff.data", "wikipedia"], ["invalid choice: 'wikipedia'"]),
     ("plot: missing log", [PY, "-m", "bdiff.plot", "{tmp}/none.jsonl"], ["none.jsonl"]),
     ("plot: foreign file", [PY, "-m", "bdiff.plot", "{log}"], ["error:"]),
+    ("plot: one of several logs missing", [PY, "-m", "bdiff.plot", "{log}", "{tmp}/none.jsonl"], ["error:"]),
+    ("sample: Hub id not cached, offline", [PY, "sample.py", "--ckpt", "someone/absent", "--prompt", "a"],
+     ["someone/absent", "not in the local Hugging Face cache"]),
+    ("eval: missing model", [PY, "-m", "bdiff.eval", "--model", "{tmp}/none.pt"], ["none.pt", "no such checkpoint"]),
+    ("eval: no draws", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--draws", "0"], ["--draws must be >= 1"]),
+    ("eval: bad levels", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--levels", "0.5,2"],
+     ["--levels", "must lie in (0, 1]"]),
+    ("hub: push a missing run", [PY, "-m", "bdiff.hub", "push", "{tmp}/none", "someone/x"], ["not a model directory"]),
+    ("hub: unknown command", [PY, "-m", "bdiff.hub", "pull", "x"], ["invalid choice: 'pull'"]),
 ]
 
 

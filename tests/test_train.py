@@ -160,3 +160,18 @@ def test_data_and_model_must_agree(stdlib_dir, tmp_path):
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "sample (" in fits.stdout and "skipped" not in fits.stdout
     assert os.path.exists(os.path.join(str(tmp_path), "b", "final.pt"))
+
+
+def test_long_runs_log_every_nth_step_with_elapsed_time_and_eta(stdlib_dir, tmp_path, capsys):
+    assert (train.auto_log_every(4), train.auto_log_every(600), train.auto_log_every(10_000)) == (1, 10, 200)
+    assert train.get_preset("record").train.log_every == 1, "the record logs every step, as its runs do"
+    train.main(["--preset", "tiny", "--steps", "100", "--val_every", "0", "--data_dir", stdlib_dir, "--out_dir",
+                str(tmp_path), "--run_name", "n"])
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("step ") and "| loss " in line]
+    assert [line.split()[1] for line in steps] == [f"{s}/100" for s in range(2, 101, 2)], steps[:3]
+    assert all(" | elapsed " in line and " | eta " in line for line in steps), steps[0]
+    assert steps[-1].endswith("eta 0m00s"), steps[-1]
+    model_dir = os.path.join(str(tmp_path), "n", "model")
+    assert f"python -m bdiff.eval --model {model_dir}" in out and f"sample.py --ckpt {model_dir}" in out, \
+        "the end of a run names its model directory and the commands that evaluate, sample and push it"

@@ -1,0 +1,255 @@
+"""Models in the format the Hugging Face ecosystem shares: a directory, or a Hub repository, holding
+
+    model.safetensors   the weights (safetensors: no code runs when it is read)
+    config.json         {"bdiff_version", "tokenizer", "block_size", "model": ModelConfig, "train": TrainConfig,
+                         "step", "tokens", "val_loss"}
+    README.md           the model card: data, tokens, final validation loss, the loss plot, a sample, and the
+                        command that reproduces the run
+    loss.png            the loss plot, where matplotlib was there to draw it
+
+train.py writes one at the end of every run (logs/RUN/model/). From the command line:
+
+    python -m bdiff.hub push logs/RUN user/name       # upload a run's model directory (or any model directory)
+
+From Python: BlockDiffusionLM.from_pretrained("user/name" or a directory), model.save_pretrained(dir, config).
+A Hub id is fetched through huggingface_hub's cache (HF_HUB_CACHE), so once fetched it loads offline
+(HF_HUB_OFFLINE=1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+
+
+import bdiff
+from bdiff.config import ArgumentParser, ModelConfig
+
+WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # user/name, as the Hub spells repository ids
+
+
+class HubError(ValueError):
+    """A model that cannot be saved, found, read or pushed; the message says which and why."""
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(tmp_path), then rename over `path`: a failure never leaves half a file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_pretrained(model, directory: str, config: dict, step: int | None = None, tokens: int | None = None,
+                    val_loss: float | None = None) -> str:
+    """Write weights, config.json and a model card into `directory` (created). `config` is the run's config dict
+    (Config.to_dict(): "model" and "train"). Returns the directory."""
+    from safetensors.torch import save_file
+
+    from bdiff.tokenizer import tokenizer_of
+
+    os.makedirs(directory, exist_ok=True)
+    weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    _atomic_write(os.path.join(directory, WEIGHTS), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    meta = {"bdiff_version": bdiff.__version__, "tokenizer": tokenizer_of(config),
+            "block_size": config["model"]["block_size"], "model": config["model"], "train": config["train"],
+            "step": step, "tokens": tokens, "val_loss": val_loss}
+    _atomic_write(os.path.join(directory, CONFIG), lambda p: _write_text(p, json.dumps(meta, indent=2) + "\n"))
+    write_card(directory)
+    return directory
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise HubError(f"{directory}: no {CONFIG}; a bdiff model directory holds {WEIGHTS} and {CONFIG}") from None
+    except (OSError, ValueError) as e:
+        raise HubError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "train" not in meta:
+        raise HubError(f"{path}: not a bdiff model config (no \"model\" and \"train\" entries)")
+    return meta
+
+
+def write_card(directory: str, sample: str | None = None, command: str | None = None) -> None:
+    """README.md of a model directory from its config.json (and the sample and the reproducing command, when
+    given; a card rewritten without them keeps the ones it had)."""
+    meta = read_config(directory)
+    old = _card_fields(directory)
+    sample = sample if sample is not None else old.get("sample")
+    command = command or old.get("command") or "python train.py " + " ".join(
+        f"--{k} {v}" for k, v in meta["train"].items() if k in ("data", "steps", "seq_len"))
+    data = {"stdlib": "the Python standard library's source, read as bytes (embedded corpus)",
+            "finewebedu": "FineWeb-Edu (GPT-2 tokens; HuggingFaceFW/fineweb-edu)"}.get(meta["train"]["data"],
+                                                                                     meta["train"]["data"])
+    m = meta["model"]
+    lines = [
+        "---", "library_name: bdiff", "tags:", "- block-diffusion", "- bd3-lm", "- text-generation",
+        *(["datasets:", "- HuggingFaceFW/fineweb-edu"] if meta["train"]["data"] == "finewebedu" else []), "---", "",
+        "# A block-diffusion language model trained with bdiff", "",
+        f"- Architecture: {m['num_layers']} layers, width {m['model_dim']}, {m['num_heads']} heads of {m['head_dim']}, "
+        f"vocabulary {m['vocab_size']} (MASK {m['mask_id']}, BOS {m['bos_id']}), block size {m['block_size']}",
+        f"- Trained on: {data}; tokenizer `{meta['tokenizer']}`",
+        f"- Steps: {meta.get('step')}, tokens: {meta['tokens']:,}" if meta.get("tokens") else
+        f"- Steps: {meta.get('step')}",
+        f"- Final validation loss (t ~ U[0, 1], the objective's bound on the NLL per token): "
+        f"{meta['val_loss']:.4f} nats" if meta.get("val_loss") is not None else "- Final validation loss: not measured",
+        f"- bdiff {meta['bdiff_version']}", "",
+        "## Use", "", "```bash",
+        "python -m bdiff.eval --model THIS_REPO_OR_DIR --draws 4",
+        "python sample.py --ckpt THIS_REPO_OR_DIR --prompt " + ('"def "' if meta["tokenizer"] == "bytes" else '"The"'),
+        "```", "", "## Reproduce", "", "<!-- command -->", "```bash", command, "```", "",
+    ]
+    if os.path.exists(os.path.join(directory, PLOT)):
+        lines += ["## Loss", "", f"![loss]({PLOT})", ""]
+    if sample:
+        lines += ["## A sample", "", "<!-- sample -->", "```text", sample, "```", ""]
+    _atomic_write(os.path.join(directory, CARD), lambda p: _write_text(p, "\n".join(lines)))
+
+
+def _card_fields(directory: str) -> dict:
+    """The command and the sample of an existing card, to keep them when it is rewritten."""
+    try:
+        with open(os.path.join(directory, CARD)) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for key in ("command", "sample"):
+        match = re.search(rf"<!-- {key} -->\n```\w*\n(.*?)\n```", text, re.S)
+        if match:
+            found[key] = match.group(1)
+    return found
+
+
+def resolve(name: str) -> str:
+    """A local model directory for `name`: a model directory, a run directory (its model/), or a Hub id
+    (downloaded into, or found in, huggingface_hub's cache)."""
+    if os.path.isdir(name):
+        for candidate in (name, os.path.join(name, "model")):
+            if os.path.exists(os.path.join(candidate, WEIGHTS)):
+                return candidate
+        raise HubError(f"{name}: a directory without {WEIGHTS} (nor a model/ holding one)")
+    if os.path.exists(name):
+        raise HubError(f"{name}: not a model directory, run directory or Hub id (user/name)")
+    if not REPO_ID.match(name):
+        raise HubError(f"{name}: no such checkpoint file or directory, and no Hub id (user/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT])
+    except RepositoryNotFoundError:
+        raise HubError(f"{name}: no such model on the Hub (or it is private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise HubError(f"{name}: no such local directory, not in the local Hugging Face cache, and the Hub cannot "
+                       "be reached (offline?): download it once with network access") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise HubError(f"{name}: could not download ({str(e).splitlines()[0]})") from None
+
+
+def from_pretrained(name: str, device="cpu"):
+    """(model in eval mode, its config dict with "model" and "train") of a model directory, run directory or Hub
+    id. A damaged or foreign weights file is refused in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from bdiff.model import BlockDiffusionLM
+
+    directory = resolve(name)
+    meta = read_config(directory)
+    path = os.path.join(directory, WEIGHTS)
+    try:
+        weights = load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HubError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    try:
+        model = BlockDiffusionLM(ModelConfig(**meta["model"])).to(device)
+    except (TypeError, ValueError) as e:
+        raise HubError(f"{directory}/{CONFIG}: not a valid model config ({str(e).splitlines()[0]})") from None
+    expected = set(model.state_dict())
+    if set(weights) != expected:
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise HubError(f"{path}: not this model's weights (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                       f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise HubError(f"{path}: weights do not match {CONFIG} ({' '.join(str(e).split())[:300]})") from None
+    return model.eval(), meta
+
+
+def load_any(name: str, device="cpu"):
+    """(model, config dict) from whatever a user names: a checkpoint file (final.pt, written by train.py), a model
+    directory, a run directory or a Hub id."""
+    from bdiff import checkpoint
+
+    if os.path.isfile(name):
+        try:
+            return checkpoint.load_model(name, device)
+        except checkpoint.CheckpointError as e:
+            raise HubError(str(e)) from None
+    return from_pretrained(name, device)
+
+
+def push(name: str, repo_id: str, private: bool = False, token: str | None = None, api=None) -> str:
+    """Upload a model directory (or a run directory's model/) to the Hub repository `repo_id`, created if needed.
+    The token comes from `token`, HF_TOKEN or `hf auth login`. Returns the repository's URL."""
+    from huggingface_hub import HfApi, get_token
+
+    directory = resolve(name) if os.path.isdir(name) else None
+    if directory is None:
+        raise HubError(f"{name}: not a model directory or a run directory (train.py writes logs/RUN/model/)")
+    read_config(directory)
+    if not REPO_ID.match(repo_id):
+        raise HubError(f"{repo_id!r}: a Hub repository id is user/name")
+    token = token or get_token()
+    if api is None:
+        if not token:
+            raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+        api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=directory, repo_id=repo_id, commit_message=f"bdiff {bdiff.__version__}: "
+                          f"upload {os.path.basename(os.path.abspath(directory))}")
+    except Exception as e:  # noqa: BLE001 (network, auth, quota: every failure of the upload is one line)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HubError(f"push to {repo_id} failed: {reason}") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m bdiff.hub", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("push", help="upload a model directory to the Hugging Face Hub")
+    p.add_argument("model", help="a run directory (logs/RUN) or a model directory (logs/RUN/model)")
+    p.add_argument("repo_id", help="user/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    args = parser.parse_args(argv)
+    try:
+        url = push(args.model, args.repo_id, private=args.private)
+    except HubError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
