@@ -5,15 +5,20 @@
     python train.py --preset record --dry_run         # parameter count and config, no training
     python train.py --run_name r1 --ckpt_every 100 ... then, after a crash:  --run_name r1 --resume auto
 
+SIGTERM or SIGINT (a preemption, Ctrl-C): every rank finishes its step, a checkpoint is written and the run exits
+with code 75 (PREEMPTED); the same command with --resume auto continues it.
+
 Any field of ModelConfig / TrainConfig can be overridden: --steps 100 --block_size 8 ...
 """
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 import uuid
@@ -36,6 +41,7 @@ from bdiff.sampling import generate
 from bdiff.tokenizer import decode, encode
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
+PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
@@ -79,9 +85,44 @@ class Process:
             print(msg, flush=True)
 
 
+class Preempted(Exception):
+    """The run stopped on SIGTERM or SIGINT after writing a complete checkpoint."""
+
+
+def agree(proc: Process, flag: bool, every: bool) -> bool:
+    """The same answer on every rank: whether `flag` holds on every rank (every=True) or on any. A collective:
+    every rank must call it."""
+    if not proc.ddp:
+        return flag
+    t = torch.tensor([int(flag)], device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if every else dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (what SLURM and Kubernetes send before preempting, with a grace period) and SIGINT only set a flag:
+    the run finishes its optimizer step, checkpoints and exits. Yields a one-element list holding the signal's
+    name once one arrived. The previous handlers come back afterwards."""
+    received: list[str] = []
+
+    def handler(signum, frame):
+        received[:] = [signal.Signals(signum).name]
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 # ---- process setup ----------------------------------------------------------------------------------------
 
-def setup_process() -> Process:
+def setup_process(timeout_s: int) -> Process:
+    """This process's rank and device; under torchrun the process group, whose collectives fail after `timeout_s`
+    seconds without an answer from every rank (a hung rank; a dead one ends the job sooner: the connection drops,
+    and torchrun stops the other workers)."""
     ddp = "RANK" in os.environ
     rank, world, local_rank = ((int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
                                if ddp else (0, 1, 0))
@@ -91,7 +132,8 @@ def setup_process() -> Process:
     else:
         device = torch.device("cpu")
     if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Process(rank, world, local_rank, ddp, device)
 
 
@@ -219,11 +261,17 @@ def rng_states(noise_gen: torch.Generator, device) -> dict:
 def resume(path: str, cfg: Config, proc: Process, model, adam, muon, noise_gen, loader) -> int:
     """Every piece of state back where it lives; returns the step to continue from."""
     step, rngs, data_state = checkpoint.restore(path, proc.rank, proc.world, cfg.to_dict(), model, adam, muon)
+    loader.load_state(data_state)
+    if rngs["noise_rng"] is None:  # written by another number of ranks: fresh noise streams, one per rank and step
+        noise_gen.manual_seed(cfg.train.seed * 1000 + 1 + proc.rank + 7919 * step)
+        proc.log(f"resumed from {path} at step {step} on {proc.world} rank(s), written by "
+                 f"{data_state['world_size']}: Muon's state is re-sharded and the data continue at the next unread "
+                 f"token, but the noise streams differ, so the run is no longer bit-identical to an uninterrupted one")
+        return step
     noise_gen.set_state(rngs["noise_rng"])
     torch.set_rng_state(rngs["cpu_rng"])
     if proc.device.type == "cuda":
         torch.cuda.set_rng_state_all(rngs["cuda_rng"])
-    loader.load_state(data_state)
     proc.log(f"resumed from {path} at step {step}")
     return step
 
@@ -291,7 +339,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
     cfg, args = parse_args(argv)
     mc, tc = cfg.model, cfg.train
     check_model_fits_data(tc.data, mc.vocab_size, mc.bos_id, mc.mask_id)  # before anything is built
-    proc = setup_process()
+    proc = setup_process(tc.collective_timeout_s)
     accum, val_steps = steps_per_rank(tc, proc)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if proc.device.type == "cuda" else contextlib.nullcontext()
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
@@ -307,46 +355,56 @@ def main(argv=None) -> BlockDiffusionLM | None:
     noise_gen = torch.Generator(proc.device).manual_seed(tc.seed * 1000 + 1 + proc.rank)  # each rank its own noise
     start_step, last_checkpoint = 0, None
     if args.resume:
-        last_checkpoint = checkpoint.resolve(args.resume, run_dir)
+        last_checkpoint = checkpoint.resolve(args.resume, run_dir, log=proc.log)
         start_step = resume(last_checkpoint, cfg, proc, raw_model, adam, muon, noise_gen, train_loader)
     record = start_log(log_path, run_dir, cfg, proc, raw_model, start_step if args.resume else None)
 
     def save(step: int) -> str:
         return checkpoint.save(run_dir, step, proc.rank, tc.ckpt_keep, raw_model, adam, muon,
                                rng_states(noise_gen, proc.device), train_loader.state(), cfg.to_dict(), proc.world,
-                               barrier=dist.barrier if proc.ddp else None)
+                               all_ok=lambda ok: agree(proc, ok, every=True))
 
     tokens_per_step = tc.micro_steps * tc.seq_len
     log_every = tc.log_every or auto_log_every(tc.steps)
     val_loss, train_time, t0 = float("nan"), 0.0, time.perf_counter()
     started = t0
-    for step in range(start_step, tc.steps + 1):
-        if step == tc.steps or (tc.val_every and step > 0 and step % tc.val_every == 0):
-            train_time += time.perf_counter() - t0
-            val_loss = evaluate(model, raw_model, val_files, cfg, proc, autocast, val_steps)
-            proc.log(f"step {step}/{tc.steps} | val loss {val_loss:.4f} | tokens {step * tokens_per_step:,} | "
-                     f"train time {train_time:.1f}s")
-            record({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step, "train_time_s": train_time})
-            t0 = time.perf_counter()
-        if step == tc.steps:
-            break
-        loss_sum, consumed = accumulate_gradients(model, train_loader, cfg, proc, autocast, noise_gen, accum)
-        grad_norm, mult = optimizer_step(raw_model, adam, muon, loss_sum, step, tc, last_checkpoint)
-        if proc.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_s, t0 = time.perf_counter() - t0, time.perf_counter()
-        train_time += step_s
-        train_loss = loss_sum.item() / tc.micro_steps
-        if (step + 1) % log_every == 0 or step + 1 == tc.steps:
-            eta = train_time / (step + 1 - start_step) * (tc.steps - step - 1)
-            proc.log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | tokens {(step + 1) * tokens_per_step:,} | "
-                     f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s | "
-                     f"elapsed {duration(time.perf_counter() - started)} | eta {duration(eta)}")
-        record({"step": step + 1, "train_loss": train_loss, "tokens": (step + 1) * tokens_per_step,
-                "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult,
-                "grad_norm": grad_norm.item(), "data": consumed})
-        if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
-            last_checkpoint = save(step + 1)
+    with stop_signals() as stopped:  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+        for step in range(start_step, tc.steps + 1):
+            if step == tc.steps or (tc.val_every and step > 0 and step % tc.val_every == 0):
+                train_time += time.perf_counter() - t0
+                val_loss = evaluate(model, raw_model, val_files, cfg, proc, autocast, val_steps)
+                proc.log(f"step {step}/{tc.steps} | val loss {val_loss:.4f} | tokens {step * tokens_per_step:,} | "
+                         f"train time {train_time:.1f}s")
+                record({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step, "train_time_s": train_time})
+                t0 = time.perf_counter()
+            if step == tc.steps:
+                break
+            loss_sum, consumed = accumulate_gradients(model, train_loader, cfg, proc, autocast, noise_gen, accum)
+            grad_norm, mult = optimizer_step(raw_model, adam, muon, loss_sum, step, tc, last_checkpoint)
+            if proc.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_s, t0 = time.perf_counter() - t0, time.perf_counter()
+            train_time += step_s
+            train_loss = loss_sum.item() / tc.micro_steps
+            if (step + 1) % log_every == 0 or step + 1 == tc.steps:
+                eta = train_time / (step + 1 - start_step) * (tc.steps - step - 1)
+                proc.log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | tokens {(step + 1) * tokens_per_step:,} | "
+                         f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s | "
+                         f"elapsed {duration(time.perf_counter() - started)} | eta {duration(eta)}")
+            record({"step": step + 1, "train_loss": train_loss, "tokens": (step + 1) * tokens_per_step,
+                    "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult,
+                    "grad_norm": grad_norm.item(), "data": consumed})
+            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+                last_checkpoint = save(step + 1)
+            if agree(proc, bool(stopped), every=False) and step + 1 < tc.steps:  # every rank stops at this step
+                if last_checkpoint != checkpoint.checkpoint_dir(run_dir, step + 1):
+                    last_checkpoint = save(step + 1)
+                proc.log(f"stopped by {stopped[0] if stopped else 'a signal'} after step {step + 1}/{tc.steps}: "
+                         f"checkpoint {last_checkpoint}; to continue, run the same command with --run_name "
+                         f"{os.path.basename(run_dir)} --resume auto")
+                if proc.ddp:
+                    dist.destroy_process_group()
+                raise Preempted(last_checkpoint)
 
     save(tc.steps)  # the model on disk first, then the extras, none of which can lose it
     if proc.master:
@@ -452,3 +510,16 @@ if __name__ == "__main__":
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except OSError as e:  # a disk error outside a checkpoint (final.pt, the model directory, the log)
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    except Preempted:  # the line saying where and how to resume is logged
+        sys.exit(PREEMPTED)
+    except RuntimeError as e:  # under torchrun: a collective failed because another rank died or hung
+        lost = isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Connection closed"))
+        if "RANK" not in os.environ or not lost:
+            raise
+        print(f"error: rank {os.environ['RANK']}: a collective with the other ranks failed ({str(e).strip()[:160]}): a "
+              "rank died, or hung longer than --collective_timeout_s; the newest complete checkpoint is intact: "
+              "resume with --resume auto", file=sys.stderr)
+        sys.exit(1)

@@ -5,7 +5,8 @@ A run's directory out_dir/RUN/ holds
 - ckpt_NNNNNN/ (resumable, every --ckpt_every steps and at the end, the newest --ckpt_keep kept):
   shared.pt, written by rank 0: {"model", "adam", "step", "config", "data" (loader position), "world_size"};
   rank{r}.pt, one per rank: {"muon" (this rank's shard), "noise_rng", "cpu_rng", "cuda_rng"};
-  COMPLETE, written by rank 0 last, after every rank's files are on disk.
+  COMPLETE, written by rank 0 last, after every rank's files are on disk: the SHA-256 of each file, which a
+  resume verifies (--resume auto falls back to the newest intact checkpoint).
 - final.pt, the model alone for sampling: {"model", "config", "step", "val_loss"}.
 Every file is written to a temporary name, fsynced and renamed, so a crash mid-write leaves no checkpoint
 marked COMPLETE that is not; every load uses torch.load(weights_only=True), so loading never runs code.
@@ -13,6 +14,8 @@ marked COMPLETE that is not; every load uses torch.load(weights_only=True), so l
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -47,13 +50,50 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"ckpt_{step:06d}")
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def mark_complete(path: str, keep: int) -> None:
-    """Rank 0, after every rank saved: the checkpoint becomes resumable; older ones beyond `keep` go."""
-    with open(os.path.join(path, COMPLETE), "w") as f:
+    """Rank 0, after every rank saved: COMPLETE, holding the SHA-256 of every file, makes the checkpoint resumable;
+    older ones beyond `keep` go."""
+    sums = {name: _sha256(os.path.join(path, name)) for name in sorted(os.listdir(path)) if name != COMPLETE}
+    marker = os.path.join(path, COMPLETE)
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"sha256": sums}, f)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(marker + ".tmp", marker)
     for old in complete_checkpoints(os.path.dirname(path))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def damage(path: str) -> str | None:
+    """What is wrong with a complete checkpoint's files (a file missing, or its checksum not the one COMPLETE
+    recorded), or None when they are intact. An empty marker (written before checksums were recorded) is taken as
+    is."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            text = f.read()
+    except OSError as e:
+        return f"{COMPLETE} unreadable ({e.strerror})"
+    if not text.strip():
+        return None
+    try:
+        sums = json.loads(text)["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return f"{COMPLETE} is damaged"
+    for name, expected in sums.items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return f"{name} is missing"
+        if _sha256(file) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def complete_checkpoints(run_dir: str) -> list[str]:
@@ -62,15 +102,25 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     return [p for p in found if os.path.exists(os.path.join(p, COMPLETE))]
 
 
-def resolve(resume: str, run_dir: str) -> str:
-    """`--resume auto`: the newest complete checkpoint of this run; otherwise the given directory."""
+def resolve(resume: str, run_dir: str, log=print) -> str:
+    """`--resume auto`: the newest complete checkpoint of this run whose files match their checksums (a damaged
+    one is reported through `log` and skipped); otherwise the given directory, which must be complete and intact."""
     if resume == "auto":
         found = complete_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"--resume auto: no complete checkpoint in {run_dir}")
-        return found[-1]
+        for path in reversed(found):
+            problem = damage(path)
+            if problem is None:
+                return path
+            log(f"warning: {path} is damaged ({problem}); falling back to the checkpoint before it")
+        raise CheckpointError(f"--resume auto: every complete checkpoint in {run_dir} is damaged")
     if not os.path.exists(os.path.join(resume, COMPLETE)):
         raise CheckpointError(f"{resume}: not a complete checkpoint (no {COMPLETE} marker: missing or cut short)")
+    problem = damage(resume)
+    if problem:
+        raise CheckpointError(f"{resume}: damaged ({problem}); resume from an intact checkpoint (--resume auto "
+                              "finds the newest)")
     return resume
 
 
@@ -101,41 +151,66 @@ RANK_KEYS = ("muon", "noise_rng", "cpu_rng", "cuda_rng")
 
 
 def load(path: str, rank: int, world: int, config: dict) -> tuple[dict, dict]:
-    """(shared state, this rank's state), after checking that this run can continue from them exactly."""
+    """(shared state, this rank's state), after checking that this run can continue from them. On the number of
+    ranks that wrote it, this rank's file. On another number, every old rank's Muon shard merged (the caller
+    keeps its new share) and no RNG states: per-rank noise streams cannot be split differently, so the run
+    continues with fresh ones."""
     shared = safe_load(os.path.join(path, "shared.pt"), required=SHARED_KEYS)
     if shared["config"]["model"] != config["model"]:
         diff = {k: (v, config["model"][k]) for k, v in shared["config"]["model"].items() if config["model"].get(k) != v}
         raise CheckpointError(f"{path}: the model differs from this run's (checkpoint vs now: {diff})")
-    if shared["world_size"] != world:
-        raise CheckpointError(f"{path}: written by {shared['world_size']} ranks, resumed with {world}; per-rank noise "
-                              f"and Muon shards cannot be split differently: run with {shared['world_size']} ranks")
-    return shared, safe_load(os.path.join(path, f"rank{rank}.pt"), required=RANK_KEYS)
+    if shared["world_size"] == world:
+        return shared, safe_load(os.path.join(path, f"rank{rank}.pt"), required=RANK_KEYS)
+    shards = [safe_load(os.path.join(path, f"rank{r}.pt"), required=RANK_KEYS)["muon"]
+              for r in range(shared["world_size"])]
+    merged = {"state": {k: v for shard in shards for k, v in shard["state"].items()},
+              "param_groups": shards[0]["param_groups"]}
+    return shared, {"muon": merged, "noise_rng": None, "cpu_rng": None, "cuda_rng": None}
 
 
 def save(run_dir: str, step: int, rank: int, keep: int, model, adam, muon, rngs: dict, data_state: dict,
-         config: dict, world: int, barrier=None) -> str:
-    """Write ckpt_NNNNNN/ for `step`: this rank's file, rank 0's shared file, then (after `barrier`, which
-    every rank reaches once its file is on disk) the COMPLETE marker. Returns the directory."""
+         config: dict, world: int, all_ok=lambda ok: ok) -> str:
+    """Write ckpt_NNNNNN/ for `step`: this rank's file, rank 0's shared file, then (once `all_ok(ok)`, which
+    every rank reaches when its files are written, says every rank succeeded) the COMPLETE marker. Returns the
+    directory. A write error on any rank (a full disk, EIO, permissions) removes the partial checkpoint, so the
+    previous complete one stays the newest, and raises CheckpointError on every rank."""
     path = checkpoint_dir(run_dir, step)
-    os.makedirs(path, exist_ok=True)
-    atomic_save({"muon": muon.state_dict(), **rngs}, os.path.join(path, f"rank{rank}.pt"))
-    if rank == 0:
-        atomic_save({"model": model.state_dict(), "adam": adam.state_dict(), "step": step, "config": config,
-                     "data": data_state, "world_size": world}, os.path.join(path, "shared.pt"))
-    if barrier is not None:
-        barrier()
-    if rank == 0:
-        mark_complete(path, keep)
+    error = None
+    try:
+        os.makedirs(path, exist_ok=True)
+        atomic_save({"muon": muon.state_dict(), **rngs}, os.path.join(path, f"rank{rank}.pt"))
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "adam": adam.state_dict(), "step": step, "config": config,
+                         "data": data_state, "world_size": world}, os.path.join(path, "shared.pt"))
+    except OSError as e:
+        error = e
+    ok = all_ok(error is None)
+    if ok:
+        if rank == 0:
+            try:
+                mark_complete(path, keep)
+            except OSError as e:
+                error = e
+        ok = all_ok(error is None)  # every rank learns whether the marker was written
+    if not ok:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        previous = complete_checkpoints(run_dir)
+        cause = f"{error.strerror or error} ({error.filename})" if error else "another rank could not write its part"
+        raise CheckpointError(f"could not write checkpoint {path}: {cause}; removed it. The newest complete "
+                              f"checkpoint is {previous[-1] if previous else 'none'}")
     return path
 
 
 def restore(path: str, rank: int, world: int, config: dict, model, adam, muon) -> tuple[int, dict, dict]:
-    """Load a complete checkpoint into the model and both optimizers. Returns (step, this rank's RNG states,
-    the loader position) for the caller to put back where they live."""
+    """Load a complete checkpoint into the model and both optimizers. Returns (step, this rank's RNG states (None
+    on a different number of ranks), the loader position) for the caller to put back where they live."""
     shared, mine = load(path, rank, world, config)
     model.load_state_dict(shared["model"])
     adam.load_state_dict(shared["adam"])
     muon.load_state_dict(mine["muon"])
+    if shared["world_size"] != world:
+        muon.keep_own_state(rank, world)
     return shared["step"], {k: mine[k] for k in RANK_KEYS if k != "muon"}, shared["data"]
 
 

@@ -78,9 +78,10 @@ class TrainConfig:
     ckpt_every: int = 0  # write a resumable checkpoint every N steps (0: only at the end)
     ckpt_keep: int = 3  # keep the newest K checkpoints of a run
     log_every: int = 0  # print a line every N steps; 0: about 50 lines a run (train.py's auto_log_every)
+    collective_timeout_s: int = 300  # a rank waits this long in a collective for the others before the job fails
 
     def validate(self) -> None:
-        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "ckpt_keep"):
+        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "ckpt_keep", "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.log_every < 0:

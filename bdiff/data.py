@@ -114,9 +114,11 @@ class DistributedLoader:
         return {"shard": self.shard, "offset": self.offset, "world_size": self.world_size, "seq_len": self.seq_len}
 
     def load_state(self, state: dict) -> None:
-        if (state["world_size"], state["seq_len"]) != (self.world_size, self.seq_len):
-            raise DataError(f"loader state of {state['world_size']} ranks x {state['seq_len']} tokens cannot continue "
-                            f"as {self.world_size} x {self.seq_len}")
+        """Continue where a loader left off. The position is the next unread token, so any number of ranks can
+        continue from it with no token read twice and none skipped; the sequence length must be the same."""
+        if state["seq_len"] != self.seq_len:
+            raise DataError(f"loader state of {state['seq_len']}-token sequences cannot continue with seq_len "
+                            f"{self.seq_len}")
         self.shard, self.offset = state["shard"], state["offset"]
         self.tokens = read_shard(self.files[self.shard])
 

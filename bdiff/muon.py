@@ -30,6 +30,15 @@ SCHEDULES = {
 }
 
 
+def _by_shape(group: dict) -> dict[tuple, list]:
+    """A group's matrices by shape, in parameter order (every rank sees the same parameters in the same order):
+    matrix i of a shape is orthogonalized by rank i % world."""
+    by_shape: dict[tuple, list] = {}
+    for p in group["params"]:
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    return by_shape
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.025, momentum: float = 0.95, nesterov: bool = True,
                  schedule: str = "quintic", weight_decay: float = 0.0, orthogonalize=newton_schulz):
@@ -62,11 +71,8 @@ class Muon(torch.optim.Optimizer):
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
             coefficients, safety = SCHEDULES[group["schedule"]]
-            by_shape: dict[tuple, list] = {}
-            for p in group["params"]:  # every rank sees the same parameters in the same order
-                by_shape.setdefault(tuple(p.shape), []).append(p)
             pending = []
-            for shape, same in by_shape.items():
+            for shape, same in _by_shape(group).items():
                 share = -(-len(same) // world)  # matrices per rank, the last ranks padded
                 mine = same[rank::world]
                 updates = torch.zeros((share, *shape), device=same[0].device, dtype=same[0].dtype)
@@ -94,3 +100,10 @@ class Muon(torch.optim.Optimizer):
                     # Orthogonal updates have unit spectral norm; tall matrices step by (rows/cols)^0.5 more.
                     p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
         return loss
+
+    def keep_own_state(self, rank: int, world: int) -> None:
+        """Drop the momentum buffers of the matrices that `rank` of `world` does not orthogonalize: after loading
+        the merged state of a checkpoint written by a different number of ranks, each rank keeps its new share."""
+        own = {id(p) for group in self.param_groups for same in _by_shape(group).values() for p in same[rank::world]}
+        for p in [p for p in self.state if id(p) not in own]:
+            del self.state[p]
