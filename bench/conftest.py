@@ -34,20 +34,20 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LIMITS = {
     "cpu": {
         # Documents of ~300 tokens in 2L = 8192 rows: one document at a time skips ~95% of the dense mask's
-        # work (measured 0.26 forward, 0.20 forward+backward).
+        # work (measured 0.18-0.26 forward, 0.19-0.21 forward+backward).
         ("attention forward", "bdiff"): 0.5,
         ("attention forward+backward", "bdiff"): 0.5,
         # The CPU loss is the reference written out (all rows, its gradients formed in the forward): the same
-        # FLOPs as eager autograd (measured 0.76); the limit catches overhead added around it.
+        # FLOPs as eager autograd (measured 0.76-0.94); the limit catches overhead added around it.
         ("loss forward+backward", "bdiff"): 1.3,
-        # The CPU Newton–Schulz is the reference itself (measured 0.94-1.01): the operator must add no cost.
+        # The CPU Newton–Schulz is the reference itself (measured 0.77-1.10): the operator must add no cost.
         ("newton-schulz square", "bdiff"): 1.3,
         ("newton-schulz tall", "bdiff"): 1.3,
         # The step with per-document attention and loss rows only, against the seed's dense mask and full logits
-        # at L=1024 (measured 0.48-0.71), and compiled against eager at the demo's L=512 (measured 0.68-0.78).
+        # at L=1024 (measured 0.48-0.71), and compiled against eager at the demo's L=512 (measured 0.68-0.83).
         ("training step L=1024", "bdiff eager"): 0.9,
         ("training step L=512", "bdiff compiled"): 0.95,
-        # Without the cache every denoising step recomputes the whole sequence (measured 0.25 at 256 new tokens).
+        # Without the cache every denoising step recomputes the whole sequence (measured 0.25-0.29, 256 tokens).
         ("sampling", "KV cache"): 0.4,
     },
 }
