@@ -375,7 +375,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
                 val_loss = evaluate(model, raw_model, val_files, cfg, proc, autocast, val_steps)
                 proc.log(f"step {step}/{tc.steps} | val loss {val_loss:.4f} | tokens {step * tokens_per_step:,} | "
                          f"train time {train_time:.1f}s")
-                record({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step, "train_time_s": train_time})
+                record({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step,
+                        "train_time_s": train_time})
                 t0 = time.perf_counter()
             if step == tc.steps:
                 break
@@ -388,9 +389,10 @@ def main(argv=None) -> BlockDiffusionLM | None:
             train_loss = loss_sum.item() / tc.micro_steps
             if (step + 1) % log_every == 0 or step + 1 == tc.steps:
                 eta = train_time / (step + 1 - start_step) * (tc.steps - step - 1)
-                proc.log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | tokens {(step + 1) * tokens_per_step:,} | "
-                         f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s | "
-                         f"elapsed {duration(time.perf_counter() - started)} | eta {duration(eta)}")
+                proc.log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | "
+                         f"tokens {(step + 1) * tokens_per_step:,} | step {1000 * step_s:.0f}ms | "
+                         f"{tokens_per_step / step_s:,.0f} tok/s | elapsed {duration(time.perf_counter() - started)} | "
+                         f"eta {duration(eta)}")
             record({"step": step + 1, "train_loss": train_loss, "tokens": (step + 1) * tokens_per_step,
                     "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult,
                     "grad_norm": grad_norm.item(), "data": consumed})

@@ -81,7 +81,8 @@ class TrainConfig:
     collective_timeout_s: int = 300  # a rank waits this long in a collective for the others before the job fails
 
     def validate(self) -> None:
-        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "ckpt_keep", "collective_timeout_s"):
+        for name in ("seq_len", "micro_steps", "steps", "val_tokens", "val_seq_len", "ckpt_keep",
+                     "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.log_every < 0:

@@ -12,8 +12,9 @@ TRITON_INTERPRET=1 every benchmark skips.
 Each candidate's time is the minimum over its rounds (the least disturbed one: on a busy machine noise only ever
 adds time). A regression check that survives noisy machines compares ratios, not seconds: ours / baseline,
 both measured in the same run, must stay under the op's limit in LIMITS (enforced where a limit is given; a run
-that selects one side only skips the check; --ratio-limit-scale widens them on a busy machine). Cross-run comparisons (another commit, another GPU) are
-pytest-benchmark's: --benchmark-compare, --benchmark-compare-fail=min:10%.
+that selects one side only skips the check; --ratio-limit-scale widens them on a busy machine). Cross-run
+comparisons (another commit, another GPU) are pytest-benchmark's: --benchmark-compare,
+--benchmark-compare-fail=min:10%.
 """
 from __future__ import annotations
 
