@@ -83,8 +83,8 @@ def _versions() -> dict:
 @pytest.fixture
 def measure(benchmark, request):
     """measure(op, candidate, fn, compare_with=None, work=None, unit=None, warmup=1, **info): time fn() with the
-    benchmark fixture (CUDA synchronized) after `warmup` untimed calls, record `info` and the throughput work/s in
-    extra_info, and check the ratio against `compare_with` (timed earlier in this run) with LIMITS. Returns fn's
+    benchmark fixture (CUDA synchronized) after `warmup` untimed calls, record `info`, the throughput work/s and
+    (on a GPU) the peak memory of the timed calls in extra_info, and check the ratio against `compare_with` (timed earlier in this run) with LIMITS. Returns fn's
     last result."""
 
     def run(op: str, candidate: str, fn, compare_with: str | None = None, work: float | None = None,
@@ -101,9 +101,13 @@ def measure(benchmark, request):
             call()
             last = time.perf_counter() - t0
         rounds = max(3, min(50, int(2.0 / max(last, 1e-4))))  # about 2 s of timing, never fewer than 3 rounds
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         # One more warm-up round where it is cheap (the allocator, CPU caches).
         result = benchmark.pedantic(call, rounds=rounds, warmup_rounds=int(last < 0.5))
         benchmark.extra_info.update(op=op, candidate=candidate, **_versions(), **info)
+        if DEVICE == "cuda":  # the CPU allocator keeps no peak statistics
+            benchmark.extra_info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if benchmark.stats is None:  # --benchmark-disable: run once, nothing timed
             return result
         seconds = benchmark.stats.stats.min
