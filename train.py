@@ -38,7 +38,7 @@ from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout
 from bdiff.muon import Muon
 from bdiff.sampling import generate
-from bdiff.tokenizer import decode, encode
+from bdiff.tokenizer import decode, default_prompt, encode
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
@@ -419,7 +419,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
         launcher = f"torchrun --standalone --nproc_per_node={proc.world}" if proc.ddp else "python"
         extra("model card", lambda: model_card(model_dir, sample, log_path, launcher, argv))
         proc.log(f"next: python -m bdiff.eval --model {model_dir} --draws 4 | python sample.py --ckpt {model_dir} "
-                 f"--prompt {shlex.quote(sample_prompt(cfg))} | python -m bdiff.hub push {model_dir} USER/NAME")
+                 f"--prompt {shlex.quote(default_prompt(VOCABULARIES[tc.data].tokenizer))} | "
+                 f"python -m bdiff.hub push {model_dir} USER/NAME")
     if proc.ddp:
         dist.destroy_process_group()
     return raw_model
@@ -441,15 +442,11 @@ def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, t
     return extra("sample", lambda: end_of_run_sample(model, cfg, log))
 
 
-def sample_prompt(cfg: Config) -> str:
-    return "def " if VOCABULARIES[cfg.train.data].tokenizer == "bytes" else "The"
-
-
 def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> str:
     """200 tokens from the model just trained, in the tokenizer of the data it was trained on; returns the text."""
     model.eval()
     tokenizer = VOCABULARIES[cfg.train.data].tokenizer
-    prompt = sample_prompt(cfg)
+    prompt = default_prompt(tokenizer)
     out = generate(model, [encode(prompt, tokenizer, cfg.model.bos_id)], SamplingConfig(max_new_tokens=200))
     text = prompt + decode(out.tokens[0], tokenizer)
     log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{text}")

@@ -21,12 +21,14 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 
 
 import bdiff
 from bdiff.config import ArgumentParser, ModelConfig
+from bdiff.tokenizer import default_prompt, tokenizer_of
 
 WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # user/name, as the Hub spells repository ids
@@ -53,8 +55,6 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
     """Write weights, config.json and a model card into `directory` (created). `config` is the run's config dict
     (Config.to_dict(): "model" and "train"). Returns the directory."""
     from safetensors.torch import save_file
-
-    from bdiff.tokenizer import tokenizer_of
 
     os.makedirs(directory, exist_ok=True)
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
@@ -112,7 +112,7 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
         f"- bdiff {meta['bdiff_version']}", "",
         "## Use", "", "```bash",
         "python -m bdiff.eval --model THIS_REPO_OR_DIR --draws 4",
-        "python sample.py --ckpt THIS_REPO_OR_DIR --prompt " + ('"def "' if meta["tokenizer"] == "bytes" else '"The"'),
+        f"python sample.py --ckpt THIS_REPO_OR_DIR --prompt {shlex.quote(default_prompt(meta['tokenizer']))}",
         "```", "", "## Reproduce", "", "<!-- command -->", "```bash", command, "```", "",
     ]
     if os.path.exists(os.path.join(directory, PLOT)):

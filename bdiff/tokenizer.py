@@ -15,6 +15,11 @@ def tokenizer_of(config: dict) -> str:
     return VOCABULARIES[config["train"]["data"]].tokenizer
 
 
+def default_prompt(tokenizer: str) -> str:
+    """A prompt that suits the data: code for the byte-level corpus, prose for FineWeb-Edu."""
+    return "def " if tokenizer == "bytes" else "The"
+
+
 def encode(text: str, tokenizer: str, bos_id: int) -> list[int]:
     """BOS, then the text's tokens."""
     if tokenizer == "bytes":
