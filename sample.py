@@ -7,25 +7,10 @@
 import argparse
 import sys
 
-import torch
-
-from bdiff.config import ArgumentParser, SamplingConfig, add_flags, apply_flags
+from bdiff.config import ArgumentParser, ConfigError, SamplingConfig, add_device_flags, add_flags, apply_flags, \
+    device_and_dtype
 from bdiff.sampling import SamplingError, generate, load_checkpoint
 from bdiff.tokenizer import TokenizerError, decode, encode, tokenizer_of
-
-
-def check_device(name: str) -> None:
-    """A device that this machine cannot use is reported as such, in one line."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SamplingError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SamplingError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                            f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
-                            "use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SamplingError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def main(argv=None) -> None:
@@ -35,13 +20,14 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     add_flags(parser, SamplingConfig)
     parser.add_argument("--block_size", type=int, default=None, help="checked against the checkpoint")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_flags(parser)
     args = parser.parse_args(argv)
     sampling = SamplingConfig()
     apply_flags(args, sampling)
-    check_device(args.device)  # before any file is read: the real cause first
+    device, dtype = device_and_dtype(args)  # before any file is read: the real cause first
 
-    model, config = load_checkpoint(args.ckpt, args.device)
+    model, config = load_checkpoint(args.ckpt, device)
+    model.set_dtype(dtype)
     cfg = model.cfg
     if args.block_size is not None and args.block_size != cfg.block_size:
         raise SamplingError(f"--block_size {args.block_size} does not match the checkpoint's block size {cfg.block_size}")
@@ -61,6 +47,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (SamplingError, TokenizerError) as e:
+    except (SamplingError, TokenizerError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

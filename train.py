@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=8 train.py --preset record
     python train.py --preset record --dry_run         # parameter count and config, no training
     python train.py --run_name r1 --ckpt_every 100 ... then, after a crash:  --run_name r1 --resume auto
+    python train.py --preset tiny --dtype bfloat16    # a CPU run in the GPU's precision (what a GPU run executes)
 
 SIGTERM or SIGINT (a preemption, Ctrl-C): every rank finishes its step, a checkpoint is written and the run exits
 with code 75 (PREEMPTED); the same command with --resume auto continues it.
@@ -32,7 +33,8 @@ import bdiff
 from bdiff import checkpoint, hub
 from bdiff.checkpoint import CheckpointError
 from bdiff.config import (PRESETS, RECORD_VAL_LOSS, ArgumentParser, Config, ConfigError, ModelConfig,
-                          SamplingConfig, TrainConfig, add_flags, apply_flags, get_preset)
+                          SamplingConfig, TrainConfig, add_device_flags, add_flags, apply_flags, default_device,
+                          default_dtype, get_preset, parse_device)
 from bdiff.data import VOCABULARIES, DataError, DistributedLoader, check_model_fits_data, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout
@@ -57,10 +59,12 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                              "off on CPU, where compiling costs more than it saves in a short run)")
     parser.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the newest complete "
                                                         "one of --run_name")
+    add_device_flags(parser)
     add_flags(parser, ModelConfig, "model.")
     add_flags(parser, TrainConfig, "train.")
     args = parser.parse_args(argv)
-    cfg = get_preset(args.preset or ("record" if torch.cuda.is_available() else "cpu"))
+    args.device = args.device or default_device()
+    cfg = get_preset(args.preset or ("record" if args.device.startswith("cuda") else "cpu"))
     apply_flags(args, cfg.model)
     apply_flags(args, cfg.train)
     cfg.validate()
@@ -75,6 +79,7 @@ class Process:
     local_rank: int
     ddp: bool
     device: torch.device
+    dtype: str  # the activation dtype (--dtype)
 
     @property
     def master(self) -> bool:
@@ -119,22 +124,28 @@ def stop_signals():
 
 # ---- process setup ----------------------------------------------------------------------------------------
 
-def setup_process(timeout_s: int) -> Process:
-    """This process's rank and device; under torchrun the process group, whose collectives fail after `timeout_s`
-    seconds without an answer from every rank (a hung rank; a dead one ends the job sooner: the connection drops,
-    and torchrun stops the other workers)."""
+def setup_process(timeout_s: int, device_name: str, dtype: str | None) -> Process:
+    """This process's rank, device and dtype; under torchrun the process group, whose collectives fail after
+    `timeout_s` seconds without an answer from every rank (a hung rank; a dead one ends the job sooner: the
+    connection drops, and torchrun stops the other workers). `device_name` (--device): cpu; cuda, which under
+    torchrun is each rank's cuda:LOCAL_RANK; or cuda:N for one process."""
     ddp = "RANK" in os.environ
     rank, world, local_rank = ((int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
                                if ddp else (0, 1, 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = parse_device(device_name)
+    if device.type == "cuda" and ddp:
+        if device.index is not None and world > 1:
+            raise ConfigError(f"--device {device_name}: under torchrun each rank takes cuda:LOCAL_RANK; pass "
+                              "--device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        device = parse_device(f"cuda:{local_rank}")
+    elif device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    return Process(rank, world, local_rank, ddp, device)
+    return Process(rank, world, local_rank, ddp, device, dtype or default_dtype(device))
 
 
 def steps_per_rank(tc, proc: Process) -> tuple[int, int]:
@@ -164,7 +175,7 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionL
     }
     proc.log(f"bdiff {bdiff.__version__} | python {platform.python_version()} | torch {torch.__version__} | "
              f"numpy {np.__version__} | triton {_version('triton')}")
-    proc.log(f"hardware: {_hardware(proc.device)} | world size {proc.world}")
+    proc.log(f"hardware: {_hardware(proc.device)} | world size {proc.world} | dtype {proc.dtype}")
     proc.log(f"config: {json.dumps(cfg.to_dict())}")
     proc.log(f"parameters: {num_params:,}")
     proc.log("record rules: " + "; ".join(f"{k} {'OK' if ok else 'NO'}" for k, ok in rules.items()))
@@ -172,9 +183,9 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionL
 
 
 def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | None):
-    """bf16 embedding and compilation on a GPU, DDP across ranks. Returns the model to call."""
-    if proc.device.type == "cuda":
-        model.embed.bfloat16()  # the seed keeps the embedding in bf16
+    """The activation dtype (the embedding's, as the seed keeps it in bf16), compilation on a GPU, DDP across
+    ranks. Returns the model to call."""
+    model.set_dtype(proc.dtype)
     compile_model = proc.device.type == "cuda" if compile_flag is None else compile_flag
     if compile_model:
         model.compile_objective()
@@ -279,7 +290,7 @@ def resume(path: str, cfg: Config, proc: Process, model, adam, muon, noise_gen, 
 # ---- evaluation and one training step ----------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: Process, autocast, val_steps) -> float:
+def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: Process, val_steps) -> float:
     """The record's validation loss: t ~ U[0, 1], the same noise draw at every evaluation."""
     tc = cfg.train
     model.eval()
@@ -287,16 +298,15 @@ def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: P
     gen = torch.Generator(proc.device).manual_seed(tc.seed * 1000 + 999 + proc.rank)
     total = torch.zeros((), device=proc.device)
     for _ in range(val_steps):
-        with autocast:
-            tokens, layout = batch(loader, cfg.model, proc.device)
-            total += raw_model(tokens, noise_range=(0.0, 1.0), generator=gen, layout=layout).float()
+        tokens, layout = batch(loader, cfg.model, proc.device)
+        total += raw_model(tokens, noise_range=(0.0, 1.0), generator=gen, layout=layout).float()
     if proc.ddp:
         dist.all_reduce(total)
     model.train()
     return total.item() / (val_steps * proc.world)
 
 
-def accumulate_gradients(model, loader, cfg: Config, proc: Process, autocast, noise_gen, accum: int):
+def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, accum: int):
     """Forward and backward of this rank's micro-steps (gradients all-reduced on the last). Returns the summed
     loss over all ranks and the (shard, start, end) token ranges consumed."""
     tc = cfg.train
@@ -307,8 +317,7 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, autocast, no
         consumed.append(loader.last_step)
         sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
         with sync:
-            with autocast:
-                loss = model(tokens, noise_range=(tc.noise_low, tc.noise_high), generator=noise_gen, layout=layout)
+            loss = model(tokens, noise_range=(tc.noise_low, tc.noise_high), generator=noise_gen, layout=layout)
             (loss / accum).backward()
         loss_sum += loss.detach().float()
     if proc.ddp:
@@ -339,9 +348,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
     cfg, args = parse_args(argv)
     mc, tc = cfg.model, cfg.train
     check_model_fits_data(tc.data, mc.vocab_size, mc.bos_id, mc.mask_id)  # before anything is built
-    proc = setup_process(tc.collective_timeout_s)
+    proc = setup_process(tc.collective_timeout_s, args.device, args.dtype)
     accum, val_steps = steps_per_rank(tc, proc)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if proc.device.type == "cuda" else contextlib.nullcontext()
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
     if args.dry_run:
         return None
@@ -372,7 +380,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
         for step in range(start_step, tc.steps + 1):
             if step == tc.steps or (tc.val_every and step > 0 and step % tc.val_every == 0):
                 train_time += time.perf_counter() - t0
-                val_loss = evaluate(model, raw_model, val_files, cfg, proc, autocast, val_steps)
+                val_loss = evaluate(model, raw_model, val_files, cfg, proc, val_steps)
                 proc.log(f"step {step}/{tc.steps} | val loss {val_loss:.4f} | tokens {step * tokens_per_step:,} | "
                          f"train time {train_time:.1f}s")
                 record({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step,
@@ -380,7 +388,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
                 t0 = time.perf_counter()
             if step == tc.steps:
                 break
-            loss_sum, consumed = accumulate_gradients(model, train_loader, cfg, proc, autocast, noise_gen, accum)
+            loss_sum, consumed = accumulate_gradients(model, train_loader, cfg, proc, noise_gen, accum)
             grad_norm, mult = optimizer_step(raw_model, adam, muon, loss_sum, step, tc, last_checkpoint)
             if proc.device.type == "cuda":
                 torch.cuda.synchronize()

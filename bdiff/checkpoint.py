@@ -9,7 +9,10 @@ A run's directory out_dir/RUN/ holds
   resume verifies (--resume auto falls back to the newest intact checkpoint).
 - final.pt, the model alone for sampling: {"model", "config", "step", "val_loss"}.
 Every file is written to a temporary name, fsynced and renamed, so a crash mid-write leaves no checkpoint
-marked COMPLETE that is not; every load uses torch.load(weights_only=True), so loading never runs code.
+marked COMPLETE that is not; every load uses torch.load(weights_only=True), so loading never runs code, and maps
+every tensor to the CPU first (a file records the device that saved each tensor: without the mapping a file
+written by rank 7 of an 8-GPU run asks for cuda:7, which a 4-GPU resume or a CPU machine does not have); the
+state then moves to where the model and the optimizers live.
 """
 from __future__ import annotations
 
@@ -124,12 +127,13 @@ def resolve(resume: str, run_dir: str, log=print) -> str:
     return resume
 
 
-def safe_load(path: str, map_location=None, required: tuple[str, ...] = ()) -> dict:
-    """A checkpoint file, loaded with torch.load(weights_only=True): tensors, numbers, strings, lists, tuples
-    and dicts only, so that loading never runs code from the file (a pickle can). A file that needs more, is
-    not a torch file, or is not a dict with the `required` keys is refused with one line; nothing of it runs."""
+def safe_load(path: str, required: tuple[str, ...] = ()) -> dict:
+    """A checkpoint file, loaded with torch.load(weights_only=True) onto the CPU: tensors, numbers, strings,
+    lists, tuples and dicts only, so that loading never runs code from the file (a pickle can). A file that needs
+    more, is not a torch file, or is not a dict with the `required` keys is refused with one line; nothing of it
+    runs."""
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except pickle.UnpicklingError as e:
@@ -221,7 +225,7 @@ def save_model(path: str, model, config: dict, step: int, val_loss: float) -> No
 
 def load_model(path: str, device="cpu"):
     """The model of a final.pt (or any file with "model" and "config"), in eval mode, and its config dict."""
-    ckpt = safe_load(path, map_location=device, required=("model", "config"))
+    ckpt = safe_load(path, required=("model", "config"))
     if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
         raise CheckpointError(f"{path}: not a bdiff checkpoint (no model config)")
     try:

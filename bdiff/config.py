@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 
 RECORD_VAL_LOSS = 3.44  # the nano-block-diffusion record's target: FineWeb-Edu validation loss, t ~ U[0, 1]
 
@@ -122,6 +124,50 @@ class SamplingConfig:
     top_p: float = 0.9  # nucleus sampling: keep the smallest set of tokens with this much probability
     seed: int = 0  # every prompt draws from its own generator seeded with this: a batch changes no text
     cache: bool = True  # keys/values of finished blocks cached (exact); False recomputes every step (slow)
+
+
+DTYPES = ("bfloat16", "float32")  # --dtype choices: the activation dtype (bdiff/model.py, BlockDiffusionLM.set_dtype)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(name: str) -> torch.device:
+    """--device: cpu, cuda or cuda:N, refused in one line when this machine cannot use it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: bdiff runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                          f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); "
+                          "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def default_dtype(device: torch.device) -> str:
+    """--dtype's default: bfloat16 on a GPU (the seed's precision, tensor cores), float32 on a CPU (exact, and no
+    faster in bf16 there)."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, as every command (train.py, sample.py, bdiff.eval) takes them."""
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="activation dtype (default: bfloat16 on CUDA, float32 on CPU); --dtype bfloat16 on a "
+                             "CPU runs the dtype flow of a GPU run")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, str]:
+    """The device and dtype that --device and --dtype ask for, defaults filled in."""
+    device = parse_device(args.device or default_device())
+    return device, args.dtype or default_dtype(device)
 
 
 class ArgumentParser(argparse.ArgumentParser):

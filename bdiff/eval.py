@@ -13,13 +13,12 @@ masked tokens (a fraction t of them, each weighted 1/t).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 
 import torch
 
-from bdiff.config import ArgumentParser
+from bdiff.config import ArgumentParser, ConfigError, add_device_flags, device_and_dtype
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -41,14 +40,12 @@ def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> li
 def evaluate(model, sequences: list, draws: int = 1, seed: int = 0, levels=LEVELS, device="cpu", log=None) -> dict:
     """{"loss", "stderr" (None for one draw), "ppl_bound", "draws": [loss per draw], "levels": {t: loss}}."""
     device = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     moved = [(tokens.to(device), layout.to(device)) for tokens, layout in sequences]
 
     def mean_loss(noise_range, generator) -> float:
         total = torch.zeros((), device=device)
         for tokens, layout in moved:
-            with autocast:
-                total += model(tokens, noise_range=noise_range, generator=generator, layout=layout).float()
+            total += model(tokens, noise_range=noise_range, generator=generator, layout=layout).float()
         return total.item() / len(moved)
 
     model.eval()
@@ -103,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=1, help="noise draws to average (>= 2 gives a standard error)")
     parser.add_argument("--seed", type=int, help="noise seed (default: the run's)")
     parser.add_argument("--levels", type=_levels, default=LEVELS, help="fixed noise levels, e.g. 0.1,0.5,0.9")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_flags(parser)
     args = parser.parse_args(argv)
     for name in ("tokens", "seq_len", "draws"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -113,7 +110,9 @@ def main(argv=None) -> int:
     from bdiff.hub import HubError, load_any
 
     try:
-        model, config = load_any(args.model, args.device)
+        device, dtype = device_and_dtype(args)
+        model, config = load_any(args.model, device)
+        model.set_dtype(dtype)
         train = config["train"]
         data = args.data or train["data"]
         data_dir = args.data_dir or (train["data_dir"] if data == train["data"] else
@@ -122,14 +121,14 @@ def main(argv=None) -> int:
         check_model_fits_data(data, mc.vocab_size, mc.bos_id, mc.mask_id)
         seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
         sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, mc)
-    except (HubError, DataError) as e:
+    except (HubError, DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     seed = train["seed"] if args.seed is None else args.seed
     header = (f"model {args.model} | {data} validation ({data_dir}) | {len(sequences)} sequences x {seq_len} tokens = "
-              f"{len(sequences) * seq_len:,} tokens | {args.draws} draw(s), seed {seed} | {args.device}")
+              f"{len(sequences) * seq_len:,} tokens | {args.draws} draw(s), seed {seed} | {device}, {dtype}")
     print(header, file=sys.stderr, flush=True)
-    result = evaluate(model, sequences, args.draws, seed, args.levels, args.device,
+    result = evaluate(model, sequences, args.draws, seed, args.levels, device,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(report(result, header))
     return 0

@@ -175,7 +175,7 @@ def from_pretrained(name: str, device="cpu"):
     meta = read_config(directory)
     path = os.path.join(directory, WEIGHTS)
     try:
-        weights = load_file(path, device=str(device))
+        weights = load_file(path, device="cpu")  # then moved by load_state_dict, as every load (checkpoint.py)
     except (SafetensorError, OSError, ValueError) as e:
         raise HubError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     try:

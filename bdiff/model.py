@@ -2,6 +2,14 @@
 
 One packed sequence of L tokens in; the transformer runs over the 2L rows x_t ⊕ x_0 (noisy half first)
 with the same rotary positions on both halves, and the loss is computed on the noisy half only.
+
+Precision is explicit, the seed's way, never autocast: the embedding's dtype is the activation dtype
+(`set_dtype`: bfloat16 on a GPU, float32 on a CPU by default). Every linear layer keeps an fp32 weight and casts
+it to the activation's dtype; norms, rotary and residual mixes return the dtype they are given, so every
+activation, and q, k, v at the attention, has the embedding's dtype; the ops accumulate in fp32 inside, and the
+loss op returns an fp32 loss. Autocast would not do the same on every device: under CUDA autocast rms_norm runs
+in fp32 (CPU autocast has no such rule), so a CPU run would never execute the dtype flow of a GPU run. With the
+dtype explicit, `--dtype bfloat16` on a CPU runs exactly the GPU's flow.
 """
 from __future__ import annotations
 
@@ -13,8 +21,10 @@ import torch.nn.functional as F
 
 from bdiff.config import ModelConfig
 from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
-from bdiff.kernels.bd_attention import bd_attention
+from bdiff.kernels.bd_attention import bd_attention, schedule_bounds
 from bdiff.kernels.masked_ce import masked_linear_cross_entropy
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the activation dtypes (config.DTYPES's names)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +32,7 @@ def norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear whose fp32 weight is cast to the activation dtype (bf16 under autocast)."""
+    """Bias-free linear whose fp32 weight is cast to the activation dtype (the embedding's, `set_dtype`)."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -123,6 +133,20 @@ class BlockDiffusionLM(nn.Module):
         padded_vocab = -(-cfg.vocab_size // cfg.lm_head_multiple) * cfg.lm_head_multiple
         self.lm_head = CastedLinear(cfg.model_dim, padded_vocab, zero_init=True)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the embedding's (every other activation follows it)."""
+        return self.embed.weight.dtype
+
+    def set_dtype(self, dtype: torch.dtype | str) -> BlockDiffusionLM:
+        """Compute in `dtype` (torch.bfloat16 / "bfloat16" or float32): the embedding is stored in it, as the seed
+        keeps its embedding in bf16; the other weights stay fp32 masters, cast where they are used."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+        self.embed.to(dtype)
+        return self
+
     @classmethod
     def from_pretrained(cls, name: str, device="cpu") -> BlockDiffusionLM:
         """The model of a model directory, a run directory or a Hub id (user/name), in eval mode (bdiff/hub.py)."""
@@ -143,6 +167,8 @@ class BlockDiffusionLM(nn.Module):
         `schedule`: the attention range tables of the layout, shared by every layer (built from cu_seqlens
         when not given)."""
         block_size = self.cfg.block_size
+        if schedule is None:  # once for every layer
+            schedule = schedule_bounds(cu_seqlens, tokens_2l.numel() // 2, block_size)
 
         def attend(layer, q, k, v):
             return bd_attention(q, k, v, cu_seqlens, block_size, None, schedule)

@@ -56,11 +56,11 @@ class KVCache:
         b, block = q.shape[:2]
         slots = lengths[:, None] + torch.arange(block, device=q.device)  # (b, block)
         batch = torch.arange(b, device=q.device)[:, None]
-        K[batch, slots] = k.to(K.dtype)
-        V[batch, slots] = v.to(V.dtype)
+        K[batch, slots] = k  # the cache has the activations' dtype (model.dtype): no casts
+        V[batch, slots] = v
         visible = torch.arange(self.span, device=q.device)[None, :] < (lengths[:, None] + block)  # (b, span)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), K[:, :self.span].transpose(1, 2).to(q.dtype),
-                                             V[:, :self.span].transpose(1, 2).to(q.dtype),
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), K[:, :self.span].transpose(1, 2),
+                                             V[:, :self.span].transpose(1, 2),
                                              attn_mask=visible[:, None, None, :])
         return out.transpose(1, 2)  # (b, block, H, D)
 
@@ -137,32 +137,26 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
     for i, p in enumerate(prompts):
         seq[i, :len(p)] = torch.tensor(p, device=device)
     start = (P // B * B).to(device)  # first position of each sequence's current block
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     arange_b = torch.arange(B, device=device)
-    cache = KVCache(cfg, bsz, total, device, torch.bfloat16 if device.type == "cuda" else torch.float32) \
-        if use_cache else None
+    cache = KVCache(cfg, bsz, total, device, model.dtype) if use_cache else None  # the activations' dtype
     calls, step_logits = 0, []
     t0 = time.perf_counter()
 
     def run(tokens, positions):  # (b, B) -> hidden (b, B, dim), through the cache
-        with autocast:
-            return model.run_layers(tokens, positions, cache.attend)
+        return model.run_layers(tokens, positions, cache.attend)
 
     def block_logits(block):  # (bsz, B) tokens of the current blocks -> float32 logits (bsz, B, V)
         positions = start[:, None] + arange_b
         if use_cache:
             cache.select(slice(None), B)
-            with autocast:
-                return model.logits(run(block, positions))
+            return model.logits(run(block, positions))
         out = []
         for i in range(bsz):  # no cache: the whole x_t ⊕ x_0 layout of this sequence, from scratch
             L = int(start[i]) + B
             clean = torch.cat([seq[i, :start[i]], block[i]])
             cu = torch.tensor([0, L], dtype=torch.int32, device=device)
-            with autocast:
-                h = model.hidden_states(torch.cat([clean, clean]), torch.arange(L, device=device), cu)
-                out.append(model.logits(h[L - B:L]))
+            h = model.hidden_states(torch.cat([clean, clean]), torch.arange(L, device=device), cu)
+            out.append(model.logits(h[L - B:L]))
         return torch.stack(out)
 
     if use_cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time

@@ -1,6 +1,7 @@
 """Masked-weighted linear cross-entropy: memory and rows computed (CPU), speed and peak memory (GPU).
 
     python bench/bench_masked_ce.py          # CPU: extra bytes beyond inputs and gradients, ours vs reference
+    python bench/bench_masked_ce.py --traffic   # lm_head-gradient bytes and launches per record micro-step
     python bench/bench_masked_ce.py --gpu    # GPU: ms and peak memory, fwd+bwd, vs eager, compiled, Liger
     python -m pytest bench/bench_masked_ce.py --benchmark-only   # the suite: fwd+bwd vs eager on any device
 
@@ -56,10 +57,32 @@ def cpu_table():
         ours = rows * width * size + 2 * rows * D * size
         note = ""
         if dtype == torch.bfloat16:  # an fp32 lm_head weight is cast to bf16 once, as any bf16 matmul needs
-            ours += width * D * size + mce.DWEIGHT_SLICE
+            ours += width * D * size + mce.dweight_slice_rows(width, D, dtype) * D * size
             note = " (incl. the bf16 copy of an fp32 lm_head weight and one dweight slice)"
         ref = 3 * N * VOCAB * 4
         print(f"N={N}, D={D}, {str(dtype)[6:]}: ours ~{ours / 2**20:.0f} MiB{note}; reference ~{ref / 2**20:,.0f} MiB")
+
+
+def traffic_table():
+    """Bytes of the float32 lm_head gradient moved and kernel launches per record micro-step (16,384 rows, t ~ U[0.3,
+    0.8]: 55% of them carry loss), replayed from the launcher's own sizing (masked_ce.lm_head_traffic)."""
+    from bdiff.kernels import masked_ce as mce
+
+    rows = round(N * WEIGHTED)
+    width = min(V, -(-VOCAB // 16) * 16)
+    print(f"record micro-step: {rows:,} loss rows, lm_head {width} x {D} (float32 gradient "
+          f"{width * D * 4 / 1e6:.0f} MB)")
+    print(f"{'case':<52} {'chunks':>6} {'dweight GB':>10} {'launches':>8}")
+    # Before (up to 6063a16): every device took 32 MiB chunks of a power-of-two row count (128 rows of fp32
+    # logits, 256 of bf16), and under CUDA autocast the final norm left the hidden states in fp32.
+    cases = [("before: fp32 hidden (CUDA autocast), 32 MiB chunks", torch.float32, mce.LOGITS_BUDGET, 128),
+             ("before: bf16 hidden, 32 MiB chunks", torch.bfloat16, mce.LOGITS_BUDGET, 256)]
+    for name, gib in (("24 GB GPU", 24), ("80 GB H100", 80), ("141 GB H200", 141)):
+        low, high = mce.GPU_LOGITS_BUDGET
+        cases.append((f"now: bf16 hidden, {name}", torch.bfloat16, min(high, max(low, gib * 10**9 // 64)), None))
+    for name, dtype, budget, chunk in cases:
+        r = mce.lm_head_traffic(rows, width, D, dtype, budget, chunk)
+        print(f"{name:<52} {r['chunks']:6} {r['dweight_bytes'] / 1e9:10.2f} {r['launches']:8}")
 
 
 def candidates(device: str) -> dict:
@@ -133,7 +156,9 @@ def test_masked_ce(measure, candidate):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true")
-    gpu_bench() if parser.parse_args().gpu else cpu_table()
+    parser.add_argument("--traffic", action="store_true", help="lm_head-gradient traffic per record micro-step")
+    args = parser.parse_args()
+    gpu_bench() if args.gpu else traffic_table() if args.traffic else cpu_table()
 
 
 if __name__ == "__main__":

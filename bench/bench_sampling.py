@@ -40,6 +40,7 @@ def test_sampling(measure, candidate):
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     model = BlockDiffusionLM(PRESETS["record" if cuda else "cpu"]().model).to("cuda" if cuda else "cpu").eval()
+    model.set_dtype(torch.bfloat16 if cuda else torch.float32)  # each device's default precision
     new_tokens, steps = (1024, 4) if cuda else (256, 4)
     prompt = [model.cfg.bos_id] + list(range(100, 164))
     out = measure("sampling", candidate,
@@ -64,8 +65,8 @@ def main():
         from bdiff.config import record
         from bdiff.model import BlockDiffusionLM
 
-        model = BlockDiffusionLM(record().model).cuda().eval()
-        print(torch.cuda.get_device_name())
+        model = BlockDiffusionLM(record().model).cuda().eval().set_dtype(torch.bfloat16)
+        print(f"{torch.cuda.get_device_name()}, bf16")
         run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block)
         return
     if not args.ckpt:

@@ -20,7 +20,6 @@ computes the seed's objective.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -138,14 +137,12 @@ def cpu_check(preset: str = "tiny", L: int = 256, seed: int = 0) -> dict:
 def make_step(name: str, cfg, L: int, mean_doc: int, device: str, compiled: bool = True, flex_compiled=None):
     """One training step (forward, backward, Adam + Muon) of one formulation, "ours" or "seed", on a fresh model:
     returns step() over three batches in turn. On a GPU the seed attends with FlexAttention (its BlockMask built
-    every step, as the seed does), under bf16 autocast with a bf16 embedding (as train.py); on a CPU with SDPA
-    and the dense mask built every step (FlexAttention has no CPU backward), float32. `compiled`: the objective
-    compiled (ours: compile_objective; the seed: torch.compile of its loss)."""
+    every step, as the seed does), in bf16 (the embedding's dtype, as train.py and the seed run: no autocast); on a
+    CPU with SDPA and the dense mask built every step (FlexAttention has no CPU backward), float32. `compiled`: the
+    objective compiled (ours: compile_objective; the seed: torch.compile of its loss)."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = BlockDiffusionLM(cfg.model).to(dev)
-    if dev.type == "cuda":
-        model.embed.bfloat16()
+    model = BlockDiffusionLM(cfg.model).to(dev).set_dtype(torch.bfloat16 if dev.type == "cuda" else torch.float32)
     hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
     others = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight or p is model.lm_head.weight]
     adam = torch.optim.Adam(others, lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
@@ -160,16 +157,14 @@ def make_step(name: str, cfg, L: int, mean_doc: int, device: str, compiled: bool
         mask = bd_attention_mask(b.layout.cu_seqlens, block)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     turn = iter(range(10**9))
 
     def step():
         b = batches[next(turn) % len(batches)]
-        with autocast:
-            if name == "ours":
-                loss = ours_loss(model, b)
-            else:  # the seed builds its mask for every sequence
-                loss = seed_fn(model, b, flex(b, block, flex_compiled) if dev.type == "cuda" else dense(b))
+        if name == "ours":
+            loss = ours_loss(model, b)
+        else:  # the seed builds its mask for every sequence
+            loss = seed_fn(model, b, flex(b, block, flex_compiled) if dev.type == "cuda" else dense(b))
         loss.backward()
         adam.step()
         muon.step()
@@ -199,9 +194,13 @@ def gpu_bench(L: int = 16384, mean_doc: int = 1000, iters: int = 10):
 
     cfg = PRESETS["record"]()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | record model, one micro-step of L={L} "
-          f"tokens (2L={2 * L} rows), documents ~{mean_doc} tokens, bf16 autocast; step = forward + backward + "
+          f"tokens (2L={2 * L} rows), documents ~{mean_doc} tokens, bf16 activations; step = forward + backward + "
           f"Adam + Muon")
     flex_compiled = torch.compile(flex_attention, dynamic=False)
+    # The seed's compiled loss breaks its graph at the attention call, so each layer's Attention.forward is a frame
+    # of its own, compiled once per layer index (an int attribute dynamo specializes on): 12 layers pass dynamo's
+    # default limit of 8 recompiles, after which the last layers would run eagerly and the baseline look slower.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * cfg.model.num_layers)
     results = {name: time_step(name, cfg, L, mean_doc, iters, flex_compiled) for name in ("ours", "seed")}
     print(f"{'formulation':>12} {'step ms':>9} {'tokens/s':>10} {'peak GiB':>9}")
     for name, r in results.items():
@@ -214,7 +213,7 @@ def gpu_bench(L: int = 16384, mean_doc: int = 1000, iters: int = 10):
 def _fake_model(cfg, device, gpu_dtypes: bool = False):
     """The model with fake parameters on `device` (FakeTensorMode must be active): shapes and dtypes, no memory,
     no values (they matter neither for FLOPs nor for bytes). `gpu_dtypes`: the embedding in bf16, as train.py
-    keeps it on a GPU (every activation is then bf16, as under autocast)."""
+    keeps it on a GPU (every activation is then bf16: the GPU's dtype flow)."""
     with torch.device("meta"):
         model = BlockDiffusionLM(cfg.model)
     for module in model.modules():
@@ -279,8 +278,8 @@ def flop_table(L: int = 16384, mean_doc: int = 1000) -> dict:
 def memory_table(L: int = 16384, mean_doc: int = 1000) -> dict:
     """Peak memory of one record training step at the full micro-batch, as a GPU would hold it, measured
     without one: MemTracker under FakeTensorMode (no memory is allocated) by category, and the tensors autograd
-    saves for the backward by dtype (saved_tensors_hooks). Autocast does not run on fake tensors; the bf16
-    embedding (as train.py keeps it on a GPU) makes every activation bf16 as it does under autocast. Not seen:
+    saves for the backward by dtype (saved_tensors_hooks). The bf16 embedding (as train.py keeps it on a GPU)
+    makes every activation bf16, the GPU's dtype flow. Not seen:
     the temporaries inside the loss op (one chunk of logits and the bf16 copy of lm_head, ~110 MiB) and the
     CUDA context."""
     from torch._subclasses.fake_tensor import FakeTensorMode

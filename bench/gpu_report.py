@@ -1,77 +1,189 @@
-"""Everything that needs a GPU, in one command and one markdown report:
+"""Everything that needs a GPU, in one command that fits a time budget, and one markdown report:
 
-    python bench/gpu_report.py                    # writes gpu_report.md (and prints each part as it finishes)
-    python bench/gpu_report.py --out report.md
+    python bench/gpu_report.py                    # within 600 s: writes gpu_report.md, prints each part as it ends
+    python bench/gpu_report.py --plan             # the parts, their expected seconds, what fits; runs nothing
+    python bench/gpu_report.py --budget_s 1800 --out report.md
 
-It runs the GPU tests (tests/test_gpu.py: the kernels natively in bf16/fp16 against the references, a compiled
-training run), the benchmark suite (python -m pytest bench --benchmark-only, saved for --benchmark-compare), every
-bench with --gpu, the full-step comparison with the seed's formulation
-(bench/bench_step.py --gpu) and the compile check of every shipped kernel configuration. A part that fails is
-reported with its output and the rest still run; the exit code is 1 if any part failed.
+The parts run in order of value, each under its own timeout (never past the budget's end): the ops natively
+against their references and a compiled training run (tests/test_gpu.py), a compiled record-size training step
+against the seed's formulation, the kernel benches, then the longer extras (the second document mix, the
+benchmark suite). With two or more GPUs a torchrun run that checkpoints and resumes on one GPU is added. The
+compile check needs no GPU (it runs on any CPU) and is last, only with --compile_check. A part that does not fit
+what is left of the budget is skipped and listed as such; compilation and autotuning count, since a lent GPU's
+time counts from its start. A part that fails or times out is reported with its output, and the rest still run;
+the exit code is 1 if any part failed.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
 
-PARTS = [  # (title, command)
-    ("GPU tests", [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"]),
-    ("Benchmark suite: every op against its baseline (saved under .benchmarks/)",
-     [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "--benchmark-autosave", "-q", "-p",
-      "no:cacheprovider"]),
-    ("Attention: speed vs FlexAttention and SDPA", [sys.executable, "bench/bench_bd_attention.py", "--gpu"]),
-    ("Masked-weighted linear cross-entropy", [sys.executable, "bench/bench_masked_ce.py", "--gpu"]),
-    ("Newton–Schulz", [sys.executable, "bench/bench_newton_schulz.py", "--gpu"]),
-    ("Sampling", [sys.executable, "bench/bench_sampling.py", "--gpu"]),
-    ("One training step: ours vs the seed's formulation, documents ~1000 tokens",
-     [sys.executable, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"]),
-    ("One training step: ours vs the seed's formulation, documents ~300 tokens",
-     [sys.executable, "bench/bench_step.py", "--gpu", "--mean-doc", "300"]),
-    ("Kernel resources (compile check, sm_80/86/89/90)", [sys.executable, "-m", "bdiff.kernels.compile_check"]),
-]
+
+@dataclass
+class Part:
+    title: str
+    command: list[str]
+    expected_s: int  # measured on one H200 (2026-11-30, a fresh machine), compilation and autotuning included
+    timeout_s: int  # the part is stopped after this long (or at the budget's end, whichever is first)
+    min_gpus: int = 1
+
+
+def parts(gpus: int, compile_check: bool) -> list[Part]:
+    """The report's parts in order of value."""
+    found = [
+        Part("Each op natively against its reference (bf16/fp16), compiled training, evaluation and sampling on the "
+             "GPU", [PY, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"], 160, 300),
+        Part("A compiled record-size training step: ours vs the seed's formulation, documents ~1000 tokens",
+             [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"], 240, 360),
+        Part("Attention: speed vs FlexAttention and SDPA", [PY, "bench/bench_bd_attention.py", "--gpu"], 30, 150),
+        Part("Masked-weighted linear cross-entropy vs eager, compiled and Liger", [PY, "bench/bench_masked_ce.py",
+                                                                                   "--gpu"], 30, 120),
+        Part("Newton–Schulz vs torch matmuls", [PY, "bench/bench_newton_schulz.py", "--gpu"], 50, 120),
+        Part("Sampling with and without the KV cache", [PY, "bench/bench_sampling.py", "--gpu"], 35, 90),
+        Part("A compiled record-size training step: ours vs the seed's formulation, documents ~300 tokens",
+             [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "300"], 150, 300),
+        Part("Benchmark suite: every op against its baseline (saved under .benchmarks/)",
+             [PY, "-m", "pytest", "bench", "--benchmark-only", "--benchmark-autosave", "-q", "-p", "no:cacheprovider"],
+             400, 900),
+        Part("torchrun on 2 GPUs: checkpoint, then resume on 1 GPU", [PY, "bench/gpu_report.py", "--resume-check"],
+             120, 300, min_gpus=2),
+    ]
+    if compile_check:
+        found.append(Part("Kernel resources (compile check, sm_80/86/89/90; needs no GPU)",
+                          [PY, "-m", "bdiff.kernels.compile_check"], 240, 600))
+    return [p for p in found if gpus >= p.min_gpus]
+
+
+def plan(selected: list[Part], budget_s: float) -> list[tuple[Part, bool]]:
+    """Which parts fit the budget if each takes its expected time: (part, fits)."""
+    left, out = budget_s, []
+    for p in selected:
+        fits = p.expected_s <= left
+        left -= p.expected_s if fits else 0
+        out.append((p, fits))
+    return out
+
+
+def run_part(part: Part, timeout_s: float, env: dict) -> tuple[str, str, float]:
+    """(status, output, seconds). The part runs in its own process group, so a timeout stops all of it."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(part.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+            status = "ok" if code == 0 else f"FAILED (exit {code})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"TIMED OUT after {timeout_s:.0f} s"
+        log.seek(0)
+        output = log.read()
+    return status, output, time.perf_counter() - t0
+
+
+def resume_check() -> int:
+    """With two GPUs: a tiny run on 2 ranks writes a checkpoint; the same run resumes it on 1 GPU and finishes."""
+    import shutil
+
+    data = tempfile.mkdtemp()
+    try:
+        from bdiff.data import build_stdlib_corpus
+
+        build_stdlib_corpus(os.path.join(data, "stdlib"))
+        base = ["train.py", "--preset", "tiny", "--device", "cuda", "--data_dir", os.path.join(data, "stdlib"),
+                "--out_dir", os.path.join(data, "logs"), "--run_name", "r", "--ckpt_every", "2"]
+        first = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base, "--steps", "4"]
+        subprocess.run(first, cwd=ROOT, check=True)
+        shutil.rmtree(os.path.join(data, "logs", "r", "ckpt_000004"))  # continue from step 2
+        subprocess.run([PY, *base, "--steps", "4", "--resume", "auto"], cwd=ROOT, check=True)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    return 0
+
+
+def write(path: str, sections: list[str], failed: list[str], skipped: list[str], elapsed: float, budget: float):
+    """The report so far; rewritten after every part, so an interrupted run keeps what it measured."""
+    summary = [f"## Summary\n\n{elapsed:.0f} s of a {budget:.0f} s budget."]
+    summary += [f"- failed: {t}" for t in failed] + [f"- skipped for lack of time: {t}" for t in skipped]
+    with open(path, "w") as f:
+        f.write("\n".join(sections + ["\n".join(summary) + "\n"]))
 
 
 def header() -> str:
     import torch
     import triton
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    return (f"# bdiff GPU report\n\n{time.strftime('%Y-%m-%d %H:%M')} | {device} | python {platform.python_version()} | "
+    device = (f"{torch.cuda.get_device_name()} x {torch.cuda.device_count()}" if torch.cuda.is_available()
+              else "no CUDA device")
+    return (f"# bdiff GPU report\n\n{time.strftime('%Y-%m-%d %H:%M')} | {device} | "
+            f"python {platform.python_version()} | "
             f"torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_report.md", help="where to write the markdown report")
+    parser.add_argument("--budget_s", type=float, default=600, help="seconds for all parts together (default 600: "
+                                                                    "ten minutes on one GPU)")
+    parser.add_argument("--plan", action="store_true", help="print the parts and their expected seconds; run nothing")
+    parser.add_argument("--compile_check", action="store_true",
+                        help="add the compile check (it needs no GPU) as the last part")
+    parser.add_argument("--resume-check", action="store_true", help=argparse.SUPPRESS)  # the 2-GPU part itself
     args = parser.parse_args()
+    if args.resume_check:
+        return resume_check()
     import torch
 
-    if not torch.cuda.is_available():
-        print("error: no CUDA GPU visible (torch.cuda.is_available() is False); this report needs one",
-              file=sys.stderr)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.plan:
+        print(f"budget {args.budget_s:.0f} s, {gpus} GPU(s) visible here; expected seconds on one H100/H200:")
+        left = args.budget_s
+        for p, fits in plan(parts(max(gpus, 1), args.compile_check), args.budget_s):
+            left -= p.expected_s if fits else 0
+            print(f"  {'runs   ' if fits else 'skipped'} {p.expected_s:4d} s (timeout {p.timeout_s:4d} s)  {p.title}")
+        print(f"  {args.budget_s - left:.0f} s planned of {args.budget_s:.0f} s")
+        return 0
+    if not gpus:
+        print("error: no CUDA GPU visible (torch.cuda.is_available() is False); this report needs one "
+              "(--plan works anywhere)", file=sys.stderr)
         return 2
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # native kernels everywhere
-    sections, failed = [header()], []
-    for i, (title, cmd) in enumerate(PARTS, 1):
-        print(f"[{i}/{len(PARTS)}] {title}: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
-        if result.returncode:
-            failed.append(title)
-        output = (result.stdout + ("\n" + result.stderr[-4000:] if result.returncode else "")).strip()
-        sections.append(f"## {title}\n\n`{' '.join(cmd[1:])}`: {status}, {seconds:.0f} s\n\n```\n{output}\n```\n")
+    env["PYTHONUNBUFFERED"] = "1"
+    start = time.perf_counter()
+    sections, failed, skipped = [header()], [], []
+    selected = parts(gpus, args.compile_check)
+    for i, part in enumerate(selected, 1):
+        left = args.budget_s - (time.perf_counter() - start)
+        if part.expected_s > left:
+            skipped.append(f"{part.title} (expects {part.expected_s} s, {max(left, 0):.0f} s left)")
+            print(f"[{i}/{len(selected)}] skipped, {max(left, 0):.0f} s left: {part.title}", flush=True)
+            continue
+        timeout = min(part.timeout_s, left)
+        print(f"[{i}/{len(selected)}] {part.title}: {' '.join(part.command[1:])} (timeout {timeout:.0f} s)",
+              flush=True)
+        status, output, seconds = run_part(part, timeout, env)
+        if status != "ok":
+            failed.append(part.title)
+        text = output.strip() if status == "ok" else output.strip()[-6000:]
+        sections.append(f"## {part.title}\n\n`{' '.join(part.command[1:])}`: {status}, {seconds:.0f} s "
+                        f"(expected {part.expected_s} s)\n\n```\n{text}\n```\n")
         print(f"    {status} in {seconds:.0f} s", flush=True)
-        with open(args.out, "w") as f:  # rewritten after every part: an interrupted run keeps what it measured
-            f.write("\n".join(sections))
-    print(f"report: {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        write(args.out, sections, failed, skipped, time.perf_counter() - start, args.budget_s)
+    write(args.out, sections, failed, skipped, time.perf_counter() - start, args.budget_s)
+    print(f"report: {args.out} ({time.perf_counter() - start:.0f} s)" + (f"; failed: {', '.join(failed)}" if failed
+                                                                         else "") +
+          (f"; skipped: {len(skipped)} part(s)" if skipped else ""))
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
-"""Where an op runs: which GPU a tensor lives on (for the launchers' tile choices), and whether CPU tensors
-take the Triton kernels through the interpreter."""
+"""Where an op runs: which GPU a tensor lives on (for the launchers' tile choices and their device guard), and
+whether CPU tensors take the Triton kernels through the interpreter."""
+import contextlib
 import os
 
 import torch
@@ -18,3 +19,10 @@ def use_triton(x: torch.Tensor) -> bool:
     interpreter when TRITON_INTERPRET=1 (it must be set before `kernels` is imported: Triton reads it when
     it decorates a kernel)."""
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def on_device(x: torch.Tensor):
+    """The context every launch runs in. Triton launches on the *current* CUDA device, whatever device its
+    tensors are on, and a custom op gets no device guard of its own: without this, tensors on cuda:1 would be
+    handed to a kernel running on cuda:0."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

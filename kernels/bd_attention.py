@@ -30,7 +30,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
 from ._device import arch as _arch
-from ._device import use_triton
+from ._device import on_device, use_triton
 
 LOG2E = 1.4426950408889634
 SUB = 16  # rows of a diagonal sub-tile: the smallest M of a tensor-core dot
@@ -392,7 +392,10 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, L: int) -> None:
 
 
 def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True):
-    """Shapes, dtypes and devices; with `values`, also cu_seqlens' boundaries when reading them costs no sync."""
+    """Shapes, dtypes and devices; with `values`, also cu_seqlens' boundaries, on every path alike (the reference,
+    the interpreter, the GPU) whenever no `schedule` is given, and for CPU tensors always. On a GPU, reading them
+    is a host sync: a caller that passes the schedule (the model does, built and checked on the host from the
+    loader's tokens, bdiff/noise.py) vouches for the boundaries it was built from."""
     if q.ndim != 3:
         raise ValueError(f"q must be (2L, H, D), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -420,7 +423,7 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True):
                                  or schedule.device != q.device):
         raise ValueError(f"schedule must be schedule_bounds(cu_seqlens, L, block_size): (2, {R}, 6) int32 on "
                          f"{q.device}, got {schedule.dtype} of shape {tuple(schedule.shape)} on {schedule.device}")
-    if values and cu_seqlens.device.type == "cpu":
+    if values and (schedule is None or cu_seqlens.device.type == "cpu"):
         validate_cu_seqlens(cu_seqlens, R // 2)
 
 
@@ -523,9 +526,10 @@ def _bd_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton(q):
         return _cpu_forward(q, k, v, cu_seqlens, block_size, scale)
-    if schedule is None:
-        schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
-    return _launch_forward(q.contiguous(), k.contiguous(), v.contiguous(), schedule[0], scale)
+    with on_device(q):
+        if schedule is None:
+            schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
+        return _launch_forward(q.contiguous(), k.contiguous(), v.contiguous(), schedule[0], scale)
 
 
 @_bd_attention_op.register_fake
@@ -543,11 +547,12 @@ def _bd_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton(q):
         return _cpu_backward(do, q, k, v, o, lse, cu_seqlens, block_size, scale)
-    if schedule is None:
-        schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _launch_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(), schedule[0], schedule[1],
-                            scale)
+    with on_device(q):
+        if schedule is None:
+            schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return _launch_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(), schedule[0],
+                                schedule[1], scale)
 
 
 @_bd_attention_backward_op.register_fake
@@ -624,12 +629,14 @@ def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, conf
         return torch.zeros(2 * tiles * H, dtype=torch.int32, device=q.device)
 
     fwd = counters("forward")
-    o, lse = _launch_forward(q, k, v, q_bounds, scale, count=fwd, cfg=cfg["forward"])
+    with on_device(q):
+        o, lse = _launch_forward(q, k, v, q_bounds, scale, count=fwd, cfg=cfg["forward"])
     result = {"forward": tuple(fwd.view(-1, 2).long().sum(0).tolist())}
     if backward:
         dq_c, dkv_c = counters("dq"), counters("dkdv")
-        _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c),
-                         cfgs=(cfg["dq"], cfg["dkdv"]))
+        with on_device(q):
+            _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c),
+                             cfgs=(cfg["dq"], cfg["dkdv"]))
         result["dq"] = tuple(dq_c.view(-1, 2).long().sum(0).tolist())
         result["dkdv"] = tuple(dkv_c.view(-1, 2).long().sum(0).tolist())
     return result

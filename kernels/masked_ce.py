@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
-from ._device import use_triton
+from ._device import on_device, use_triton
 
 
 @triton.jit
@@ -45,7 +45,9 @@ def _masked_ce_kernel(LOGITS, TARGETS, WEIGHTS, LOSS, V, stride, BV: tl.constexp
         for v0 in range(0, stride, BV):
             cols = v0 + tl.arange(0, BV)
             x = tl.load(logits + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x - lse)  # 0 on the padding
+            # exp(x - m) / s, not exp(x - lse): lse = m + log(s) rounded to fp32 is off by up to half an ulp of
+            # m (5e-4 at logits of 1e4), and that error would go straight into every p.
+            p = tl.exp(x - m) / s  # 0 on the padding
             g = tl.where(cols == t, p - 1.0, p) * w
             tl.store(logits + cols, g.to(LOGITS.dtype.element_ty), mask=cols < stride)
 
@@ -54,8 +56,8 @@ def _masked_ce_kernel(LOGITS, TARGETS, WEIGHTS, LOSS, V, stride, BV: tl.constexp
 # Host side
 # ---------------------------------------------------------------------------------------------------
 
-LOGITS_BUDGET = 32 * 2**20  # bytes of logits alive at once (one chunk)
-DWEIGHT_SLICE = 8 * 2**20  # bytes of a low-precision dweight partial product before it joins the fp32 sum
+LOGITS_BUDGET = 32 * 2**20  # bytes of logits alive at once (one chunk) on a CPU and in the interpreter
+GPU_LOGITS_BUDGET = (32 * 2**20, 2**30)  # on a GPU: 1/64 of its memory, within these bounds (bytes)
 
 
 def kernel_config() -> dict:
@@ -64,10 +66,45 @@ def kernel_config() -> dict:
     return dict(BV=8192, num_warps=8, num_stages=1)
 
 
-def chunk_rows(V: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: the largest power of two whose logits fit LOGITS_BUDGET (128 at V=50304 in fp32)."""
-    rows = LOGITS_BUDGET // (V * torch.empty(0, dtype=dtype).element_size())
-    return max(16, 1 << (max(rows, 1).bit_length() - 1))
+def logits_budget(device: torch.device) -> int:
+    """Bytes of logits (and of a dweight partial product) alive at once. Every chunk re-reads and rewrites the
+    float32 dweight (V x D: 154 MB for the record's lm_head) and costs ~10 launches, so a GPU takes the largest
+    chunk it can spare: 1/64 of its memory (1 GiB on an 80 GB H100, 384 MiB on a 24 GB card), which holds a
+    record micro-step's ~9,000 loss rows in one chunk. A function of the GPU model only, never of the memory
+    free at the moment: the same run chunks the same way, so its sums are reproducible."""
+    if device.type != "cuda":
+        return LOGITS_BUDGET
+    low, high = GPU_LOGITS_BUDGET
+    return min(high, max(low, torch.cuda.get_device_properties(device).total_memory // 64))
+
+
+def chunk_rows(V: int, dtype: torch.dtype, budget: int = LOGITS_BUDGET) -> int:
+    """Rows per chunk: the most whose logits fit `budget` bytes, a multiple of 16 (the M of a tensor-core tile):
+    160 at V=50258 in fp32 and 32 MiB; 10,672 in bf16 and 1 GiB."""
+    rows = budget // (V * torch.empty(0, dtype=dtype).element_size())
+    return max(16, rows // 16 * 16)
+
+
+def dweight_slice_rows(V: int, D: int, dtype: torch.dtype, budget: int = LOGITS_BUDGET) -> int:
+    """Vocabulary rows per low-precision dweight partial product (grad_chunkᵀ h, V x D) before it joins the fp32
+    sum: a fraction 1/4 of the logits budget, so that the product never costs more memory than the chunk."""
+    return max(1, min(V, budget // 4 // (D * torch.empty(0, dtype=dtype).element_size())))
+
+
+def lm_head_traffic(rows: int, V: int, D: int, dtype: torch.dtype, budget: int, chunk: int | None = None) -> dict:
+    """What the fused loss costs around the lm_head gradient for `rows` loss rows, replayed from the launcher's
+    own sizing (`_forward`): chunks, bytes of the float32 dweight read and written (each chunk reads and writes
+    all of it, and with low-precision logits also writes and reads its partial products), and kernel launches
+    (per chunk: 3 gathers, the logits GEMM, the row kernel, the loss sum and add, dhidden's GEMM and scatter; per
+    dweight slice: the GEMM and the cast-and-add, or one addmm in fp32). `chunk`: rows per chunk, if not the
+    launcher's choice for `budget`."""
+    chunks = -(-rows // (chunk or chunk_rows(V, dtype, budget)))
+    size = torch.empty(0, dtype=dtype).element_size()
+    fp32 = dtype == torch.float32
+    slices = 1 if fp32 else -(-V // dweight_slice_rows(V, D, dtype, budget))
+    per_chunk_bytes = 2 * V * D * 4 + (0 if fp32 else 2 * V * D * size)
+    per_chunk_launches = 9 + (1 if fp32 else 2 * slices)
+    return dict(chunks=chunks, dweight_bytes=chunks * per_chunk_bytes, launches=chunks * per_chunk_launches)
 
 
 def _validate(hidden, weight, targets, token_weights, vocab_size):
@@ -92,21 +129,10 @@ def _validate(hidden, weight, targets, token_weights, vocab_size):
         raise ValueError(f"vocab_size must be an int in [1, weight rows={weight.shape[0]}], got {vocab_size!r}")
 
 
-def _accumulate_dweight(dweight, grad, h):
-    """dweight (V, D) fp32 += gradᵀ h. Low-precision products go vocabulary slice by slice, so that no V x D
-    temporary exists."""
-    if grad.dtype == dweight.dtype:
-        dweight.addmm_(grad.T, h)
-        return
-    step = max(1, DWEIGHT_SLICE // (h.shape[1] * grad.element_size()))
-    for v0 in range(0, dweight.shape[0], step):
-        dweight[v0:v0 + step] += (grad[:, v0:v0 + step].T @ h).float()
-
-
-def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_dw):
-    """The loss, and the gradients requested, in one pass over the active rows (see the module docstring)."""
-    N, D = hidden.shape
-    # The row count sizes the work: one host sync, which also reads the two value checks of the inputs.
+def _read_values(targets, token_weights, vocab_size) -> int:
+    """The count of rows that carry loss, after refusing out-of-range targets and negative weights: every path
+    (the CPU reference, the interpreter, the GPU) checks the same values with the same errors. One host read,
+    which on a GPU is the op's one sync (the count sizes the work)."""
     count, bad_target, negative = torch.stack([(token_weights != 0).sum(),
                                                ((targets < 0) | (targets >= vocab_size)).any(),
                                                (token_weights < 0).any()]).tolist()
@@ -114,6 +140,23 @@ def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_d
         raise ValueError(f"targets must lie in [0, vocab_size={vocab_size})")
     if negative:
         raise ValueError("token_weights must be >= 0")
+    return count
+
+
+def _accumulate_dweight(dweight, grad, h, slice_rows):
+    """dweight (V, D) fp32 += gradᵀ h. Low-precision products go `slice_rows` vocabulary rows at a time, so that
+    no V x D temporary larger than the budget exists."""
+    if grad.dtype == dweight.dtype:
+        dweight.addmm_(grad.T, h)
+        return
+    for v0 in range(0, dweight.shape[0], slice_rows):
+        dweight[v0:v0 + slice_rows] += grad[:, v0:v0 + slice_rows].T @ h
+
+
+def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_dw):
+    """The loss, and the gradients requested, in one pass over the active rows (see the module docstring)."""
+    N, D = hidden.shape
+    count = _read_values(targets, token_weights, vocab_size)
     # Rows that carry loss, in order: a stable sort puts them first; unlike nonzero, no second sync.
     active = torch.argsort((token_weights == 0).to(torch.uint8), stable=True)[:count]
     # Logit rows 16-aligned where the weight is padded (lm_head is, to 128): vectorized loads in the kernel.
@@ -123,7 +166,9 @@ def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_d
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw \
         else weight.new_empty(0, dtype=torch.float32)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    C = chunk_rows(vocab_size, hidden.dtype)
+    budget = logits_budget(hidden.device)
+    C = chunk_rows(vocab_size, hidden.dtype, budget)
+    slice_rows = dweight_slice_rows(width, D, hidden.dtype, budget)
     logits_buf = torch.empty((min(C, count), width), dtype=hidden.dtype, device=hidden.device)
     row_loss = torch.empty(min(C, count), dtype=torch.float32, device=hidden.device)
     cfg = kernel_config()
@@ -139,7 +184,7 @@ def _forward(hidden, weight, targets, token_weights, vocab_size, need_dh, need_d
         if need_dh:
             dhidden.index_copy_(0, rows, logits @ W)  # logits now hold the gradient
         if need_dw:
-            _accumulate_dweight(dweight[:width], logits, h)
+            _accumulate_dweight(dweight[:width], logits, h, slice_rows)
     return loss, dhidden, dweight
 
 
@@ -158,10 +203,11 @@ def _masked_ce_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     asked for is an empty tensor. They are formed during the forward pass, while the logits exist."""
     _validate(hidden, weight, targets, token_weights, vocab_size)
     if not use_triton(hidden):
+        _read_values(targets, token_weights, vocab_size)
         loss, dh, dw = reference.masked_linear_cross_entropy_ref_grads(hidden, weight, targets, token_weights,
                                                                        vocab_size)
         return loss, dh if need_dhidden else dh.new_empty(0), dw if need_dweight else dw.new_empty(0)
-    with torch.autocast("cuda", enabled=False):  # the matmuls run in hidden's dtype by construction
+    with on_device(hidden):
         return _forward(hidden, weight, targets, token_weights, vocab_size, need_dhidden, need_dweight)
 
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
 from ._device import arch as _arch
-from ._device import use_triton
+from ._device import on_device, use_triton
 from .reference import QUINTIC, _coefficient_schedule
 
 
@@ -198,7 +198,8 @@ def _newton_schulz_op(G: torch.Tensor, steps: int = 5, coefficients: list[float]
         triples = triples[0]
     if not use_triton(G):
         return reference.newton_schulz_ref(G, steps, triples, safety)
-    return _run(G, steps, triples, safety)[0]
+    with on_device(G):
+        return _run(G, steps, triples, safety)[0]
 
 
 @_newton_schulz_op.register_fake
@@ -230,7 +231,8 @@ def newton_schulz(G, steps: int = 5, coefficients=QUINTIC, safety: float = 0.0) 
 def count_work(G, steps: int = 5, coefficients=QUINTIC, safety: float = 0.0) -> dict:
     """Run with COUNT=True. Returns tiles visited and FLOPs done by the symmetric and update kernels, and the
     FLOPs of the same iterations done densely (torch.matmul: 2m²n + 2m³ + 2m²n per step, m <= n)."""
-    _, visits = _run(G, steps, coefficients, safety, count=True)
+    with on_device(G):
+        _, visits = _run(G, steps, coefficients, safety, count=True)
     m, n = sorted(G.shape[-2:])
     bsz = G.shape[0] if G.ndim == 3 else 1
     cfg = kernel_config("sym")

@@ -58,3 +58,17 @@ def test_the_interpreter_is_never_timed():
     result = pytest_run("bench/bench_newton_schulz.py", "--benchmark-only", "-rs", interpret=True)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "4 skipped" in result.stdout and "interpreter runs are never timed" in result.stdout, result.stdout[-2000:]
+
+
+def test_gpu_report_plan_fits_ten_minutes_in_order_of_value():
+    """`python bench/gpu_report.py --plan` (no GPU needed): the ops against their references come first, the
+    compile check (which needs no GPU) last, and what is planned fits the default budget of ten minutes."""
+    result = subprocess.run([sys.executable, "bench/gpu_report.py", "--plan", "--compile_check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("runs", "skipped"))]
+    planned = sum(int(p[1]) for p in parts if p[0] == "runs")
+    assert parts[0][0] == "runs" and "reference" in result.stdout.splitlines()[1], result.stdout
+    assert "compile check" in result.stdout.splitlines()[len(parts)], "the compile check is the last part"
+    assert planned <= 600, f"{planned} s planned in a 600 s budget"
+    assert f"{planned} s planned of 600 s" in result.stdout

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def command(ranks, stdlib_dir, out, run, *extra):
     args = ["train.py", "--preset", "tiny", "--steps", "60", "--ckpt_every", "5", "--data_dir", stdlib_dir,
-            "--out_dir", out, "--run_name", run, *extra]
+            "--out_dir", out, "--run_name", run, "--device", "cpu", *extra]  # gloo ranks, also on a GPU machine
     if ranks == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
@@ -120,7 +120,8 @@ def test_a_write_error_keeps_the_previous_checkpoint(stdlib_dir, tmp_path, monke
         save(obj, path)
 
     monkeypatch.setattr(checkpoint, "atomic_save", full_disk)
-    argv = ["--preset", "tiny", "--steps", "20", "--ckpt_every", "5", "--data_dir", stdlib_dir, "--out_dir",
+    argv = ["--device", "cpu", "--preset", "tiny", "--steps", "20", "--ckpt_every", "5", "--data_dir", stdlib_dir,
+            "--out_dir",
             str(tmp_path), "--run_name", "disk"]
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device") as error:
         train.main(argv)
@@ -134,7 +135,8 @@ def test_a_write_error_keeps_the_previous_checkpoint(stdlib_dir, tmp_path, monke
 
 
 def test_a_damaged_checkpoint_is_reported_and_auto_resume_falls_back(stdlib_dir, tmp_path, capsys):
-    argv = ["--preset", "tiny", "--steps", "12", "--ckpt_every", "5", "--data_dir", stdlib_dir, "--out_dir",
+    argv = ["--device", "cpu", "--preset", "tiny", "--steps", "12", "--ckpt_every", "5", "--data_dir", stdlib_dir,
+            "--out_dir",
             str(tmp_path), "--run_name", "flip"]
     train.main(argv)
     run_dir = os.path.join(str(tmp_path), "flip")
@@ -183,14 +185,34 @@ def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(stdlib_dir, tmp_path, 
     assert sorted(losses(out, "dead")[0]) == list(range(1, 61))
 
 
+def tag_for_cuda(path: str, device: str) -> None:
+    """Rewrite a checkpoint file as if a GPU had saved it: every storage tagged `device` (what torch.save records
+    for a CUDA tensor). Loading it without mapping to the CPU fails on a machine without that device."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    tagger = (0, lambda storage: device, lambda storage, location: None)
+    torch.serialization._package_registry.insert(0, tagger)
+    try:
+        torch.save(obj, path)
+    finally:
+        torch.serialization._package_registry.remove(tagger)
+
+
 def test_resume_on_another_number_of_ranks_uses_every_token_once(stdlib_dir, tmp_path):
     """2 ranks, stopped by SIGTERM; 1 rank, stopped again; 2 ranks to the end. Muon's state is re-sharded, the
-    data continue at the next unread token, and a line says the run is no longer bit-identical."""
+    data continue at the next unread token, and a line says the run is no longer bit-identical. The 2-rank
+    checkpoint's files are tagged as a GPU job's ranks 4 and 5 would write them (cuda:4, cuda:5; shared.pt
+    cuda:0): the resume on fewer ranks maps them to the CPU first, on a machine with no such device."""
     out = str(tmp_path)
     run_dir = os.path.join(out, "w")
     code, _ = run_and_signal(command(2, stdlib_dir, out, "w", "--ckpt_every", "0"), random.randint(8, 20))
     assert code != 0
     two = checkpoint.complete_checkpoints(run_dir)[-1]
+    for name, device in (("shared.pt", "cuda:0"), ("rank0.pt", "cuda:4"), ("rank1.pt", "cuda:5")):
+        tag_for_cuda(os.path.join(two, name), device)
+    checkpoint.mark_complete(two, keep=100)  # the checksums of the rewritten files
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(os.path.join(two, "rank1.pt"), weights_only=True)  # the files do ask for a GPU
     shared, merged = checkpoint.load(two, 0, 1, train.get_preset("tiny").to_dict())
     hidden = [p for p in BlockDiffusionLM(train.get_preset("tiny").model).blocks.parameters() if p.ndim == 2]
     assert len(merged["muon"]["state"]) == len(hidden), "the merged Muon state holds every matrix's momentum"
@@ -236,7 +258,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(stdlib_dir, tmp_pa
 
     monkeypatch.setattr(BlockDiffusionLM, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 8") as error:
-        train.main(["--preset", "tiny", "--steps", "20", "--ckpt_every", "3", "--data_dir", stdlib_dir,
+        train.main(["--device", "cpu", "--preset", "tiny", "--steps", "20", "--ckpt_every", "3", "--data_dir",
+                    stdlib_dir,
                     "--out_dir", str(tmp_path), "--run_name", "nan"])
     run_dir = os.path.join(str(tmp_path), "nan")
     good = checkpoint.complete_checkpoints(run_dir)
@@ -272,8 +295,8 @@ def test_mismatched_resume_is_refused(stdlib_dir, tmp_path):
     path = checkpoint.resolve("auto", os.path.join(out, "r"))
     for extra, message in ((["--block_size", "8"], "the model differs"), (["--model_dim", "96", "--head_dim", "48"],
                                                                           "the model differs")):
-        result = subprocess.run([sys.executable, "train.py", *base, "--resume", path, *extra], cwd=ROOT, env=env(),
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run([sys.executable, "train.py", "--device", "cpu", *base, "--resume", path, *extra],
+                                cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
 
@@ -281,7 +304,8 @@ def test_mismatched_resume_is_refused(stdlib_dir, tmp_path):
 def test_plot_one_run_and_a_comparison(stdlib_dir, tmp_path):
     out = str(tmp_path)
     for run, seed in (("p", "0"), ("q", "1")):
-        train.main(["--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir", stdlib_dir, "--out_dir", out,
+        train.main(["--device", "cpu", "--preset", "tiny", "--steps", "6", "--val_every", "3", "--data_dir",
+                    stdlib_dir, "--out_dir", out,
                     "--run_name", run, "--seed", seed])
     assert plot_main([os.path.join(out, "p.jsonl")]) == 0
     assert plot_main([os.path.join(out, "p.jsonl"), os.path.join(out, "q.jsonl")]) == 0
@@ -315,9 +339,11 @@ def test_hostile_checkpoint_is_refused_and_never_runs(stdlib_dir, tmp_path):
     (ckpt / checkpoint.COMPLETE).write_text("")
     torch.save({"model": Payload(str(marker)), "config": {"model": {}}}, run_dir / "final.pt")
     commands = {
-        "resume": [sys.executable, "train.py", "--preset", "tiny", "--data_dir", stdlib_dir, "--out_dir",
+        "resume": [sys.executable, "train.py", "--device", "cpu", "--preset", "tiny", "--data_dir", stdlib_dir,
+                   "--out_dir",
                    str(tmp_path / "out"), "--run_name", "evil", "--resume", "auto"],
-        "sample": [sys.executable, "sample.py", "--ckpt", str(run_dir / "final.pt"), "--prompt", "def"],
+        "sample": [sys.executable, "sample.py", "--device", "cpu", "--ckpt", str(run_dir / "final.pt"), "--prompt",
+                   "def"],
     }
     for what, cmd in commands.items():
         result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

@@ -20,6 +20,8 @@ CASES = [
     ("train: missing data", [PY, "train.py", "--preset", "tiny", "--data", "finewebedu", "--data_dir", "{tmp}/none",
                              "--vocab_size", "50258", "--bos_id", "50256", "--mask_id", "50257"],
      ["no finewebedu train shards", "{tmp}/none"]),
+    ("train: impossible device", [PY, "train.py", "--preset", "tiny", "--device", "cuda:7"], ["--device cuda:7"]),
+    ("train: bad dtype", [PY, "train.py", "--preset", "tiny", "--dtype", "float8"], ["--dtype", "invalid choice"]),
     ("train: data and model disagree", [PY, "train.py", "--preset", "tiny", "--bos_id", "0"],
      ["BOS 256", "--preset cpu or tiny"]),
     ("sample: missing checkpoint", [PY, "sample.py", "--ckpt", "{tmp}/none.pt", "--prompt", "a"],
@@ -43,6 +45,8 @@ CASES = [
      ["someone/absent", "not in the local Hugging Face cache"]),
     ("eval: missing model", [PY, "-m", "bdiff.eval", "--model", "{tmp}/none.pt"], ["none.pt", "no such checkpoint"]),
     ("eval: no draws", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--draws", "0"], ["--draws must be >= 1"]),
+    ("eval: impossible device", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--device", "cuda:7"],
+     ["--device cuda:7"]),
     ("eval: bad levels", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--levels", "0.5,2"],
      ["--levels", "must lie in (0, 1]"]),
     ("hub: push a missing run", [PY, "-m", "bdiff.hub", "push", "{tmp}/none", "someone/x"], ["not a model directory"]),
@@ -65,7 +69,7 @@ def files(tmp_path_factory):
 
 @pytest.mark.parametrize("name,command,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_fails_in_one_line(files, name, command, words):
-    if "device cuda" in name and torch.cuda.device_count() > 7:
+    if "cuda:7" in command and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
     env["HF_HUB_OFFLINE"] = "1"  # no network here anyway; offline mode fails at once instead of after timeouts

@@ -1,6 +1,9 @@
 """The three ops run natively on a CUDA GPU, in bf16 and fp16, against the PyTorch references computed in
-float32 on the same inputs, and a compiled 20-step training run. Skipped without a GPU, and in a process
-where the Triton interpreter is on (tests/conftest.py decides that once per process)."""
+float32 on the same inputs; the loss op refuses bad input as the CPU paths do and stays normalised at huge
+logits; a compiled 20-step training run in bf16, then evaluation and sampling (cached and uncached) of the model
+it trained; with two GPUs, ops on cuda:1. Skipped without a GPU, and in a process where the Triton interpreter
+is on (tests/conftest.py decides that once per process)."""
+import math
 import os
 
 import pytest
@@ -70,13 +73,71 @@ def test_newton_schulz_on_gpu(shape):
     torch.testing.assert_close(newton_schulz(G), newton_schulz_ref(G), atol=3e-2, rtol=0)
 
 
-def test_compiled_training_smoke(stdlib_dir, tmp_path):
-    """20 compiled steps of a small model (head dim 64, a shipped kernel configuration) on the GPU."""
-    data = stdlib_dir
+@pytest.mark.parametrize("change,match", [
+    (dict(targets=lambda t: t.fill_(10)), "targets must lie in"),
+    (dict(targets=lambda t: t.fill_(-1)), "targets must lie in"),
+    (dict(token_weights=lambda w: w.neg_()), "token_weights must be >= 0"),
+])
+def test_masked_ce_refuses_what_the_cpu_paths_refuse(change, match):
+    """The same bad values as tests/test_masked_ce.py::test_bad_input, the same one-line errors."""
+    args = dict(hidden=torch.randn(8, 64, device="cuda"), weight=torch.randn(16, 64, device="cuda"),
+                targets=torch.randint(0, 10, (8,), device="cuda"), token_weights=torch.rand(8, device="cuda") + 0.1)
+    for name, edit in change.items():
+        edit(args[name])
+    with pytest.raises(ValueError, match=match):
+        masked_linear_cross_entropy(**args, vocab_size=10)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e5])
+def test_masked_ce_stays_normalised_at_huge_logits(magnitude):
+    """Logits around 1e4 and 1e5 (fp32, exact: an identity lm_head): the gradient against float64 on the same
+    logits, at the CPU path's tolerance (softmax as exp(x - max) / sum, not exp(x - lse))."""
+    N, V = 64, 128
+    hidden = (magnitude + 30 * torch.randn(N, V, device="cuda")).requires_grad_()
+    weight = torch.eye(V, device="cuda").requires_grad_()
+    targets = torch.randint(0, V, (N,), device="cuda")
+    token_weights = torch.rand(N, device="cuda") + 0.5
+    (dh,) = torch.autograd.grad(masked_linear_cross_entropy(hidden, weight, targets, token_weights, V), (hidden,))
+    logits = (hidden.detach() @ weight.detach().T).double()  # the fp32 logits the op computes
+    want = logits.softmax(-1)
+    want[torch.arange(N), targets] -= 1
+    torch.testing.assert_close(dh.double(), want * token_weights.double()[:, None], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_run_on_their_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: every launch must run under cuda:1's device guard."""
+    torch.cuda.set_device(0)
+    cu = torch.tensor([0, 300, 512], dtype=torch.int32, device="cuda:1")
+    q, k, v = (torch.randn(1024, 2, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    out = bd_attention(q, k, v, cu, 16)
+    want = bd_attention_ref(q.float(), k.float(), v.float(), cu, 16)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    G = torch.randn(256, 384, device="cuda:1")
+    torch.testing.assert_close(newton_schulz(G), newton_schulz_ref(G), atol=3e-2, rtol=0)
+
+
+def test_compiled_training_then_evaluation_and_sampling(stdlib_dir, tmp_path):
+    """20 compiled steps of a small model (head dim 64, a shipped kernel configuration) on the GPU in bf16 (the
+    default there); then its evaluation and sampling, cached and uncached, run on the GPU in bf16."""
+    from bdiff.eval import evaluate, validation_sequences
+    from bdiff.data import shard_files
+    from bdiff.sampling import generate
+
     model = train.main(["--preset", "tiny", "--model_dim", "128", "--num_heads", "2", "--head_dim", "64",
-                        "--steps", "20", "--compile", "--data_dir", data, "--out_dir", str(tmp_path),
+                        "--steps", "20", "--compile", "--data_dir", stdlib_dir, "--out_dir", str(tmp_path),
                         "--run_name", "gpu", "--log_every", "5"])
-    assert next(model.parameters()).is_cuda
+    assert next(model.parameters()).is_cuda and model.dtype == torch.bfloat16
     with open(os.path.join(tmp_path, "gpu.jsonl")) as f:
         losses = [line for line in f if '"train_loss"' in line]
     assert len(losses) == 20
+    sequences = validation_sequences(shard_files("stdlib", stdlib_dir, "val"), 512, 2048, model.cfg)
+    result = evaluate(model, sequences, draws=2, levels=(0.5,), device="cuda")
+    assert all(map(math.isfinite, result["draws"])) and result["loss"] < 6, result
+    prompt = [model.cfg.bos_id] + list(b"def main():")
+    cached = generate(model, [prompt], max_new_tokens=48, temperature=0, keep_logits=True)
+    uncached = generate(model, [prompt], max_new_tokens=48, temperature=0, keep_logits=True, cache=False)
+    assert len(cached.tokens[0]) == 48 and len(uncached.tokens[0]) == 48
+    # The first step sees the same context both ways: its logits agree to bf16's precision.
+    first, again = cached.step_logits[0], uncached.step_logits[0]
+    torch.testing.assert_close(first, again, rtol=0, atol=0.05 * float(again.std()) + 1e-3)

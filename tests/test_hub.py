@@ -71,14 +71,16 @@ def test_eval_and_sample_commands_take_a_hub_id_from_the_cache(trained, tmp_path
     model, _, run, sequences = trained
     env = {**os.environ, "HF_HUB_CACHE": hub_cache(tmp_path, run / "model"), "HF_HUB_OFFLINE": "1"}
     env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, "-m", "bdiff.eval", "--model", REPO, "--tokens", "1024", "--seq_len",
+    result = subprocess.run([sys.executable, "-m", "bdiff.eval", "--device", "cpu", "--model", REPO, "--tokens",
+                             "1024", "--seq_len",
                              "256", "--draws", "2", "--levels", "0.25,0.75"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = evaluate(model, sequences, draws=2, levels=(0.25, 0.75))
     assert f"t ~ U[0, 1]: {expected['loss']:.4f} ± {expected['stderr']:.4f}" in result.stdout, result.stdout
     assert f"  0.75  {expected['levels'][0.75]:.4f}" in result.stdout, result.stdout
-    sample = subprocess.run([sys.executable, "sample.py", "--ckpt", REPO, "--prompt", "def ", "--max_new_tokens", "16"],
+    sample = subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--ckpt", REPO, "--prompt", "def ",
+                             "--max_new_tokens", "16"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0 and "16 tokens in" in sample.stdout, sample.stderr[-2000:]
 
@@ -86,7 +88,8 @@ def test_eval_and_sample_commands_take_a_hub_id_from_the_cache(trained, tmp_path
 def test_draw_zero_is_the_runs_own_validation_loss(stdlib_dir, tmp_path, capsys):
     import train
 
-    train.main(["--preset", "tiny", "--steps", "3", "--data_dir", stdlib_dir, "--out_dir", str(tmp_path),
+    train.main(["--device", "cpu", "--preset", "tiny", "--steps", "3", "--data_dir", stdlib_dir, "--out_dir",
+                str(tmp_path),
                 "--run_name", "v"])
     with open(tmp_path / "v.jsonl") as f:
         final = [json.loads(line) for line in f][-1]["val_loss"]
@@ -162,7 +165,8 @@ def test_damaged_or_foreign_weights_fail_in_one_line(trained, tmp_path):
     with pytest.raises(hub.HubError, match="not this model's weights"):
         hub.from_pretrained(str(run / "model"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(run / "model"), "--prompt", "x"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--ckpt", str(run / "model"),
+                             "--prompt", "x"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "not this model's weights" in lines[0], result.stderr

@@ -106,8 +106,8 @@ def test_bad_input(model, kwargs, match):
 
 def run_sample(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run([sys.executable, "sample.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=300)
 
 
 def test_sample_script(model, tmp_path):

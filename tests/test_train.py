@@ -26,7 +26,8 @@ def read_log(out_dir, run):
 
 def test_tiny_run_loss_falls(stdlib_dir, tmp_path):
     out = str(tmp_path)
-    model = train.main(["--preset", "tiny", "--steps", "40", "--data_dir", stdlib_dir, "--out_dir", out,
+    model = train.main(["--device", "cpu", "--preset", "tiny", "--steps", "40", "--data_dir", stdlib_dir,
+                        "--out_dir", out,
                         "--run_name", "t", "--log_every", "10"])
     log = read_log(out, "t")
     losses = [e["train_loss"] for e in log if "train_loss" in e]
@@ -51,7 +52,8 @@ def ddp_worker(rank, world, port, argv, out):
 
 def test_two_gloo_ranks_end_identical(stdlib_dir, tmp_path):
     out = str(tmp_path)
-    argv = ["--preset", "tiny", "--steps", "6", "--data_dir", stdlib_dir, "--out_dir", out, "--run_name", "ddp"]
+    argv = ["--device", "cpu", "--preset", "tiny", "--steps", "6", "--data_dir", stdlib_dir, "--out_dir", out,
+            "--run_name", "ddp"]
     mp.spawn(ddp_worker, args=(2, free_port(), argv, out), nprocs=2, join=True)
     r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2))
     init = train.BlockDiffusionLM(train.get_preset("tiny").model).state_dict()  # same seed as the run
@@ -65,8 +67,8 @@ def test_two_gloo_ranks_end_identical(stdlib_dir, tmp_path):
 
 def run_train(*args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run([sys.executable, "train.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
 
 
 def test_errors_are_one_line(stdlib_dir, tmp_path):
@@ -92,7 +94,7 @@ def test_errors_are_one_line(stdlib_dir, tmp_path):
 
 
 def test_dry_run_record(capsys):
-    assert train.main(["--preset", "record", "--dry_run"]) is None
+    assert train.main(["--device", "cpu", "--preset", "record", "--dry_run"]) is None
     printed = capsys.readouterr().out
     assert "parameters: 162,166,314" in printed
     assert "block_size 16 == 16 OK" in printed
@@ -102,7 +104,8 @@ def test_compiled_tiny_run(stdlib_dir, tmp_path, capsys):
     """`train.py --preset tiny --steps 5 --compile`: the objective compiled with fullgraph=True on CPU."""
     torch._dynamo.reset()
     out = str(tmp_path)
-    train.main(["--preset", "tiny", "--steps", "5", "--compile", "--data_dir", stdlib_dir, "--out_dir", out,
+    train.main(["--device", "cpu", "--preset", "tiny", "--steps", "5", "--compile", "--data_dir", stdlib_dir,
+                "--out_dir", out,
                 "--run_name", "c"])
     assert "compile: on" in capsys.readouterr().out
     losses = [e["train_loss"] for e in read_log(out, "c") if "train_loss" in e]
@@ -117,7 +120,8 @@ def test_failed_sample_keeps_the_run(stdlib_dir, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(train, "generate", broken)
     out = str(tmp_path)
-    train.main(["--preset", "tiny", "--steps", "2", "--data_dir", stdlib_dir, "--out_dir", out, "--run_name", "s"])
+    train.main(["--device", "cpu", "--preset", "tiny", "--steps", "2", "--data_dir", stdlib_dir, "--out_dir", out,
+                "--run_name", "s"])
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert skipped == ["sample skipped: out of memory while sampling"]
     assert os.path.exists(os.path.join(out, "s", "final.pt")), "the model must be saved before the sample"
@@ -135,7 +139,7 @@ def test_gpt2_run_without_tiktoken_keeps_the_run(tmp_path, capsys, monkeypatch):
         tokens[::300] = 50256
         write_shard(str(data / name), tokens.numpy())
     model_flags = ["--vocab_size", "50258", "--bos_id", "50256", "--mask_id", "50257", "--lm_head_multiple", "128"]
-    train.main(["--preset", "tiny", "--data", "finewebedu", "--data_dir", str(data), "--steps", "2",
+    train.main(["--device", "cpu", "--preset", "tiny", "--data", "finewebedu", "--data_dir", str(data), "--steps", "2",
                 "--out_dir", str(tmp_path), "--run_name", "g", *model_flags])
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and skipped[0].startswith("sample skipped: GPT-2 text needs tiktoken"), skipped
@@ -146,7 +150,8 @@ def test_data_and_model_must_agree(stdlib_dir, tmp_path):
     """The record architecture (BOS 50256) on the byte corpus (BOS 256) is refused before training with one
     line that names the settings that fit; with byte-level BOS and MASK given as flags it trains, saves and
     samples bytes, whatever the vocabulary size."""
-    base = [sys.executable, "train.py", "--preset", "record", "--data", "stdlib", "--data_dir", stdlib_dir,
+    base = [sys.executable, "train.py", "--device", "cpu", "--preset", "record", "--data", "stdlib", "--data_dir",
+            stdlib_dir,
             "--seq_len", "256", "--micro_steps", "1", "--steps", "1", "--val_tokens", "256", "--val_seq_len", "256",
             "--val_every", "0", "--out_dir", str(tmp_path), "--num_layers", "2", "--model_dim", "128",
             "--num_heads", "1", "--no-compile"]
@@ -165,7 +170,8 @@ def test_data_and_model_must_agree(stdlib_dir, tmp_path):
 def test_long_runs_log_every_nth_step_with_elapsed_time_and_eta(stdlib_dir, tmp_path, capsys):
     assert (train.auto_log_every(4), train.auto_log_every(600), train.auto_log_every(10_000)) == (1, 10, 200)
     assert train.get_preset("record").train.log_every == 1, "the record logs every step, as its runs do"
-    train.main(["--preset", "tiny", "--steps", "100", "--val_every", "0", "--data_dir", stdlib_dir, "--out_dir",
+    train.main(["--device", "cpu", "--preset", "tiny", "--steps", "100", "--val_every", "0", "--data_dir",
+                stdlib_dir, "--out_dir",
                 str(tmp_path), "--run_name", "n"])
     out = capsys.readouterr().out
     steps = [line for line in out.splitlines() if line.startswith("step ") and "| loss " in line]
