@@ -10,7 +10,7 @@ import sys
 from bdiff.config import ArgumentParser, ConfigError, SamplingConfig, add_device_flags, add_flags, apply_flags, \
     device_and_dtype
 from bdiff.sampling import SamplingError, generate, load_checkpoint
-from bdiff.tokenizer import TokenizerError, decode, encode, tokenizer_of
+from bdiff.tokenizer import TokenizerError, decode, encode, load_tokenizer, tokenizer_of
 
 
 def main(argv=None) -> None:
@@ -30,8 +30,10 @@ def main(argv=None) -> None:
     model.set_dtype(dtype)
     cfg = model.cfg
     if args.block_size is not None and args.block_size != cfg.block_size:
-        raise SamplingError(f"--block_size {args.block_size} does not match the checkpoint's block size {cfg.block_size}")
+        raise SamplingError(f"--block_size {args.block_size} does not match the checkpoint's block size "
+                            f"{cfg.block_size}")
     tokenizer = tokenizer_of(config)  # the data the model was trained on decides, not its vocabulary size
+    load_tokenizer(tokenizer)  # a tokenizer that cannot load here fails now, in one line
     prompts = [encode(text, tokenizer, cfg.bos_id) for text in args.prompt]
     limit = config.get("train", {}).get("seq_len")
     if limit and max(len(p) for p in prompts) + sampling.max_new_tokens > limit:

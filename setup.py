@@ -12,6 +12,12 @@ setup(
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
     # pytest-benchmark: bench/bench_<op>.py are both scripts and the benchmark suite's tests. safetensors: the
     # weights format of model directories and the Hub (bdiff/hub.py).
-    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub", "safetensors", "pytest-benchmark"],
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels"], "plot": ["matplotlib"]},
+    # tqdm: the progress bar of `python -m bdiff.data prepare` (huggingface_hub depends on it already).
+    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub", "safetensors", "pytest-benchmark",
+                      "tqdm"],
+    # data: the tokenizers and readers of `prepare` beyond bytes (tokenizers: tokenizer.json files and Hub
+    # tokenizers; tiktoken: GPT-2 and OpenAI encodings; datasets: streaming a Hub dataset). The tests build a BPE
+    # tokenizer with `tokenizers`.
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers"], "plot": ["matplotlib"],
+                    "data": ["tokenizers", "tiktoken", "datasets"]},
 )

@@ -35,12 +35,12 @@ from bdiff.checkpoint import CheckpointError
 from bdiff.config import (PRESETS, RECORD_VAL_LOSS, ArgumentParser, Config, ConfigError, ModelConfig,
                           SamplingConfig, TrainConfig, add_device_flags, add_flags, apply_flags, default_device,
                           default_dtype, get_preset, parse_device)
-from bdiff.data import VOCABULARIES, DataError, DistributedLoader, check_model_fits_data, shard_files, unigram_entropy
+from bdiff.data import DataError, DistributedLoader, check_model_fits_data, find_dataset, shard_files, unigram_entropy
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout
 from bdiff.muon import Muon
 from bdiff.sampling import generate
-from bdiff.tokenizer import decode, default_prompt, encode
+from bdiff.tokenizer import decode, default_prompt, encode, tokenizer_of
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
@@ -67,8 +67,22 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     cfg = get_preset(args.preset or ("record" if args.device.startswith("cuda") else "cpu"))
     apply_flags(args, cfg.model)
     apply_flags(args, cfg.train)
+    use_dataset(cfg, args)
     cfg.validate()
     return cfg, args
+
+
+def use_dataset(cfg: Config, args: argparse.Namespace) -> None:
+    """The data set that --data and --data_dir name, recorded in the config. A prepared data set (a directory with
+    bdiff.json) sets the data's name and, unless given as flags, the model's vocabulary, BOS and MASK to fit it."""
+    given_dir = args.data_dir is not None or args.data is None  # --data alone: that data set's own directory
+    data, cfg.train.data_dir = find_dataset(cfg.train.data, cfg.train.data_dir if given_dir else None)
+    cfg.train.data = data.name
+    cfg.dataset = dataclasses.asdict(data)
+    if data.name not in ("stdlib", "finewebedu"):
+        for name, value in (("vocab_size", data.vocab_size), ("bos_id", data.bos_id), ("mask_id", data.mask_id)):
+            if getattr(args, name) is None:
+                setattr(cfg.model, name, value)
 
 
 @dataclasses.dataclass
@@ -347,7 +361,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
     """Train; returns the trained model (None for --dry_run)."""
     cfg, args = parse_args(argv)
     mc, tc = cfg.model, cfg.train
-    check_model_fits_data(tc.data, mc.vocab_size, mc.bos_id, mc.mask_id)  # before anything is built
+    check_model_fits_data(find_dataset(tc.data, tc.data_dir)[0], mc.vocab_size, mc.bos_id, mc.mask_id)  # first
     proc = setup_process(tc.collective_timeout_s, args.device, args.dtype)
     accum, val_steps = steps_per_rank(tc, proc)
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
@@ -356,7 +370,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
     model = prepare_model(raw_model, proc, args.compile)
     train_files, val_files = (shard_files(tc.data, tc.data_dir, split) for split in ("train", "val"))
     train_loader = DistributedLoader(train_files, tc.seq_len, proc.rank, proc.world)
-    if tc.data == "stdlib":
+    proc.log(f"data: {tc.data} ({tc.data_dir}; {cfg.dataset['description']}; tokenizer {cfg.dataset['tokenizer']})")
+    if tc.data != "finewebedu":
         proc.log(f"unigram entropy of the training corpus: {unigram_entropy(train_files, mc.vocab_size):.4f} nats")
     adam, muon = build_optimizers(raw_model, tc)
     run_dir, log_path = open_run(args, cfg, proc)
@@ -427,7 +442,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
         launcher = f"torchrun --standalone --nproc_per_node={proc.world}" if proc.ddp else "python"
         extra("model card", lambda: model_card(model_dir, sample, log_path, launcher, argv))
         proc.log(f"next: python -m bdiff.eval --model {model_dir} --draws 4 | python sample.py --ckpt {model_dir} "
-                 f"--prompt {shlex.quote(default_prompt(VOCABULARIES[tc.data].tokenizer))} | "
+                 f"--prompt {shlex.quote(default_prompt(cfg.to_dict()) or 'TEXT')} | "
                  f"python -m bdiff.hub push {model_dir} USER/NAME")
     if proc.ddp:
         dist.destroy_process_group()
@@ -439,7 +454,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
 def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_files, tokens: int,
            log) -> str | None:
     """The summary and a sample (returned), once the model is saved."""
-    if cfg.train.data == "stdlib":
+    if cfg.train.data != "finewebedu":
         extra("summary", lambda: log(f"val loss {val_loss:.4f} nats vs unigram entropy "
                                      f"{unigram_entropy(train_files, cfg.model.vocab_size):.4f} nats (the loss of a "
                                      f"model that ignores context)"))
@@ -453,8 +468,8 @@ def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, t
 def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> str:
     """200 tokens from the model just trained, in the tokenizer of the data it was trained on; returns the text."""
     model.eval()
-    tokenizer = VOCABULARIES[cfg.train.data].tokenizer
-    prompt = default_prompt(tokenizer)
+    tokenizer = tokenizer_of(cfg.to_dict())
+    prompt = default_prompt(cfg.to_dict())
     out = generate(model, [encode(prompt, tokenizer, cfg.model.bos_id)], SamplingConfig(max_new_tokens=200))
     text = prompt + decode(out.tokens[0], tokenizer)
     log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{text}")
@@ -505,7 +520,8 @@ def _version(module: str) -> str:
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} x {torch.cuda.device_count()}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "finewebedu"  # "finewebedu" (downloaded shards) or "stdlib" (embedded byte-level corpus)
-    data_dir: str = "data/finewebedu10B"  # where the shards live
+    data: str = "finewebedu"  # a built-in data set (bdiff.data.DATASETS: finewebedu, stdlib) or a prepared one's name
+    data_dir: str = "data/finewebedu10B"  # where the shards live; a prepared data set's directory names it (bdiff.json)
     seq_len: int = 16384  # tokens per micro-step per rank (one packed sequence)
     micro_steps: int = 8  # micro-steps per optimizer step across ALL ranks; divisible by world size
     steps: int = 10000  # optimizer steps
@@ -91,8 +91,6 @@ class TrainConfig:
             raise ConfigError(f"log_every must be >= 0 (0: automatic), got {self.log_every}")
         if not 0.0 <= self.noise_low <= self.noise_high <= 1.0:
             raise ConfigError(f"need 0 <= noise_low <= noise_high <= 1, got {self.noise_low}, {self.noise_high}")
-        if self.data not in ("finewebedu", "stdlib"):
-            raise ConfigError(f"data must be 'finewebedu' or 'stdlib', got {self.data!r}")
         if self.muon_schedule not in ("quintic", "polar_express"):
             raise ConfigError(f"muon_schedule must be 'quintic' or 'polar_express', got {self.muon_schedule!r}")
         if not 0.0 <= self.lr_constant_frac <= 1.0:
@@ -103,6 +101,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dataset: dict = field(default_factory=dict)  # the data set's record (bdiff.data.DataSet), filled in by train.py
 
     def validate(self) -> None:
         self.model.validate()

@@ -1,15 +1,20 @@
 """Token shards on disk and the distributed loader (format: docs/design.md §4).
 
-Shard: a header of 256 int32 (magic 20240520, version 1, token count), then the tokens as uint16.
+Shard: a header of 256 int32 (magic 20240520, version, token count, and in version 2 the bytes per token), then
+the tokens: uint16 in version 1; uint16 or uint32 in version 2.
 Loader: each step takes the next world_size * seq_len tokens in file order; rank r takes slice r. A shard's
 tail too short for a whole step is skipped, so no token is ever used twice.
 
     python -m bdiff.data finewebedu 10      # FineWeb-Edu val shard + 10 train shards (100M tokens each)
     python -m bdiff.data stdlib             # build the embedded byte-level corpus
+    python -m bdiff.data prepare INPUT --tokenizer T --out DIR     # your own text (bdiff/prepare.py)
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import glob
+import json
 import os
 import sys
 import sysconfig
@@ -20,31 +25,78 @@ import torch
 
 from bdiff.config import ArgumentParser
 
-MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+MAGIC, HEADER_INTS = 20240520, 256
+VERSIONS = (1, 2)  # 1: uint16 tokens; 2: the header's 4th int says the bytes per token (2: uint16, 4: uint32)
 HEADER_BYTES = HEADER_INTS * 4
 FINEWEB_REPO = "kjj0/finewebedu10B-gpt2"  # Hugging Face dataset of GPT-2-tokenized FineWeb-Edu 10B
-BYTE_BOS, BYTE_MASK = 256, 257  # ids of the byte-level vocabulary: 256 bytes, BOS, MASK
+MANIFEST = "bdiff.json"  # beside a prepared data set's shards: its DataSet record
 
 
 @dataclass(frozen=True)
-class Vocabulary:
-    """What a data set's token ids mean: a model trained on it must share its BOS and fit its ids."""
-    tokenizer: str  # "bytes" or "gpt2": how its ids map to text
+class DataSet:
+    """What a data set is and what its token ids mean: every module reads this one record (a model trained on it
+    must share its BOS and fit its ids; sampling decodes with its tokenizer)."""
+    name: str  # shards are NAME_train_*.bin and NAME_val_*.bin
+    tokenizer: str  # bdiff.tokenizer.load_tokenizer's spec: "bytes", "gpt2", a tokenizer.json, a Hub name
     num_ids: int  # ids 0..num_ids-1 occur in the data (BOS included)
     bos_id: int  # the document separator
+    mask_id: int  # a MASK id that fits: the first id past the data's
+    default_dir: str  # where its shards live unless --data_dir says otherwise
+    description: str  # for model cards and logs
+    prompt: str  # the default prompt of samples
+    source: str = ""  # a Hugging Face dataset id the data comes from, for model cards ("" if none)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model vocabulary that fits: every data id and MASK."""
+        return max(self.num_ids, self.mask_id + 1)
 
 
-VOCABULARIES = {
-    "stdlib": Vocabulary("bytes", 257, BYTE_BOS),  # 256 bytes + BOS
-    "finewebedu": Vocabulary("gpt2", 50257, 50256),  # GPT-2 BPE; <|endoftext|> separates documents
+DATASETS = {  # the built-in data sets; a prepared one carries its record in DIR/bdiff.json instead
+    "stdlib": DataSet("stdlib", "bytes", 257, 256, 257, "data/stdlib",
+                      "the Python standard library's source, read as bytes (embedded corpus)", "def "),
+    "finewebedu": DataSet("finewebedu", "gpt2", 50257, 50256, 50257, "data/finewebedu10B",
+                          "FineWeb-Edu (GPT-2 tokens; HuggingFaceFW/fineweb-edu)", "The", "HuggingFaceFW/fineweb-edu"),
 }
 
 
-def check_model_fits_data(data: str, vocab_size: int, bos_id: int, mask_id: int) -> None:
+def read_manifest(data_dir: str) -> DataSet | None:
+    """The DataSet record of a prepared data set's directory, or None where there is none. A tokenizer file named
+    in it lives beside the shards."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)["dataset"]
+        data = DataSet(**record)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a bdiff data set manifest ({type(e).__name__}: {str(e)[:120]})") from None
+    if data.tokenizer.endswith(".json"):
+        data = dataclasses.replace(data, tokenizer=os.path.join(data_dir, os.path.basename(data.tokenizer)))
+    return data
+
+
+def find_dataset(name: str, data_dir: str | None = None) -> tuple[DataSet, str]:
+    """(data set, its directory) for --data NAME and --data_dir DIR: a directory holding a manifest is that prepared
+    data set, whatever NAME says; otherwise NAME is a built-in data set (in DIR, or its default directory) or a
+    prepared one in data/NAME."""
+    for directory in ([data_dir] if data_dir else []) + [os.path.join("data", name)]:
+        found = read_manifest(directory)
+        if found is not None:
+            return found, directory
+    if name in DATASETS:
+        return DATASETS[name], data_dir or DATASETS[name].default_dir
+    raise DataError(f"unknown data set {name!r}: the built-in ones are {', '.join(DATASETS)}; a prepared one is a "
+                    f"directory holding {MANIFEST} (python -m bdiff.data prepare INPUT --tokenizer T --out DIR, then "
+                    "--data_dir DIR)")
+
+
+def check_model_fits_data(data: DataSet, vocab_size: int, bos_id: int, mask_id: int) -> None:
     """Data and model must agree: the model's BOS is the data's, every data id is below vocab_size and the MASK
     id is none of them. Otherwise training would run without document boundaries (or on ids the embedding
     lacks), silently; this says which settings fit instead."""
-    v = VOCABULARIES[data]
+    v = data
     problems = []
     if bos_id != v.bos_id:
         problems.append(f"the data marks documents with BOS {v.bos_id}, the model's bos_id is {bos_id}")
@@ -53,31 +105,36 @@ def check_model_fits_data(data: str, vocab_size: int, bos_id: int, mask_id: int)
     if mask_id < v.num_ids:
         problems.append(f"mask_id {mask_id} is one of the data's ids (0..{v.num_ids - 1})")
     if problems:
-        fits = ("--preset cpu or tiny, or --vocab_size 258 --bos_id 256 --mask_id 257" if data == "stdlib"
-                else "--preset record, or --vocab_size 50258 --bos_id 50256 --mask_id 50257")
-        raise DataError(f"data {data!r} does not fit the model: {'; '.join(problems)}. For this data use {fits}")
+        fits = f"--vocab_size {v.vocab_size} --bos_id {v.bos_id} --mask_id {v.mask_id}"
+        fits = {"stdlib": "--preset cpu or tiny, or ", "finewebedu": "--preset record, or "}.get(v.name, "") + fits
+        raise DataError(f"data {v.name!r} does not fit the model: {'; '.join(problems)}. For this data use {fits}")
 
 
 class DataError(ValueError):
     """Missing, malformed or exhausted data; the message names the file or directory."""
 
 
-def write_shard(path: str, tokens) -> None:
-    """Write tokens (values < 65536) as one shard, atomically: a partial file never has the final name."""
+def write_shard(path: str, tokens, token_bytes: int | None = None) -> None:
+    """Write tokens as one shard, atomically (a partial file never has the final name). `token_bytes` None: version
+    1, uint16, as the built-in data sets are stored; 2 or 4: version 2, uint16 or uint32 (vocabularies past
+    65,536 ids), the header saying which."""
     tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise DataError(f"{path}: tokens must lie in [0, 65536) to be stored as uint16")
+    limit = 2 ** (8 * (token_bytes or 2))
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= limit):
+        raise DataError(f"{path}: tokens must lie in [0, {limit}) to be stored in {token_bytes or 2} bytes")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (MAGIC, VERSION, tokens.size)
+    header[:3] = (MAGIC, 1 if token_bytes is None else 2, tokens.size)
+    header[3] = token_bytes or 0
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
+        f.write(tokens.astype(np.uint32 if token_bytes == 4 else np.uint16).tobytes())
     os.replace(tmp, path)
 
 
 def read_shard(path: str) -> np.ndarray:
-    """Memory-mapped uint16 tokens of one shard, after checking its header against its size."""
+    """Memory-mapped tokens of one shard (uint16, or uint32 in a version-2 shard that says so), after checking its
+    header against its size."""
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -87,13 +144,17 @@ def read_shard(path: str) -> np.ndarray:
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     if header[0] != MAGIC:
         raise DataError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not a token shard")
-    if header[1] != VERSION:
-        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    if header[1] not in VERSIONS:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected one of {VERSIONS})")
+    width = 2 if header[1] == 1 else int(header[3])
+    if width not in (2, 4):
+        raise DataError(f"{path}: version-2 shard with {width} bytes per token (expected 2 or 4)")
     count = int(header[2])
-    if size != HEADER_BYTES + 2 * count:
+    if size != HEADER_BYTES + width * count:
         raise DataError(f"{path}: truncated or oversized shard: header says {count} tokens, "
-                        f"file holds {(size - HEADER_BYTES) / 2:g}")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
+                        f"file holds {(size - HEADER_BYTES) / width:g}")
+    return np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER_BYTES,
+                     shape=(count,))
 
 
 class DistributedLoader:
@@ -138,12 +199,13 @@ class DistributedLoader:
 
 
 def shard_files(data: str, data_dir: str, split: str) -> list[str]:
-    """Sorted shard paths of one split; the embedded corpus is built on first use."""
+    """Sorted shard paths of one split of the data set named `data`; the embedded corpus is built on first use."""
     if data == "stdlib":
         build_stdlib_corpus(data_dir)
     files = sorted(glob.glob(os.path.join(data_dir, f"{data}_{split}_*.bin")))
     if not files:
-        hint = f"python -m bdiff.data {data} 10" if data == "finewebedu" else f"python -m bdiff.data {data}"
+        hint = {"finewebedu": "python -m bdiff.data finewebedu 10", "stdlib": "python -m bdiff.data stdlib"}.get(
+            data, "python -m bdiff.data prepare INPUT --tokenizer T --out DIR")
         raise DataError(f"no {data} {split} shards in {data_dir!r} (run `{hint}` first, or set --data_dir)")
     return files
 
@@ -173,6 +235,7 @@ def stdlib_sources() -> list[str]:
 def build_stdlib_corpus(data_dir: str, val_every: int = 20) -> None:
     """Write stdlib_train_000000.bin and stdlib_val_000000.bin (every `val_every`-th file is validation)
     unless both exist. Each file is one document: BOS, then its bytes."""
+    bos = DATASETS["stdlib"].bos_id
     train_path = os.path.join(data_dir, "stdlib_train_000000.bin")
     val_path = os.path.join(data_dir, "stdlib_val_000000.bin")
     if os.path.exists(train_path) and os.path.exists(val_path):
@@ -182,7 +245,7 @@ def build_stdlib_corpus(data_dir: str, val_every: int = 20) -> None:
     for i, path in enumerate(stdlib_sources()):
         with open(path, "rb") as f:
             doc = np.frombuffer(f.read(), dtype=np.uint8).astype(np.uint16)
-        splits["val" if i % val_every == 0 else "train"] += [np.array([BYTE_BOS], np.uint16), doc]
+        splits["val" if i % val_every == 0 else "train"] += [np.array([bos], np.uint16), doc]
     write_shard(val_path, np.concatenate(splits["val"]))
     write_shard(train_path, np.concatenate(splits["train"]))
 
@@ -220,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     fw.add_argument("--dir", default="data/finewebedu10B")
     sd = sub.add_parser("stdlib", help="build the embedded byte-level corpus from Python's standard library")
     sd.add_argument("--dir", default="data/stdlib")
+    from bdiff import prepare
+
+    pp = sub.add_parser("prepare", help="tokenize your own text into a data set (python -m bdiff.data prepare -h)",
+                        description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare.add_arguments(pp)
     args = parser.parse_args(argv)
+    if args.corpus == "prepare":
+        return prepare.run(args)
     try:
         if args.corpus == "finewebedu":
             download_finewebedu(args.num_train_shards, args.dir)

@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m bdiff.eval", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="final.pt, a model or run directory, or a Hub id (user/name)")
-    parser.add_argument("--data", choices=("finewebedu", "stdlib"), help="default: the data the model was trained on")
-    parser.add_argument("--data_dir", help="default: the run's data directory")
+    parser.add_argument("--data", help="a data set's name (default: the data the model was trained on)")
+    parser.add_argument("--data_dir", help="default: the run's data directory (a prepared data set's directory names "
+                                           "its data set)")
     parser.add_argument("--tokens", type=int, help="validation tokens (default: the run's val_tokens)")
     parser.add_argument("--seq_len", type=int, help="tokens per sequence (default: the run's val_seq_len)")
     parser.add_argument("--draws", type=int, default=1, help="noise draws to average (>= 2 gives a standard error)")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
-    from bdiff.data import DataError, check_model_fits_data, shard_files
+    from bdiff.data import DataError, check_model_fits_data, find_dataset, shard_files
     from bdiff.hub import HubError, load_any
 
     try:
@@ -114,11 +115,11 @@ def main(argv=None) -> int:
         model, config = load_any(args.model, device)
         model.set_dtype(dtype)
         train = config["train"]
-        data = args.data or train["data"]
-        data_dir = args.data_dir or (train["data_dir"] if data == train["data"] else
-                                     {"stdlib": "data/stdlib", "finewebedu": "data/finewebedu10B"}[data])
+        name = args.data or train["data"]
+        dataset, data_dir = find_dataset(name, args.data_dir or (train["data_dir"] if name == train["data"] else None))
+        data = dataset.name
         mc = model.cfg
-        check_model_fits_data(data, mc.vocab_size, mc.bos_id, mc.mask_id)
+        check_model_fits_data(dataset, mc.vocab_size, mc.bos_id, mc.mask_id)
         seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
         sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, mc)
     except (HubError, DataError, ConfigError) as e:

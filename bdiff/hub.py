@@ -22,15 +22,19 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
+from dataclasses import asdict
 
 
 import bdiff
 from bdiff.config import ArgumentParser, ModelConfig
+from bdiff.data import DATASETS
 from bdiff.tokenizer import default_prompt, tokenizer_of
 
 WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
+TOKENIZER = "tokenizer.json"  # a prepared data set's tokenizer file, copied into the model directory
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # user/name, as the Hub spells repository ids
 
 
@@ -59,9 +63,14 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
     os.makedirs(directory, exist_ok=True)
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _atomic_write(os.path.join(directory, WEIGHTS), lambda p: save_file(weights, p, metadata={"format": "pt"}))
-    meta = {"bdiff_version": bdiff.__version__, "tokenizer": tokenizer_of(config),
+    tokenizer = tokenizer_of(config)
+    dataset = dict(config.get("dataset") or {})
+    if os.path.isfile(tokenizer):  # a tokenizer.json travels with the model: the directory decodes on its own
+        _atomic_write(os.path.join(directory, TOKENIZER), lambda p: shutil.copyfile(tokenizer, p))
+        tokenizer = dataset["tokenizer"] = TOKENIZER
+    meta = {"bdiff_version": bdiff.__version__, "tokenizer": tokenizer,
             "block_size": config["model"]["block_size"], "model": config["model"], "train": config["train"],
-            "step": step, "tokens": tokens, "val_loss": val_loss}
+            "dataset": dataset, "step": step, "tokens": tokens, "val_loss": val_loss}
     _atomic_write(os.path.join(directory, CONFIG), lambda p: _write_text(p, json.dumps(meta, indent=2) + "\n"))
     write_card(directory)
     return directory
@@ -94,13 +103,13 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
     sample = sample if sample is not None else old.get("sample")
     command = command or old.get("command") or "python train.py " + " ".join(
         f"--{k} {v}" for k, v in meta["train"].items() if k in ("data", "steps", "seq_len"))
-    data = {"stdlib": "the Python standard library's source, read as bytes (embedded corpus)",
-            "finewebedu": "FineWeb-Edu (GPT-2 tokens; HuggingFaceFW/fineweb-edu)"}.get(meta["train"]["data"],
-                                                                                     meta["train"]["data"])
+    dataset = meta.get("dataset") or asdict(DATASETS.get(meta["train"]["data"])) if meta["train"]["data"] in DATASETS \
+        else meta.get("dataset") or {}
+    data = dataset.get("description", meta["train"]["data"])
     m = meta["model"]
     lines = [
         "---", "library_name: bdiff", "tags:", "- block-diffusion", "- bd3-lm", "- text-generation",
-        *(["datasets:", "- HuggingFaceFW/fineweb-edu"] if meta["train"]["data"] == "finewebedu" else []), "---", "",
+        *(["datasets:", f"- {dataset['source']}"] if dataset.get("source") else []), "---", "",
         "# A block-diffusion language model trained with bdiff", "",
         f"- Architecture: {m['num_layers']} layers, width {m['model_dim']}, {m['num_heads']} heads of {m['head_dim']}, "
         f"vocabulary {m['vocab_size']} (MASK {m['mask_id']}, BOS {m['bos_id']}), block size {m['block_size']}",
@@ -112,7 +121,7 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
         f"- bdiff {meta['bdiff_version']}", "",
         "## Use", "", "```bash",
         "python -m bdiff.eval --model THIS_REPO_OR_DIR --draws 4",
-        f"python sample.py --ckpt THIS_REPO_OR_DIR --prompt {shlex.quote(default_prompt(meta['tokenizer']))}",
+        f"python sample.py --ckpt THIS_REPO_OR_DIR --prompt {shlex.quote(default_prompt(meta) or 'TEXT')}",
         "```", "", "## Reproduce", "", "<!-- command -->", "```bash", command, "```", "",
     ]
     if os.path.exists(os.path.join(directory, PLOT)):
@@ -153,7 +162,7 @@ def resolve(name: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT])
+        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT, TOKENIZER])
     except RepositoryNotFoundError:
         raise HubError(f"{name}: no such model on the Hub (or it is private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
@@ -173,6 +182,8 @@ def from_pretrained(name: str, device="cpu"):
 
     directory = resolve(name)
     meta = read_config(directory)
+    if (meta.get("dataset") or {}).get("tokenizer") == TOKENIZER:  # the copy in this directory
+        meta["dataset"]["tokenizer"] = os.path.join(directory, TOKENIZER)
     path = os.path.join(directory, WEIGHTS)
     try:
         weights = load_file(path, device="cpu")  # then moved by load_state_dict, as every load (checkpoint.py)

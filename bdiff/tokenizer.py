@@ -1,47 +1,154 @@
-"""Text to token ids and back, by the tokenizer of the data a model was trained on (recorded in its config as
-`train.data`, see bdiff.data.VOCABULARIES): bytes for the embedded corpus, GPT-2 BPE for FineWeb-Edu. The model's
-vocabulary size does not decide it: a GPT-2-sized model trained on bytes samples bytes."""
+"""Text to token ids and back, by the tokenizer of the data a model was trained on (recorded in its config's data
+set, bdiff/data.py), never guessed from the vocabulary size: a GPT-2-sized model trained on bytes samples bytes.
+
+A tokenizer is named by one string (`load_tokenizer`):
+- "bytes": UTF-8 bytes as ids 0..255, BOS 256;
+- a tiktoken encoding ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"; `pip install tiktoken`, which
+  downloads its vocabulary once): BOS is its end-of-text token;
+- a local `tokenizer.json`, or a Hugging Face tokenizer name (`pip install tokenizers`): BOS is its end-of-text or
+  end-of-sequence token where it has one, otherwise a new id after its vocabulary.
+"""
 from __future__ import annotations
 
-from bdiff.data import VOCABULARIES
+import functools
+import os
+
+import numpy as np
+
+TIKTOKEN = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")  # BOS candidates, in order
 
 
 class TokenizerError(ValueError):
-    """The tokenizer cannot run here; the message says what to install."""
+    """The tokenizer cannot run here, or is unknown; the message says what to install or pass."""
 
 
-def tokenizer_of(config: dict) -> str:
-    """"bytes" or "gpt2": the tokenizer of the data named by a run's config dict (TrainConfig.data)."""
-    return VOCABULARIES[config["train"]["data"]].tokenizer
+class Tokenizer:
+    """encode (text -> ids, no BOS), encode_batch, decode (ids -> text; BOS and ids past the text's dropped)."""
+    name: str  # the spec it was loaded from
+    num_ids: int  # ids the data can hold, BOS included: a model needs vocab_size > num_ids (MASK after them)
+    bos_id: int  # the document separator
+    text_ids: int  # ids below this map to text
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """encode_batch as integer arrays (what bdiff.prepare stores)."""
+        return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
 
 
-def default_prompt(tokenizer: str) -> str:
-    """A prompt that suits the data: code for the byte-level corpus, prose for FineWeb-Edu."""
-    return "def " if tokenizer == "bytes" else "The"
+class ByteTokenizer(Tokenizer):
+    name, num_ids, bos_id, text_ids = "bytes", 257, 256, 256
+
+    def encode_batch(self, texts):
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def encode_arrays(self, texts):
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids):
+        return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, name: str):
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding(name)
+        except ImportError:
+            raise TokenizerError(f"tokenizer {name!r} needs tiktoken: `pip install tiktoken`") from None
+        except Exception as e:  # its vocabulary cannot be downloaded (offline)
+            raise TokenizerError(f"tokenizer {name!r}: tiktoken could not load its vocabulary; it downloads it once, "
+                                 f"with network access ({type(e).__name__})") from None
+        self.name, self.bos_id, self.num_ids = name, self.enc.eot_token, self.enc.n_vocab
+        self.text_ids = self.enc.eot_token if self.enc.eot_token == self.enc.n_vocab - 1 else self.enc.n_vocab
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids):
+        return self.enc.decode([t for t in ids if 0 <= t < self.num_ids and t != self.bos_id])
+
+
+class HFTokenizer(Tokenizer):
+    """The `tokenizers` library's: a tokenizer.json file or a Hub name."""
+
+    def __init__(self, spec: str):
+        try:
+            from tokenizers import Tokenizer as Rust
+        except ImportError:
+            raise TokenizerError(f"tokenizer {spec!r} needs the tokenizers library: `pip install tokenizers` (or "
+                                 "pip install -e \".[data]\")") from None
+        try:
+            self.tok = Rust.from_file(spec) if os.path.isfile(spec) else Rust.from_pretrained(spec)
+        except Exception as e:  # noqa: BLE001 (a bad file, an unknown name, no network: one line each way)
+            what = "not a readable tokenizer.json" if os.path.isfile(spec) else \
+                "no such file, and not a tokenizer on the Hugging Face Hub (or the Hub cannot be reached)"
+            cause = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise TokenizerError(f"unknown tokenizer {spec!r}: {what} ({cause})"
+                                 f"; use bytes, a tiktoken encoding ({', '.join(TIKTOKEN)}), a tokenizer.json or a "
+                                 "Hub tokenizer name") from None
+        self.name = spec
+        size = self.tok.get_vocab_size(with_added_tokens=True)
+        ends = [i for i in map(self.tok.token_to_id, END_TOKENS) if i is not None]
+        self.bos_id = ends[0] if ends else size
+        self.num_ids = max(size, self.bos_id + 1)
+        self.text_ids = size
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tok.decode([t for t in ids if 0 <= t < self.text_ids and t != self.bos_id],
+                               skip_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer a spec names (see the module docstring); refused in one line when unknown or not installed."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec in TIKTOKEN:
+        return TiktokenTokenizer(spec)
+    if spec.endswith(".json") and not os.path.isfile(spec):
+        raise TokenizerError(f"unknown tokenizer {spec!r}: no such file")
+    return HFTokenizer(spec)
+
+
+def tokenizer_of(config: dict, directory: str | None = None) -> str:
+    """The tokenizer spec of a run's config dict: its data set's (train.py records it); configs written before
+    data sets were recorded name a built-in data set. A tokenizer file is looked up in `directory` (a model
+    directory holds a copy of it) when it is not where the data set had it."""
+    from bdiff.data import DATASETS
+
+    spec = (config.get("dataset") or {}).get("tokenizer") or DATASETS[config["train"]["data"]].tokenizer
+    if directory and spec.endswith(".json") and not os.path.isfile(spec):
+        spec = os.path.join(directory, os.path.basename(spec))
+    return spec
+
+
+def default_prompt(config: dict) -> str:
+    """The data set's default prompt: code for the byte-level corpus, prose for FineWeb-Edu, a prepared set's own."""
+    from bdiff.data import DATASETS
+
+    data = config.get("dataset") or {}
+    return data.get("prompt") if data.get("prompt") is not None else DATASETS[config["train"]["data"]].prompt
 
 
 def encode(text: str, tokenizer: str, bos_id: int) -> list[int]:
     """BOS, then the text's tokens."""
-    if tokenizer == "bytes":
-        return [bos_id] + list(text.encode("utf-8"))
-    return [bos_id] + _gpt2().encode(text, allowed_special=set())
+    return [bos_id] + load_tokenizer(tokenizer).encode(text)
 
 
 def decode(tokens: list[int], tokenizer: str) -> str:
-    """The text of `tokens`; ids that are no token of the tokenizer (BOS, MASK, ids past its vocabulary) are
+    """The text of `tokens`; ids that are no text of the tokenizer (BOS, MASK, ids past its vocabulary) are
     dropped."""
-    num_ids = VOCABULARIES["stdlib" if tokenizer == "bytes" else "finewebedu"].num_ids - 1  # BOS is no text
-    tokens = [t for t in tokens if 0 <= t < num_ids]
-    if tokenizer == "bytes":
-        return bytes(tokens).decode("utf-8", errors="replace")
-    return _gpt2().decode(tokens)
-
-
-def _gpt2():
-    try:
-        import tiktoken
-
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # not installed, or its vocabulary cannot be downloaded offline
-        raise TokenizerError("GPT-2 text needs tiktoken: `pip install tiktoken`, with network access once to fetch "
-                             f"its vocabulary ({type(e).__name__})") from None
+    return load_tokenizer(tokenizer).decode(list(tokens))

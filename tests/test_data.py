@@ -66,9 +66,9 @@ def test_stdlib_corpus(tmp_path):
     data.build_stdlib_corpus(str(tmp_path))
     train = data.shard_files("stdlib", str(tmp_path), "train")
     val = data.shard_files("stdlib", str(tmp_path), "val")
-    tokens = read_shard(train[0])
-    assert len(tokens) > 1_000_000 and tokens.max() <= data.BYTE_BOS and tokens[0] == data.BYTE_BOS
-    assert (tokens == data.BYTE_BOS).sum() > 100, "one document per source file"
+    tokens, bos = read_shard(train[0]), data.DATASETS["stdlib"].bos_id
+    assert len(tokens) > 1_000_000 and tokens.max() <= bos and tokens[0] == bos
+    assert (tokens == bos).sum() > 100, "one document per source file"
     assert 2.0 < data.unigram_entropy(train, 258) < 5.0, "byte entropy of source code, in nats"
     assert bytes(read_shard(val[0])[1:40].astype(np.uint8)).isascii(), "real text"
 

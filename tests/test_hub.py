@@ -61,7 +61,8 @@ def test_every_saved_form_evaluates_like_the_model_in_memory(trained, tmp_path, 
     for name in (str(run / "final.pt"), str(run / "model"), str(run), REPO):
         loaded, config = hub.load_any(name)
         as_json = json.loads(json.dumps(trained[1]))  # config.json holds lists where the config has tuples
-        assert json.loads(json.dumps({k: config[k] for k in ("model", "train")})) == as_json, name
+        assert json.loads(json.dumps({k: config[k] for k in ("model", "train")})) == \
+            {k: as_json[k] for k in ("model", "train")}, name
         got = evaluate(loaded, sequences, draws=2, levels=(0.25, 0.75))
         assert got == expected, f"{name}: {got} != the model in memory's {expected}"
     assert BlockDiffusionLM.from_pretrained(REPO).state_dict().keys() == model.state_dict().keys()
@@ -103,7 +104,8 @@ def test_the_card_and_config_say_what_a_reader_needs(trained):
     meta = json.loads((run / "model" / hub.CONFIG).read_text())
     for key, value in (("tokenizer", "bytes"), ("block_size", 16), ("step", 7), ("tokens", 1792), ("val_loss", 3.21)):
         assert meta[key] == value, f"config.json {key}: {meta.get(key)} != {value}"
-    assert {k: meta[k] for k in ("model", "train")} == json.loads(json.dumps(config)) and meta["bdiff_version"]
+    assert {k: meta[k] for k in ("model", "train", "dataset")} == json.loads(json.dumps(config)) and \
+        meta["bdiff_version"]
     hub.write_card(str(run / "model"), sample="def f(): pass", command="python train.py --preset tiny")
     hub.write_card(str(run / "model"))  # rewritten later (e.g. after the plot): keeps the sample and the command
     card = (run / "model" / hub.CARD).read_text()

@@ -142,7 +142,7 @@ def test_gpt2_run_without_tiktoken_keeps_the_run(tmp_path, capsys, monkeypatch):
     train.main(["--device", "cpu", "--preset", "tiny", "--data", "finewebedu", "--data_dir", str(data), "--steps", "2",
                 "--out_dir", str(tmp_path), "--run_name", "g", *model_flags])
     skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
-    assert len(skipped) == 1 and skipped[0].startswith("sample skipped: GPT-2 text needs tiktoken"), skipped
+    assert len(skipped) == 1 and skipped[0].startswith("sample skipped: tokenizer 'gpt2' needs tiktoken"), skipped
     assert os.path.exists(os.path.join(str(tmp_path), "g", "final.pt"))
 
 

@@ -1,0 +1,368 @@
+"""Prepare your own text as a data set bdiff trains on:
+
+    python -m bdiff.data prepare INPUT --tokenizer T --out DIR
+
+INPUT: a folder of text files (every file under it, one document each), a glob ("src/**/*.py"), a .txt file (one
+document, or several with --doc_sep), a .jsonl file (one document a line, its --text_field), or a Hugging Face
+dataset name (user/name, streamed through `datasets`: pip install datasets). T: bytes, a tiktoken encoding (gpt2,
+cl100k_base, ...), a local tokenizer.json or a Hugging Face tokenizer name (bdiff/tokenizer.py).
+
+Every document is BOS followed by its tokens. Validation is held out by whole documents, deterministically (every
+k-th document for --val_fraction, the first documents for --val_tokens). Tokenizing runs on every core (a process
+pool over batches of documents, results in order), with a progress bar; the shards are written as they fill
+(version 2: uint16, or uint32 when the tokenizer has more than 65,536 ids), with DIR/bdiff.json, the data set's
+record. Work happens in DIR.partial/ and is renamed to DIR at the end: a stopped run, started again with the
+same command, keeps the shards already written and continues after them; the same input always gives the same
+bytes.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+
+import numpy as np
+
+from bdiff.data import MANIFEST, DataError, DataSet, write_shard
+from bdiff.tokenizer import TokenizerError, load_tokenizer
+
+STATE = "prepare_state.json"  # in DIR.partial/: where a stopped run continues
+BATCH_BYTES = 1 << 20  # text per task of the process pool: large enough to amortise the hand-off
+
+
+def _documents(source: str, text_field: str, doc_sep: str | None):
+    """(iterator over the documents' texts, total bytes or None when unknown, a fingerprint of the input)."""
+    if os.path.isdir(source) or any(c in source for c in "*?["):
+        if os.path.isdir(source):
+            paths = [os.path.join(d, f) for d, dirs, files in os.walk(source) for f in files
+                     if not f.startswith(".") and not any(p.startswith(".") for p in os.path.relpath(d, source)
+                                                          .split(os.sep) if p != ".")]
+        else:
+            paths = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        paths.sort()
+        if not paths:
+            raise DataError(f"{source}: no files to read (an empty folder, or a glob that matches nothing)")
+        return _read_files(paths), sum(os.path.getsize(p) for p in paths), _fingerprint(paths)
+    if os.path.isfile(source):
+        size = os.path.getsize(source)
+        if size == 0:
+            raise DataError(f"{source}: empty file")
+        if source.endswith(".jsonl"):
+            return _read_jsonl(source, text_field), size, _fingerprint([source])
+        return _read_text(source, doc_sep), size, _fingerprint([source])
+    if source.count("/") == 1 and not os.path.exists(source.split("/")[0]):
+        return _read_hub(source, text_field), None, source
+    raise DataError(f"{source}: no such file or folder (nor a Hugging Face dataset name user/name)")
+
+
+def _fingerprint(paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(f"{os.path.abspath(p)}:{os.path.getsize(p)}:{int(os.path.getmtime(p))}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _decode(raw: bytes, path: str) -> str:
+    if b"\0" in raw[:65536]:
+        raise DataError(f"{path}: not a text file (it holds NUL bytes); choose text files with a glob, e.g. "
+                        "'DIR/**/*.txt'")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); choose text files with a glob") from None
+
+
+def _read_files(paths):
+    for p in paths:
+        with open(p, "rb") as f:
+            yield _decode(f.read(), p), os.path.getsize(p)
+
+
+def _read_text(path, doc_sep):
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path)
+    docs = text.split(doc_sep) if doc_sep else [text]
+    for doc in docs:
+        yield doc, len(doc.encode("utf-8")) + (len(doc_sep.encode()) if doc_sep else 0)
+
+
+def _read_jsonl(path, text_field):
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)[text_field]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path}:{n}: not a JSON object with a {text_field!r} field (--text_field)") from None
+            yield str(doc), len(line)
+
+
+def _read_hub(name, text_field):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: reading a Hugging Face dataset needs `pip install datasets` (or pip install -e "
+                        "\".[data]\")") from None
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+        for row in stream:
+            doc = str(row[text_field])
+            yield doc, len(doc.encode("utf-8"))
+    except KeyError:
+        raise DataError(f"{name}: its rows have no {text_field!r} field (--text_field)") from None
+    except Exception as e:  # noqa: BLE001 (no network, unknown name: one line)
+        raise DataError(f"{name}: could not stream it from the Hugging Face Hub ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})") from None
+
+
+# --- tokenizing in worker processes ----------------------------------------------------------------------
+
+_worker = {}
+
+
+def _init_worker(spec: str, dtype) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    _worker.update(tokenizer=load_tokenizer(spec), dtype=dtype)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    """Each document as BOS + its ids, in the shards' dtype (half the bytes of int64 to hand back)."""
+    tok, dtype = _worker["tokenizer"], _worker["dtype"]
+    bos = np.array([tok.bos_id], dtype=dtype)
+    return [np.concatenate([bos, ids.astype(dtype)]) for ids in tok.encode_arrays(texts)]
+
+
+def _batches(docs, skip: int):
+    """Batches of about BATCH_BYTES of text, after skipping the first `skip` documents (done in a run before)."""
+    batch, size = [], 0
+    for i, (text, nbytes) in enumerate(docs):
+        if i < skip:
+            continue
+        batch.append((text, nbytes))
+        size += nbytes
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+class _Split:
+    """One split's shards: tokens buffered until a shard is full, then written."""
+
+    def __init__(self, name: str, split: str, directory: str, shard_tokens: int, token_bytes: int, state: dict):
+        self.prefix = os.path.join(directory, f"{name}_{split}_")
+        self.shard_tokens, self.token_bytes = shard_tokens, token_bytes
+        self.shards, self.tokens = state.get("shards", 0), state.get("tokens", 0)
+        self.documents = state.get("documents", 0)
+        pending = state.get("pending")
+        self.buffer = [np.load(os.path.join(directory, pending))] if pending else []
+        self.buffered = sum(len(b) for b in self.buffer)
+
+    def add(self, doc: np.ndarray) -> bool:
+        """Add a document; returns whether a shard was written."""
+        self.buffer.append(doc)
+        self.buffered += len(doc)
+        self.tokens += len(doc)
+        self.documents += 1
+        wrote = False
+        while self.buffered >= self.shard_tokens:
+            flat = np.concatenate(self.buffer)
+            self._write(flat[:self.shard_tokens])
+            self.buffer, self.buffered = [flat[self.shard_tokens:]], len(flat) - self.shard_tokens
+            wrote = True
+        return wrote
+
+    def _write(self, tokens):
+        write_shard(f"{self.prefix}{self.shards:06d}.bin", tokens, self.token_bytes)
+        self.shards += 1
+
+    def finish(self):
+        if self.buffered:
+            self._write(np.concatenate(self.buffer))
+            self.buffer, self.buffered = [], 0
+
+    def state(self, directory: str, split: str) -> dict:
+        pending = None
+        if self.buffered:
+            pending = f"pending_{split}.npy"
+            tmp = os.path.join(directory, f".{pending}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(self.buffer))
+            os.replace(tmp, os.path.join(directory, pending))
+        return dict(shards=self.shards, tokens=self.tokens, documents=self.documents, pending=pending)
+
+
+def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_fraction: float | None = 0.01,
+            val_tokens: int | None = None, text_field: str = "text", doc_sep: str | None = None,
+            shard_tokens: int = 100_000_000, jobs: int | None = None, log=print, progress: bool = True) -> DataSet:
+    """Tokenize `source` into shards under `out` (see the module docstring); returns the data set's record."""
+    out = os.path.normpath(out)
+    name = name or os.path.basename(os.path.abspath(out))
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise DataError(f"--name {name!r}: letters, digits, '-' and '_' only (it names the shard files)")
+    if val_tokens is None and not (val_fraction and 0 < val_fraction < 1):
+        raise DataError(f"--val_fraction must lie in (0, 1), got {val_fraction}")
+    if val_tokens is not None and val_tokens < 1:
+        raise DataError(f"--val_tokens must be >= 1, got {val_tokens}")
+    if shard_tokens < 1:
+        raise DataError(f"--shard_tokens must be >= 1, got {shard_tokens}")
+    tok = load_tokenizer(tokenizer)
+    token_bytes = 2 if tok.num_ids <= 2**16 else 4
+    settings = dict(source=os.path.abspath(source) if os.path.exists(source) else source, tokenizer=tokenizer,
+                    name=name, val_fraction=None if val_tokens is not None else val_fraction, val_tokens=val_tokens,
+                    text_field=text_field, doc_sep=doc_sep, shard_tokens=shard_tokens)
+    docs, total_bytes, settings["fingerprint"] = _documents(source, text_field, doc_sep)
+    if os.path.exists(out):
+        try:
+            with open(os.path.join(out, MANIFEST)) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            manifest = {}
+        if manifest.get("settings") == settings:
+            log(f"{out}: already prepared from the same input and settings")
+            log(f"train on it: python train.py --data_dir {out}")
+            return DataSet(**manifest["dataset"])
+        raise DataError(f"--out {out}: exists and holds other data; choose a new directory (or remove it)")
+    work = out + ".partial"
+    state = {}
+    if os.path.isdir(work):
+        try:
+            with open(os.path.join(work, STATE)) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            state = {}
+        if state.get("settings") != settings:
+            raise DataError(f"{work}: a stopped prepare of other input or settings; remove it to start over")
+        log(f"resuming {work}: {state['documents']:,} documents done, "
+            f"{state['train']['shards'] + state['val']['shards']} shard(s) kept")
+    else:
+        os.makedirs(work)
+    splits = {s: _Split(name, s, work, shard_tokens, token_bytes, state.get(s, {})) for s in ("train", "val")}
+    done_docs, done_bytes = state.get("documents", 0), state.get("bytes", 0)
+    # bytes need no pool: encoding is a copy, cheaper than handing the text to another process and back
+    jobs = 1 if tokenizer == "bytes" else jobs or os.cpu_count() or 1
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, desc=f"prepare {name}",
+                   file=sys.stderr, mininterval=0.5, smoothing=0.1, leave=False,
+                   disable=None)  # None: shown on a terminal, not in logs (the closing line says it all)
+    started = time.perf_counter()
+    new_bytes = 0
+
+    def save_state():
+        tmp = os.path.join(work, f".{STATE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(dict(settings=settings, documents=done_docs, bytes=done_bytes,
+                           **{s: splits[s].state(work, s) for s in splits}), f)
+        os.replace(tmp, os.path.join(work, STATE))
+
+    def val_next(i: int) -> bool:  # deterministic: whole documents, in input order
+        if val_tokens is not None:
+            return splits["val"].tokens < val_tokens
+        return int((i + 1) * val_fraction) > int(i * val_fraction)
+
+    dtype = np.uint32 if token_bytes == 4 else np.uint16
+    pool = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(tokenizer, dtype)) if jobs > 1 else None
+    if pool is None:
+        _init_worker(tokenizer, dtype)
+
+    def encoded():  # (documents' ids, their sizes) in input order, at most 2 batches per process in flight
+        window = deque()
+        for batch in _batches(docs, done_docs):
+            texts = [t for t, _ in batch]
+            window.append((pool.submit(_encode_batch, texts) if pool else _encode_batch(texts), [n for _, n in batch]))
+            if len(window) > 2 * jobs:
+                ids, sizes = window.popleft()
+                yield (ids.result() if pool else ids), sizes
+        while window:
+            ids, sizes = window.popleft()
+            yield (ids.result() if pool else ids), sizes
+
+    try:
+        for batch, sizes in encoded():
+            for ids, n in zip(batch, sizes):
+                wrote = splits["val" if val_next(done_docs) else "train"].add(ids)
+                done_docs, done_bytes, new_bytes = done_docs + 1, done_bytes + n, new_bytes + n
+                if wrote:
+                    save_state()  # a shard was written: a stopped run continues after this document
+            if bar is not None:
+                bar.update(sum(sizes))
+                bar.set_postfix(docs=f"{done_docs:,}", tokens=f"{splits['train'].tokens + splits['val'].tokens:,}",
+                                refresh=False)
+    except BaseException:
+        if not os.path.exists(os.path.join(work, STATE)):  # no shard written yet: nothing worth resuming
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    if splits["val"].documents == 0 or splits["train"].documents == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DataError(f"{source}: {done_docs} document(s): too few to hold out a validation split of whole documents "
+                        "and keep a training split (a smaller --val_fraction or --val_tokens, more documents, or "
+                        "--doc_sep to split one file into documents)")
+    for split in splits.values():
+        split.finish()
+    tokenizer_field = tokenizer
+    if os.path.isfile(tokenizer):  # the data set carries its tokenizer: DIR stays usable wherever it goes
+        shutil.copyfile(tokenizer, os.path.join(work, "tokenizer.json"))
+        tokenizer_field = "tokenizer.json"
+    record = DataSet(name=name, tokenizer=tokenizer_field, num_ids=tok.num_ids, bos_id=tok.bos_id,
+                     mask_id=tok.num_ids, default_dir=out, description=f"{source}, prepared with the {tokenizer} "
+                     "tokenizer", prompt="", source=source if not os.path.exists(source) else "")
+    seconds = time.perf_counter() - started
+    manifest = dict(dataset=asdict(record), settings=settings, token_bytes=token_bytes, shard_version=2,
+                    **{s: dict(documents=splits[s].documents, tokens=splits[s].tokens, shards=splits[s].shards)
+                       for s in splits})
+    for leftover in [f for f in os.listdir(work) if f == STATE or f.startswith("pending_")]:
+        os.remove(os.path.join(work, leftover))
+    with open(os.path.join(work, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(work, out)
+    rate = new_bytes / max(seconds, 1e-9) / 1e6
+    log(f"{out}: {splits['train'].documents:,} + {splits['val'].documents:,} documents, {splits['train'].tokens:,} "
+        f"train + {splits['val'].tokens:,} validation tokens in {splits['train'].shards} + {splits['val'].shards} "
+        f"shard(s) ({'uint32' if token_bytes == 4 else 'uint16'}); {new_bytes / 1e6:.1f} MB in {seconds:.1f} s "
+        f"({rate:.1f} MB/s, {jobs} process(es))")
+    log(f"train on it: python train.py --data_dir {out}")
+    return record
+
+
+def add_arguments(p) -> None:
+    p.add_argument("input", help="a folder of text files, a glob, a .txt or .jsonl file, or a Hub dataset user/name")
+    p.add_argument("--tokenizer", required=True, help="bytes, gpt2 (or another tiktoken encoding), a tokenizer.json, "
+                                                      "or a Hugging Face tokenizer name")
+    p.add_argument("--out", required=True, help="the data set's directory (created; must not exist)")
+    p.add_argument("--name", help="the data set's name (default: the directory's)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
+    split.add_argument("--val_tokens", type=int, help="hold out the first documents up to this many tokens instead")
+    p.add_argument("--text_field", default="text", help="the field of a .jsonl line or Hub row holding the text")
+    p.add_argument("--doc_sep", help="split a .txt file into documents at this string")
+    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
+    p.add_argument("--jobs", type=int, help="tokenizing processes (default: every core)")
+
+
+def run(args) -> int:
+    try:
+        prepare(args.input, args.tokenizer, args.out, args.name, args.val_fraction, args.val_tokens, args.text_field,
+                args.doc_sep, args.shard_tokens, args.jobs)
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
