@@ -7,13 +7,23 @@
 import argparse
 import sys
 
-from bdiff.config import ArgumentParser, ConfigError, SamplingConfig, add_device_flags, add_flags, apply_flags, \
-    device_and_dtype
-from bdiff.sampling import SamplingError, generate, load_checkpoint
-from bdiff.tokenizer import TokenizerError, decode, encode, load_tokenizer, tokenizer_of
+from bdiff.config import (
+    ArgumentParser,
+    SamplingConfig,
+    add_device_flags,
+    add_flags,
+    apply_flags,
+    device_and_dtype,
+)
+from bdiff.data import tokenizer_of
+from bdiff.errors import command
+from bdiff.hub import load
+from bdiff.sampling import SamplingError, generate
+from bdiff.tokenizer import decode, encode, load_tokenizer
 
 
-def main(argv=None) -> None:
+@command
+def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="final.pt, a model or run directory (logs/RUN/model, "
                                                       "logs/RUN) or a Hub id (user/name)")
@@ -26,7 +36,7 @@ def main(argv=None) -> None:
     apply_flags(args, sampling)
     device, dtype = device_and_dtype(args)  # before any file is read: the real cause first
 
-    model, config = load_checkpoint(args.ckpt, device)
+    model, config = load(args.ckpt, device)
     model.set_dtype(dtype)
     cfg = model.cfg
     if args.block_size is not None and args.block_size != cfg.block_size:
@@ -44,11 +54,8 @@ def main(argv=None) -> None:
         print(f"--- {text!r}\n{text}{decode(tokens, tokenizer)}")
     print(f"--- {out.new_tokens} tokens in {out.seconds:.2f}s ({out.new_tokens / out.seconds:,.0f} tok/s), "
           f"{out.model_calls / out.new_tokens:.2f} model calls per token, KV cache {out.cache_bytes / 2**20:.1f} MiB")
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SamplingError, TokenizerError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -18,6 +18,8 @@ setup(
     # data: the tokenizers and readers of `prepare` beyond bytes (tokenizers: tokenizer.json files and Hub
     # tokenizers; tiktoken: GPT-2 and OpenAI encodings; datasets: streaming a Hub dataset). The tests build a BPE
     # tokenizer with `tokenizers`.
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers"], "plot": ["matplotlib"],
+    # ruff: the lint gate of the test command (README).
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff"],
+                    "plot": ["matplotlib"],
                     "data": ["tokenizers", "tiktoken", "datasets"]},
 )

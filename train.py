@@ -32,15 +32,40 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bdiff
 from bdiff import checkpoint, hub
 from bdiff.checkpoint import CheckpointError
-from bdiff.config import (PRESETS, RECORD_VAL_LOSS, ArgumentParser, Config, ConfigError, ModelConfig,
-                          SamplingConfig, TrainConfig, add_device_flags, add_flags, apply_flags, default_device,
-                          default_dtype, get_preset, parse_device)
-from bdiff.data import DataError, DistributedLoader, check_model_fits_data, find_dataset, shard_files, unigram_entropy
+from bdiff.config import (
+    PRESETS,
+    RECORD_VAL_LOSS,
+    ArgumentParser,
+    Config,
+    ConfigError,
+    ModelConfig,
+    SamplingConfig,
+    TrainConfig,
+    add_device_flags,
+    add_flags,
+    apply_flags,
+    code_version,
+    default_device,
+    default_dtype,
+    get_preset,
+    parse_device,
+)
+from bdiff.data import (
+    DistributedLoader,
+    check_model_fits_data,
+    default_prompt,
+    find_dataset,
+    shard_files,
+    tokenizer_of,
+    unigram_entropy,
+)
+from bdiff.errors import BdiffError
+from bdiff.eval import validation_total
 from bdiff.model import BlockDiffusionLM
-from bdiff.noise import document_layout
 from bdiff.muon import Muon
+from bdiff.noise import document_layout, noise_seed
 from bdiff.sampling import generate
-from bdiff.tokenizer import decode, default_prompt, encode, tokenizer_of
+from bdiff.tokenizer import decode, encode
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
@@ -68,6 +93,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     apply_flags(args, cfg.model)
     apply_flags(args, cfg.train)
     use_dataset(cfg, args)
+    cfg.code = code_version()
     cfg.validate()
     return cfg, args
 
@@ -162,15 +188,15 @@ def setup_process(timeout_s: int, device_name: str, dtype: str | None) -> Proces
     return Process(rank, world, local_rank, ddp, device, dtype or default_dtype(device))
 
 
-def steps_per_rank(tc, proc: Process) -> tuple[int, int]:
+def steps_per_rank(train_cfg, proc: Process) -> tuple[int, int]:
     """(micro-steps per rank per optimizer step, validation steps per rank)."""
-    if tc.micro_steps % proc.world:
-        raise ConfigError(f"micro_steps={tc.micro_steps} must be divisible by the world size {proc.world}")
-    val_steps = tc.val_tokens // (proc.world * tc.val_seq_len)
+    if train_cfg.micro_steps % proc.world:
+        raise ConfigError(f"micro_steps={train_cfg.micro_steps} must be divisible by the world size {proc.world}")
+    val_steps = train_cfg.val_tokens // (proc.world * train_cfg.val_seq_len)
     if val_steps < 1:
-        raise ConfigError(f"val_tokens={tc.val_tokens} is less than one validation step "
-                          f"(world {proc.world} x val_seq_len {tc.val_seq_len})")
-    return tc.micro_steps // proc.world, val_steps
+        raise ConfigError(f"val_tokens={train_cfg.val_tokens} is less than one validation step "
+                          f"(world {proc.world} x val_seq_len {train_cfg.val_seq_len})")
+    return train_cfg.micro_steps // proc.world, val_steps
 
 
 # ---- model --------------------------------------------------------------------------------------------------
@@ -190,6 +216,9 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionL
     proc.log(f"bdiff {bdiff.__version__} | python {platform.python_version()} | torch {torch.__version__} | "
              f"numpy {np.__version__} | triton {_version('triton')}")
     proc.log(f"hardware: {_hardware(proc.device)} | world size {proc.world} | dtype {proc.dtype}")
+    code = cfg.code
+    version = code["commit"] + (" with uncommitted changes" if code["dirty"] else "") if code else "no git checkout"
+    proc.log(f"code: {version} | {os.path.dirname(os.path.abspath(__file__))}")
     proc.log(f"config: {json.dumps(cfg.to_dict())}")
     proc.log(f"parameters: {num_params:,}")
     proc.log("record rules: " + "; ".join(f"{k} {'OK' if ok else 'NO'}" for k, ok in rules.items()))
@@ -211,41 +240,42 @@ def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | N
 
 # ---- data ---------------------------------------------------------------------------------------------------
 
-def batch(loader: DistributedLoader, mc, device) -> tuple[torch.Tensor, object]:
+def batch(loader: DistributedLoader, model_cfg, device) -> tuple[torch.Tensor, object]:
     """The next sequence and its layout, built on the host from the loader's CPU tokens: no device sync."""
     tokens = loader.next()
-    layout = document_layout(tokens, mc.bos_id, mc.block_size)
+    layout = document_layout(tokens, model_cfg.bos_id, model_cfg.block_size)
     return tokens.to(device, non_blocking=True), layout.to(device, non_blocking=True)
 
 
 # ---- optimizers: Adam for embedding, head and scalars; Muon for every hidden matrix ---------------------------
 
-def build_optimizers(model: BlockDiffusionLM, tc) -> tuple[torch.optim.Adam, Muon]:
-    scalars = [p for p in model.parameters() if p.ndim < 2]
-    adam = torch.optim.Adam([dict(params=[model.lm_head.weight], lr=tc.lr_head),
-                             dict(params=[model.embed.weight], lr=tc.lr_embed),
-                             dict(params=scalars, lr=tc.lr_scalar)],
-                            betas=tc.adam_betas, eps=tc.adam_eps)
-    muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2], lr=tc.lr_muon,
-                momentum=tc.muon_momentum_start, schedule=tc.muon_schedule, weight_decay=tc.muon_weight_decay)
+def build_optimizers(model: BlockDiffusionLM, train_cfg) -> tuple[torch.optim.Adam, Muon]:
+    groups = model.optimizer_groups()
+    adam = torch.optim.Adam([dict(params=groups["head"], lr=train_cfg.lr_head),
+                             dict(params=groups["embed"], lr=train_cfg.lr_embed),
+                             dict(params=groups["scalars"], lr=train_cfg.lr_scalar)],
+                            betas=train_cfg.adam_betas, eps=train_cfg.adam_eps)
+    muon = Muon(groups["matrices"], lr=train_cfg.lr_muon,
+                momentum=train_cfg.muon_momentum_start, schedule=train_cfg.muon_schedule,
+                weight_decay=train_cfg.muon_weight_decay)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return adam, muon
 
 
-def set_schedules(adam, muon, step: int, tc) -> float:
+def set_schedules(adam, muon, step: int, train_cfg) -> float:
     """Learning rates (constant, then linear decay) and Muon's momentum warm-up for `step`; returns the LR
     multiplier."""
-    frac = step / tc.steps
-    decay = max(frac - tc.lr_constant_frac, 0.0) / max(1.0 - tc.lr_constant_frac, 1e-9)
-    mult = 1.0 if frac < tc.lr_constant_frac else 1.0 - decay * (1.0 - tc.lr_final_frac)
+    frac = step / train_cfg.steps
+    decay = max(frac - train_cfg.lr_constant_frac, 0.0) / max(1.0 - train_cfg.lr_constant_frac, 1e-9)
+    mult = 1.0 if frac < train_cfg.lr_constant_frac else 1.0 - decay * (1.0 - train_cfg.lr_final_frac)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * mult
-    warm = min(step / tc.muon_momentum_warmup, 1.0)
+    warm = min(step / train_cfg.muon_momentum_warmup, 1.0)
     for group in muon.param_groups:
-        group["momentum"] = (1 - warm) * tc.muon_momentum_start + warm * tc.muon_momentum_end
+        group["momentum"] = (1 - warm) * train_cfg.muon_momentum_start + warm * train_cfg.muon_momentum_end
     return mult
 
 
@@ -278,27 +308,15 @@ def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, re
     return record
 
 
-def rng_states(noise_gen: torch.Generator, device) -> dict:
-    return {"noise_rng": noise_gen.get_state(), "cpu_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-
-
-def resume(path: str, cfg: Config, proc: Process, model, adam, muon, noise_gen, loader) -> int:
-    """Every piece of state back where it lives; returns the step to continue from."""
-    step, rngs, data_state = checkpoint.restore(path, proc.rank, proc.world, cfg.to_dict(), model, adam, muon)
-    loader.load_state(data_state)
-    if rngs["noise_rng"] is None:  # written by another number of ranks: fresh noise streams, one per rank and step
-        noise_gen.manual_seed(cfg.train.seed * 1000 + 1 + proc.rank + 7919 * step)
-        proc.log(f"resumed from {path} at step {step} on {proc.world} rank(s), written by "
-                 f"{data_state['world_size']}: Muon's state is re-sharded and the data continue at the next unread "
-                 f"token, but the noise streams differ, so the run is no longer bit-identical to an uninterrupted one")
-        return step
-    noise_gen.set_state(rngs["noise_rng"])
-    torch.set_rng_state(rngs["cpu_rng"])
-    if proc.device.type == "cuda":
-        torch.cuda.set_rng_state_all(rngs["cuda_rng"])
-    proc.log(f"resumed from {path} at step {step}")
-    return step
+def resume(path: str, state: checkpoint.TrainState, cfg: Config, proc: Process) -> None:
+    """Every piece of state back where it lives (checkpoint.restore), and a line saying how."""
+    writers = checkpoint.restore(path, state, proc.rank, proc.world, cfg.to_dict())
+    if writers != proc.world:
+        proc.log(f"resumed from {path} at step {state.step} on {proc.world} rank(s), written by {writers}: Muon's "
+                 f"state is re-sharded and the data continue at the next unread token, but the noise streams differ, "
+                 f"so the run is no longer bit-identical to an uninterrupted one")
+    else:
+        proc.log(f"resumed from {path} at step {state.step}")
 
 
 # ---- evaluation and one training step ----------------------------------------------------------------------
@@ -306,14 +324,12 @@ def resume(path: str, cfg: Config, proc: Process, model, adam, muon, noise_gen, 
 @torch.no_grad()
 def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: Process, val_steps) -> float:
     """The record's validation loss: t ~ U[0, 1], the same noise draw at every evaluation."""
-    tc = cfg.train
+    train_cfg = cfg.train
     model.eval()
-    loader = DistributedLoader(val_files, tc.val_seq_len, proc.rank, proc.world)
-    gen = torch.Generator(proc.device).manual_seed(tc.seed * 1000 + 999 + proc.rank)
-    total = torch.zeros((), device=proc.device)
-    for _ in range(val_steps):
-        tokens, layout = batch(loader, cfg.model, proc.device)
-        total += raw_model(tokens, noise_range=(0.0, 1.0), generator=gen, layout=layout).float()
+    loader = DistributedLoader(val_files, train_cfg.val_seq_len, proc.rank, proc.world)
+    gen = torch.Generator(proc.device).manual_seed(noise_seed(train_cfg.seed, proc.rank, validation=True))
+    batches = (batch(loader, cfg.model, proc.device) for _ in range(val_steps))
+    total = validation_total(raw_model, batches, (0.0, 1.0), gen, proc.device)
     if proc.ddp:
         dist.all_reduce(total)
     model.train()
@@ -323,7 +339,7 @@ def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: P
 def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, accum: int):
     """Forward and backward of this rank's micro-steps (gradients all-reduced on the last). Returns the summed
     loss over all ranks and the (shard, start, end) token ranges consumed."""
-    tc = cfg.train
+    train_cfg = cfg.train
     loss_sum = torch.zeros((), device=proc.device)
     consumed = []
     for micro in range(accum):
@@ -331,7 +347,8 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
         consumed.append(loader.last_step)
         sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
         with sync:
-            loss = model(tokens, noise_range=(tc.noise_low, tc.noise_high), generator=noise_gen, layout=layout)
+            loss = model(tokens, noise_range=(train_cfg.noise_low, train_cfg.noise_high), generator=noise_gen,
+                         layout=layout)
             (loss / accum).backward()
         loss_sum += loss.detach().float()
     if proc.ddp:
@@ -339,7 +356,7 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
     return loss_sum, consumed
 
 
-def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, tc, last_checkpoint):
+def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, train_cfg, last_checkpoint):
     """Check the loss and gradient norm (a non-finite one stops the run before the step, naming the last good
     checkpoint), set the schedules, step both optimizers, clear the gradients. Returns (gradient norm, LR
     multiplier)."""
@@ -348,7 +365,7 @@ def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, tc,
         if not torch.isfinite(value):
             raise FloatingPointError(f"non-finite {what} at step {step + 1}: stopped before the optimizer step; "
                                      f"last good checkpoint: {last_checkpoint or 'none'}")
-    mult = set_schedules(adam, muon, step, tc)
+    mult = set_schedules(adam, muon, step, train_cfg)
     adam.step()
     muon.step()
     model.zero_grad(set_to_none=True)
@@ -360,96 +377,148 @@ def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, tc,
 def main(argv=None) -> BlockDiffusionLM | None:
     """Train; returns the trained model (None for --dry_run)."""
     cfg, args = parse_args(argv)
-    mc, tc = cfg.model, cfg.train
-    check_model_fits_data(find_dataset(tc.data, tc.data_dir)[0], mc.vocab_size, mc.bos_id, mc.mask_id)  # first
-    proc = setup_process(tc.collective_timeout_s, args.device, args.dtype)
-    accum, val_steps = steps_per_rank(tc, proc)
+    dataset = find_dataset(cfg.train.data, cfg.train.data_dir)[0]
+    check_model_fits_data(dataset, cfg.model.vocab_size, cfg.model.bos_id, cfg.model.mask_id)  # before anything else
+    proc = setup_process(cfg.train.collective_timeout_s, args.device, args.dtype)
+    accum, val_steps = steps_per_rank(cfg.train, proc)
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
     if args.dry_run:
         return None
     model = prepare_model(raw_model, proc, args.compile)
-    train_files, val_files = (shard_files(tc.data, tc.data_dir, split) for split in ("train", "val"))
-    train_loader = DistributedLoader(train_files, tc.seq_len, proc.rank, proc.world)
-    proc.log(f"data: {tc.data} ({tc.data_dir}; {cfg.dataset['description']}; tokenizer {cfg.dataset['tokenizer']})")
-    if tc.data != "finewebedu":
-        proc.log(f"unigram entropy of the training corpus: {unigram_entropy(train_files, mc.vocab_size):.4f} nats")
-    adam, muon = build_optimizers(raw_model, tc)
+    train_files, val_files = (shard_files(cfg.train.data, cfg.train.data_dir, split) for split in ("train", "val"))
+    log_data(cfg, dataset, train_files, proc)
+    noise = torch.Generator(proc.device).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # a stream per rank
+    state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train),
+                                  DistributedLoader(train_files, cfg.train.seq_len, proc.rank, proc.world), noise)
     run_dir, log_path = open_run(args, cfg, proc)
-    noise_gen = torch.Generator(proc.device).manual_seed(tc.seed * 1000 + 1 + proc.rank)  # each rank its own noise
-    start_step, last_checkpoint = 0, None
-    if args.resume:
-        last_checkpoint = checkpoint.resolve(args.resume, run_dir, log=proc.log)
-        start_step = resume(last_checkpoint, cfg, proc, raw_model, adam, muon, noise_gen, train_loader)
+    last_checkpoint = checkpoint.resolve(args.resume, run_dir, log=proc.log) if args.resume else None
+    if last_checkpoint:
+        resume(last_checkpoint, state, cfg, proc)
+    start_step = state.step
     record = start_log(log_path, run_dir, cfg, proc, raw_model, start_step if args.resume else None)
 
     def save(step: int) -> str:
-        return checkpoint.save(run_dir, step, proc.rank, tc.ckpt_keep, raw_model, adam, muon,
-                               rng_states(noise_gen, proc.device), train_loader.state(), cfg.to_dict(), proc.world,
+        state.step = step
+        return checkpoint.save(run_dir, state, proc.rank, proc.world, cfg.train.ckpt_keep, cfg.to_dict(),
                                all_ok=lambda ok: agree(proc, ok, every=True))
 
-    tokens_per_step = tc.micro_steps * tc.seq_len
-    log_every = tc.log_every or auto_log_every(tc.steps)
-    val_loss, train_time, t0 = float("nan"), 0.0, time.perf_counter()
-    started = t0
+    clock = Clock(cfg.train, start_step)
+    val_loss = float("nan")
     with stop_signals() as stopped:  # SIGTERM/SIGINT: finish the step, checkpoint, exit
-        for step in range(start_step, tc.steps + 1):
-            if step == tc.steps or (tc.val_every and step > 0 and step % tc.val_every == 0):
-                train_time += time.perf_counter() - t0
+        for step in range(start_step, cfg.train.steps + 1):
+            if step == cfg.train.steps or (cfg.train.val_every and step > 0 and step % cfg.train.val_every == 0):
+                clock.pause()
                 val_loss = evaluate(model, raw_model, val_files, cfg, proc, val_steps)
-                proc.log(f"step {step}/{tc.steps} | val loss {val_loss:.4f} | tokens {step * tokens_per_step:,} | "
-                         f"train time {train_time:.1f}s")
-                record({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step,
-                        "train_time_s": train_time})
-                t0 = time.perf_counter()
-            if step == tc.steps:
+                log_validation(step, val_loss, clock, cfg.train, proc, record)
+                clock.resume()
+            if step == cfg.train.steps:
                 break
-            loss_sum, consumed = accumulate_gradients(model, train_loader, cfg, proc, noise_gen, accum)
-            grad_norm, mult = optimizer_step(raw_model, adam, muon, loss_sum, step, tc, last_checkpoint)
-            if proc.device.type == "cuda":
-                torch.cuda.synchronize()
-            step_s, t0 = time.perf_counter() - t0, time.perf_counter()
-            train_time += step_s
-            train_loss = loss_sum.item() / tc.micro_steps
-            if (step + 1) % log_every == 0 or step + 1 == tc.steps:
-                eta = train_time / (step + 1 - start_step) * (tc.steps - step - 1)
-                proc.log(f"step {step + 1}/{tc.steps} | loss {train_loss:.4f} | "
-                         f"tokens {(step + 1) * tokens_per_step:,} | step {1000 * step_s:.0f}ms | "
-                         f"{tokens_per_step / step_s:,.0f} tok/s | elapsed {duration(time.perf_counter() - started)} | "
-                         f"eta {duration(eta)}")
-            record({"step": step + 1, "train_loss": train_loss, "tokens": (step + 1) * tokens_per_step,
-                    "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult,
-                    "grad_norm": grad_norm.item(), "data": consumed})
-            if tc.ckpt_every and (step + 1) % tc.ckpt_every == 0 and step + 1 < tc.steps:
+            loss_sum, consumed = accumulate_gradients(model, state.loader, cfg, proc, state.noise, accum)
+            grad_norm, mult = optimizer_step(raw_model, state.adam, state.muon, loss_sum, step, cfg.train,
+                                             last_checkpoint)
+            step_s = clock.lap(proc.device)
+            log_step(step, loss_sum.item() / cfg.train.micro_steps, grad_norm.item(), mult, consumed, step_s, clock,
+                     cfg.train, proc, record)
+            if cfg.train.ckpt_every and (step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps:
                 last_checkpoint = save(step + 1)
-            if agree(proc, bool(stopped), every=False) and step + 1 < tc.steps:  # every rank stops at this step
+            if agree(proc, bool(stopped), every=False) and step + 1 < cfg.train.steps:  # every rank stops here
                 if last_checkpoint != checkpoint.checkpoint_dir(run_dir, step + 1):
                     last_checkpoint = save(step + 1)
-                proc.log(f"stopped by {stopped[0] if stopped else 'a signal'} after step {step + 1}/{tc.steps}: "
-                         f"checkpoint {last_checkpoint}; to continue, run the same command with --run_name "
-                         f"{os.path.basename(run_dir)} --resume auto")
-                if proc.ddp:
-                    dist.destroy_process_group()
-                raise Preempted(last_checkpoint)
+                stop(stopped, step + 1, last_checkpoint, run_dir, cfg.train, proc)
 
-    save(tc.steps)  # the model on disk first, then the extras, none of which can lose it
+    save(cfg.train.steps)  # the model on disk first, then the extras, none of which can lose it
     if proc.master:
-        checkpoint.save_model(os.path.join(run_dir, "final.pt"), raw_model, cfg.to_dict(), tc.steps, val_loss)
-        model_dir = hub.save_pretrained(raw_model, os.path.join(run_dir, "model"), cfg.to_dict(), tc.steps,
-                                        tokens_per_step * tc.steps, val_loss)
-        proc.log(f"checkpoint: {os.path.join(run_dir, 'final.pt')} | model: {model_dir} | total train time "
-                 f"{train_time:.1f}s")
-        sample = finish(raw_model, cfg, rules, val_loss, train_files, tokens_per_step * tc.steps, proc.log)
-        launcher = f"torchrun --standalone --nproc_per_node={proc.world}" if proc.ddp else "python"
-        extra("model card", lambda: model_card(model_dir, sample, log_path, launcher, argv))
-        proc.log(f"next: python -m bdiff.eval --model {model_dir} --draws 4 | python sample.py --ckpt {model_dir} "
-                 f"--prompt {shlex.quote(default_prompt(cfg.to_dict()) or 'TEXT')} | "
-                 f"python -m bdiff.hub push {model_dir} USER/NAME")
+        end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, train_files, run_dir, log_path, proc, argv)
     if proc.ddp:
         dist.destroy_process_group()
     return raw_model
 
 
+# ---- the loop's bookkeeping: time, log lines, stopping -------------------------------------------------------
+
+class Clock:
+    """Training time (validation excluded), the last step's time and the ETA."""
+
+    def __init__(self, train_cfg: TrainConfig, start_step: int):
+        self.steps, self.start_step = train_cfg.steps, start_step
+        self.train_time, self.t0 = 0.0, time.perf_counter()
+        self.started = self.t0
+
+    def pause(self) -> None:
+        self.train_time += time.perf_counter() - self.t0
+
+    def resume(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def lap(self, device: torch.device) -> float:
+        """Seconds of the step just taken (the GPU's queue drained first)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s, self.t0 = time.perf_counter() - self.t0, time.perf_counter()
+        self.train_time += step_s
+        return step_s
+
+    def eta(self, done: int) -> float:
+        return self.train_time / (done - self.start_step) * (self.steps - done)
+
+
+def log_validation(step: int, val_loss: float, clock: Clock, train_cfg: TrainConfig, proc: Process, record) -> None:
+    tokens = step * train_cfg.micro_steps * train_cfg.seq_len
+    proc.log(f"step {step}/{train_cfg.steps} | val loss {val_loss:.4f} | tokens {tokens:,} | "
+             f"train time {clock.train_time:.1f}s")
+    record({"step": step, "val_loss": val_loss, "tokens": tokens, "train_time_s": clock.train_time})
+
+
+def log_step(step: int, train_loss: float, grad_norm: float, mult: float, consumed, step_s: float, clock: Clock,
+             train_cfg: TrainConfig, proc: Process, record) -> None:
+    """The step's line, every log_every steps (and the last), and its JSONL entry, every step."""
+    tokens_per_step = train_cfg.micro_steps * train_cfg.seq_len
+    done = step + 1
+    log_every = train_cfg.log_every or auto_log_every(train_cfg.steps)
+    if done % log_every == 0 or done == train_cfg.steps:
+        proc.log(f"step {done}/{train_cfg.steps} | loss {train_loss:.4f} | tokens {done * tokens_per_step:,} | "
+                 f"step {1000 * step_s:.0f}ms | {tokens_per_step / step_s:,.0f} tok/s | "
+                 f"elapsed {duration(time.perf_counter() - clock.started)} | eta {duration(clock.eta(done))}")
+    record({"step": done, "train_loss": train_loss, "tokens": done * tokens_per_step, "step_ms": 1000 * step_s,
+            "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult, "grad_norm": grad_norm, "data": consumed})
+
+
+def stop(stopped: list, step: int, last_checkpoint: str, run_dir: str, train_cfg: TrainConfig, proc: Process):
+    """After SIGTERM/SIGINT, once the checkpoint of `step` is written: say how to continue, leave the job."""
+    proc.log(f"stopped by {stopped[0] if stopped else 'a signal'} after step {step}/{train_cfg.steps}: "
+             f"checkpoint {last_checkpoint}; to continue, run the same command with --run_name "
+             f"{os.path.basename(run_dir)} --resume auto")
+    if proc.ddp:
+        dist.destroy_process_group()
+    raise Preempted(last_checkpoint)
+
+
+def log_data(cfg: Config, dataset, train_files, proc: Process) -> None:
+    proc.log(f"data: {cfg.train.data} ({cfg.train.data_dir}; {dataset.description}; tokenizer {dataset.tokenizer})")
+    if cfg.train.data != "finewebedu":
+        entropy = unigram_entropy(train_files, cfg.model.vocab_size)
+        proc.log(f"unigram entropy of the training corpus: {entropy:.4f} nats")
+
+
 # ---- the end ----------------------------------------------------------------------------------------------
+
+def end_of_run(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_time: float, train_files,
+               run_dir: str, log_path: str, proc: Process, argv) -> None:
+    """Rank 0, once the final checkpoint is written: final.pt and the model directory, then the extras (summary,
+    sample, model card), none of which can lose what is saved."""
+    steps = cfg.train.steps
+    tokens = steps * cfg.train.micro_steps * cfg.train.seq_len
+    checkpoint.save_model(os.path.join(run_dir, "final.pt"), model, cfg.to_dict(), steps, val_loss)
+    model_dir = hub.save_pretrained(model, os.path.join(run_dir, "model"), cfg.to_dict(), steps, tokens, val_loss)
+    proc.log(f"checkpoint: {os.path.join(run_dir, 'final.pt')} | model: {model_dir} | total train time "
+             f"{train_time:.1f}s")
+    sample = finish(model, cfg, rules, val_loss, train_files, tokens, proc.log)
+    launcher = f"torchrun --standalone --nproc_per_node={proc.world}" if proc.ddp else "python"
+    extra("model card", lambda: model_card(model_dir, sample, log_path, launcher, argv))
+    proc.log(f"next: python -m bdiff.eval --model {model_dir} --draws 4 | python sample.py --ckpt {model_dir} "
+             f"--prompt {shlex.quote(default_prompt(cfg.to_dict()) or 'TEXT')} | "
+             f"python -m bdiff.hub push {model_dir} USER/NAME")
+
 
 def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_files, tokens: int,
            log) -> str | None:
@@ -527,7 +596,7 @@ def _hardware(device: torch.device) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, CheckpointError) as e:
+    except BdiffError as e:  # bad input or data, a checkpoint that cannot be resumed: one line (bdiff/errors.py)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:

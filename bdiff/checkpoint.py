@@ -22,16 +22,37 @@ import json
 import os
 import pickle
 import shutil
+from dataclasses import dataclass
 
 import torch
 
 from bdiff.config import ModelConfig
+from bdiff.data import DistributedLoader
+from bdiff.errors import BdiffError
 from bdiff.model import BlockDiffusionLM
+from bdiff.noise import noise_seed
 
 COMPLETE = "COMPLETE"
 
 
-class CheckpointError(ValueError):
+@dataclass
+class TrainState:
+    """What a checkpoint holds and a resume puts back, passed whole: the model (not its DDP wrapper), both
+    optimizers, the loader (its position) and this rank's noise stream, at `step` optimizer steps done."""
+    model: BlockDiffusionLM
+    adam: torch.optim.Optimizer
+    muon: torch.optim.Optimizer
+    loader: DistributedLoader
+    noise: torch.Generator
+    step: int = 0
+
+    def rng_states(self) -> dict:
+        cuda = self.noise.device.type == "cuda"
+        return {"noise_rng": self.noise.get_state(), "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
+
+
+class CheckpointError(BdiffError):
     """A checkpoint that cannot be resumed from here; the message says why."""
 
 
@@ -172,20 +193,22 @@ def load(path: str, rank: int, world: int, config: dict) -> tuple[dict, dict]:
     return shared, {"muon": merged, "noise_rng": None, "cpu_rng": None, "cuda_rng": None}
 
 
-def save(run_dir: str, step: int, rank: int, keep: int, model, adam, muon, rngs: dict, data_state: dict,
-         config: dict, world: int, all_ok=lambda ok: ok) -> str:
-    """Write ckpt_NNNNNN/ for `step`: this rank's file, rank 0's shared file, then (once `all_ok(ok)`, which
+def save(run_dir: str, state: TrainState, rank: int, world: int, keep: int, config: dict,
+         all_ok=lambda ok: ok) -> str:
+    """Write ckpt_NNNNNN/ for `state.step`: this rank's file, rank 0's shared file, then (once `all_ok(ok)`, which
     every rank reaches when its files are written, says every rank succeeded) the COMPLETE marker. Returns the
     directory. A write error on any rank (a full disk, EIO, permissions) removes the partial checkpoint, so the
     previous complete one stays the newest, and raises CheckpointError on every rank."""
+    step = state.step
     path = checkpoint_dir(run_dir, step)
     error = None
     try:
         os.makedirs(path, exist_ok=True)
-        atomic_save({"muon": muon.state_dict(), **rngs}, os.path.join(path, f"rank{rank}.pt"))
+        atomic_save({"muon": state.muon.state_dict(), **state.rng_states()}, os.path.join(path, f"rank{rank}.pt"))
         if rank == 0:
-            atomic_save({"model": model.state_dict(), "adam": adam.state_dict(), "step": step, "config": config,
-                         "data": data_state, "world_size": world}, os.path.join(path, "shared.pt"))
+            atomic_save({"model": state.model.state_dict(), "adam": state.adam.state_dict(), "step": step,
+                         "config": config, "data": state.loader.state(), "world_size": world},
+                        os.path.join(path, "shared.pt"))
     except OSError as e:
         error = e
     ok = all_ok(error is None)
@@ -206,16 +229,26 @@ def save(run_dir: str, step: int, rank: int, keep: int, model, adam, muon, rngs:
     return path
 
 
-def restore(path: str, rank: int, world: int, config: dict, model, adam, muon) -> tuple[int, dict, dict]:
-    """Load a complete checkpoint into the model and both optimizers. Returns (step, this rank's RNG states (None
-    on a different number of ranks), the loader position) for the caller to put back where they live."""
+def restore(path: str, state: TrainState, rank: int, world: int, config: dict) -> int:
+    """Put a complete checkpoint back into `state`: the model, both optimizers, the loader's position, the step,
+    and this rank's noise and RNG streams. Returns the number of ranks that wrote it: on another number than
+    `world`, Muon's state is re-sharded and the noise streams start fresh (one per rank and step,
+    bdiff.noise.noise_seed), so the run no longer continues bit for bit."""
     shared, mine = load(path, rank, world, config)
-    model.load_state_dict(shared["model"])
-    adam.load_state_dict(shared["adam"])
-    muon.load_state_dict(mine["muon"])
+    state.model.load_state_dict(shared["model"])
+    state.adam.load_state_dict(shared["adam"])
+    state.muon.load_state_dict(mine["muon"])
+    state.loader.load_state(shared["data"])
+    state.step = shared["step"]
     if shared["world_size"] != world:
-        muon.keep_own_state(rank, world)
-    return shared["step"], {k: mine[k] for k in RANK_KEYS if k != "muon"}, shared["data"]
+        state.muon.keep_own_state(rank, world)
+        state.noise.manual_seed(noise_seed(config["train"]["seed"], rank, step=state.step))
+        return shared["world_size"]
+    state.noise.set_state(mine["noise_rng"])
+    torch.set_rng_state(mine["cpu_rng"])
+    if mine["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    return world
 
 
 def save_model(path: str, model, config: dict, step: int, val_loss: float) -> None:
@@ -223,8 +256,9 @@ def save_model(path: str, model, config: dict, step: int, val_loss: float) -> No
     atomic_save({"model": model.state_dict(), "config": config, "step": step, "val_loss": val_loss}, path)
 
 
-def load_model(path: str, device="cpu"):
-    """The model of a final.pt (or any file with "model" and "config"), in eval mode, and its config dict."""
+def read_final(path: str, device="cpu"):
+    """The model of a final.pt (or any file with "model" and "config"), in eval mode, and its config dict: the
+    final.pt reader of bdiff.hub.load, which every command loads models with."""
     ckpt = safe_load(path, required=("model", "config"))
     if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
         raise CheckpointError(f"{path}: not a bdiff checkpoint (no model config)")

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
 from dataclasses import dataclass, field
 
 import torch
 
+from bdiff.errors import BdiffError
 
 RECORD_VAL_LOSS = 3.44  # the nano-block-diffusion record's target: FineWeb-Edu validation loss, t ~ U[0, 1]
 
 
-class ConfigError(ValueError):
+class ConfigError(BdiffError):
     """A configuration value is out of range; the message names the field."""
 
 
@@ -102,6 +105,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dataset: dict = field(default_factory=dict)  # the data set's record (bdiff.data.DataSet), filled in by train.py
+    code: dict = field(default_factory=dict)  # the code that ran: code_version(), filled in by train.py
 
     def validate(self) -> None:
         self.model.validate()
@@ -109,6 +113,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def code_version() -> dict:
+    """The git commit of bdiff's checkout and whether its tree had uncommitted changes ({} outside a git checkout,
+    e.g. an installed wheel): what a run's log header and model card record, so a result names the code behind it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return {}
+    if commit.returncode or status.returncode:
+        return {}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 @dataclass

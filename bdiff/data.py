@@ -1,7 +1,6 @@
 """Token shards on disk and the distributed loader (format: docs/design.md §4).
 
-Shard: a header of 256 int32 (magic 20240520, version, token count, and in version 2 the bytes per token), then
-the tokens: uint16 in version 1; uint16 or uint32 in version 2.
+Shards and a data set's record: bdiff/formats.py.
 Loader: each step takes the next world_size * seq_len tokens in file order; rank r takes slice r. A shard's
 tail too short for a whole step is skipped, so no token is ever used twice.
 
@@ -18,39 +17,15 @@ import json
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from bdiff.config import ArgumentParser
+from bdiff.errors import command
+from bdiff.formats import MANIFEST, DataError, DataSet, read_shard, write_shard
 
-MAGIC, HEADER_INTS = 20240520, 256
-VERSIONS = (1, 2)  # 1: uint16 tokens; 2: the header's 4th int says the bytes per token (2: uint16, 4: uint32)
-HEADER_BYTES = HEADER_INTS * 4
 FINEWEB_REPO = "kjj0/finewebedu10B-gpt2"  # Hugging Face dataset of GPT-2-tokenized FineWeb-Edu 10B
-MANIFEST = "bdiff.json"  # beside a prepared data set's shards: its DataSet record
-
-
-@dataclass(frozen=True)
-class DataSet:
-    """What a data set is and what its token ids mean: every module reads this one record (a model trained on it
-    must share its BOS and fit its ids; sampling decodes with its tokenizer)."""
-    name: str  # shards are NAME_train_*.bin and NAME_val_*.bin
-    tokenizer: str  # bdiff.tokenizer.load_tokenizer's spec: "bytes", "gpt2", a tokenizer.json, a Hub name
-    num_ids: int  # ids 0..num_ids-1 occur in the data (BOS included)
-    bos_id: int  # the document separator
-    mask_id: int  # a MASK id that fits: the first id past the data's
-    default_dir: str  # where its shards live unless --data_dir says otherwise
-    description: str  # for model cards and logs
-    prompt: str  # the default prompt of samples
-    source: str = ""  # a Hugging Face dataset id the data comes from, for model cards ("" if none)
-
-    @property
-    def vocab_size(self) -> int:
-        """The model vocabulary that fits: every data id and MASK."""
-        return max(self.num_ids, self.mask_id + 1)
-
 
 DATASETS = {  # the built-in data sets; a prepared one carries its record in DIR/bdiff.json instead
     "stdlib": DataSet("stdlib", "bytes", 257, 256, 257, "data/stdlib",
@@ -92,6 +67,22 @@ def find_dataset(name: str, data_dir: str | None = None) -> tuple[DataSet, str]:
                     "--data_dir DIR)")
 
 
+def tokenizer_of(config: dict, directory: str | None = None) -> str:
+    """The tokenizer spec of a run's config dict: its data set's (train.py records it); configs written before
+    data sets were recorded name a built-in data set. A tokenizer file is looked up in `directory` (a model
+    directory holds a copy of it) when it is not where the data set had it."""
+    spec = (config.get("dataset") or {}).get("tokenizer") or DATASETS[config["train"]["data"]].tokenizer
+    if directory and spec.endswith(".json") and not os.path.isfile(spec):
+        spec = os.path.join(directory, os.path.basename(spec))
+    return spec
+
+
+def default_prompt(config: dict) -> str:
+    """The data set's default prompt: code for the byte-level corpus, prose for FineWeb-Edu, a prepared set's own."""
+    data = config.get("dataset") or {}
+    return data.get("prompt") if data.get("prompt") is not None else DATASETS[config["train"]["data"]].prompt
+
+
 def check_model_fits_data(data: DataSet, vocab_size: int, bos_id: int, mask_id: int) -> None:
     """Data and model must agree: the model's BOS is the data's, every data id is below vocab_size and the MASK
     id is none of them. Otherwise training would run without document boundaries (or on ids the embedding
@@ -108,53 +99,6 @@ def check_model_fits_data(data: DataSet, vocab_size: int, bos_id: int, mask_id: 
         fits = f"--vocab_size {v.vocab_size} --bos_id {v.bos_id} --mask_id {v.mask_id}"
         fits = {"stdlib": "--preset cpu or tiny, or ", "finewebedu": "--preset record, or "}.get(v.name, "") + fits
         raise DataError(f"data {v.name!r} does not fit the model: {'; '.join(problems)}. For this data use {fits}")
-
-
-class DataError(ValueError):
-    """Missing, malformed or exhausted data; the message names the file or directory."""
-
-
-def write_shard(path: str, tokens, token_bytes: int | None = None) -> None:
-    """Write tokens as one shard, atomically (a partial file never has the final name). `token_bytes` None: version
-    1, uint16, as the built-in data sets are stored; 2 or 4: version 2, uint16 or uint32 (vocabularies past
-    65,536 ids), the header saying which."""
-    tokens = np.asarray(tokens)
-    limit = 2 ** (8 * (token_bytes or 2))
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= limit):
-        raise DataError(f"{path}: tokens must lie in [0, {limit}) to be stored in {token_bytes or 2} bytes")
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = (MAGIC, 1 if token_bytes is None else 2, tokens.size)
-    header[3] = token_bytes or 0
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint32 if token_bytes == 4 else np.uint16).tobytes())
-    os.replace(tmp, path)
-
-
-def read_shard(path: str) -> np.ndarray:
-    """Memory-mapped tokens of one shard (uint16, or uint32 in a version-2 shard that says so), after checking its
-    header against its size."""
-    try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
-    if size < HEADER_BYTES:
-        raise DataError(f"{path}: truncated shard ({size} bytes, header alone is {HEADER_BYTES})")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise DataError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not a token shard")
-    if header[1] not in VERSIONS:
-        raise DataError(f"{path}: unsupported shard version {header[1]} (expected one of {VERSIONS})")
-    width = 2 if header[1] == 1 else int(header[3])
-    if width not in (2, 4):
-        raise DataError(f"{path}: version-2 shard with {width} bytes per token (expected 2 or 4)")
-    count = int(header[2])
-    if size != HEADER_BYTES + width * count:
-        raise DataError(f"{path}: truncated or oversized shard: header says {count} tokens, "
-                        f"file holds {(size - HEADER_BYTES) / width:g}")
-    return np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER_BYTES,
-                     shape=(count,))
 
 
 class DistributedLoader:
@@ -257,7 +201,7 @@ def download_finewebedu(num_train_shards: int, data_dir: str) -> list[str]:
     from huggingface_hub import hf_hub_download
 
     if not 1 <= num_train_shards <= 99:
-        raise ValueError(f"num_train_shards must lie in [1, 99], got {num_train_shards}")
+        raise DataError(f"num_train_shards must lie in [1, 99], got {num_train_shards}")
     names = ["finewebedu_val_000000.bin"] + [f"finewebedu_train_{i:06d}.bin" for i in range(1, num_train_shards + 1)]
     paths = []
     for n, name in enumerate(names, 1):
@@ -275,6 +219,7 @@ def download_finewebedu(num_train_shards: int, data_dir: str) -> list[str]:
     return paths
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bdiff.data", description="Fetch or build token shards.")
     sub = parser.add_subparsers(dest="corpus", required=True)
@@ -291,17 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.corpus == "prepare":
         return prepare.run(args)
-    try:
-        if args.corpus == "finewebedu":
-            download_finewebedu(args.num_train_shards, args.dir)
-        else:
-            build_stdlib_corpus(args.dir)
-            for split in ("train", "val"):
-                (path,) = shard_files("stdlib", args.dir, split)
-                print(f"{path}: {len(read_shard(path)):,} tokens")
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.corpus == "finewebedu":
+        download_finewebedu(args.num_train_shards, args.dir)
+    else:
+        build_stdlib_corpus(args.dir)
+        for split in ("train", "val"):
+            (path,) = shard_files("stdlib", args.dir, split)
+            print(f"{path}: {len(read_shard(path)):,} tokens")
     return 0
 
 

@@ -18,7 +18,9 @@ import sys
 
 import torch
 
-from bdiff.config import ArgumentParser, ConfigError, add_device_flags, device_and_dtype
+from bdiff.config import ArgumentParser, add_device_flags, device_and_dtype
+from bdiff.errors import command
+from bdiff.noise import noise_seed
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -36,6 +38,15 @@ def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> li
     return out
 
 
+def validation_total(model, batches, noise_range, generator, device) -> torch.Tensor:
+    """The validation loop, in one place (train.py's periodic validation and this module's evaluation): the sum
+    of the model's loss over `batches` of (tokens, layout), noise from `generator`; a device scalar (no sync)."""
+    total = torch.zeros((), device=device)
+    for tokens, layout in batches:
+        total += model(tokens, noise_range=noise_range, generator=generator, layout=layout).float()
+    return total
+
+
 @torch.no_grad()
 def evaluate(model, sequences: list, draws: int = 1, seed: int = 0, levels=LEVELS, device="cpu", log=None) -> dict:
     """{"loss", "stderr" (None for one draw), "ppl_bound", "draws": [loss per draw], "levels": {t: loss}}."""
@@ -43,20 +54,18 @@ def evaluate(model, sequences: list, draws: int = 1, seed: int = 0, levels=LEVEL
     moved = [(tokens.to(device), layout.to(device)) for tokens, layout in sequences]
 
     def mean_loss(noise_range, generator) -> float:
-        total = torch.zeros((), device=device)
-        for tokens, layout in moved:
-            total += model(tokens, noise_range=noise_range, generator=generator, layout=layout).float()
-        return total.item() / len(moved)
+        return validation_total(model, moved, noise_range, generator, device).item() / len(moved)
 
     model.eval()
     per_draw = []
     for k in range(draws):
-        per_draw.append(mean_loss((0.0, 1.0), torch.Generator(device).manual_seed(seed * 1000 + 999 + k)))
+        per_draw.append(mean_loss((0.0, 1.0), torch.Generator(device).manual_seed(noise_seed(seed, validation=True,
+                                                                                            draw=k))))
         if log:
             log(f"draw {k + 1}/{draws}: {per_draw[-1]:.6f}")
     per_level = {}
     for t in levels:
-        per_level[t] = mean_loss((t, t), torch.Generator(device).manual_seed(seed * 1000 + 999))
+        per_level[t] = mean_loss((t, t), torch.Generator(device).manual_seed(noise_seed(seed, validation=True)))
         if log:
             log(f"t={t:g}: {per_level[t]:.6f}")
     loss = sum(per_draw) / draws
@@ -89,6 +98,7 @@ def _levels(text: str) -> tuple[float, ...]:
     return values
 
 
+@command
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m bdiff.eval", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,24 +117,20 @@ def main(argv=None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
-    from bdiff.data import DataError, check_model_fits_data, find_dataset, shard_files
-    from bdiff.hub import HubError, load_any
+    from bdiff.data import check_model_fits_data, find_dataset, shard_files
+    from bdiff.hub import load
 
-    try:
-        device, dtype = device_and_dtype(args)
-        model, config = load_any(args.model, device)
-        model.set_dtype(dtype)
-        train = config["train"]
-        name = args.data or train["data"]
-        dataset, data_dir = find_dataset(name, args.data_dir or (train["data_dir"] if name == train["data"] else None))
-        data = dataset.name
-        mc = model.cfg
-        check_model_fits_data(dataset, mc.vocab_size, mc.bos_id, mc.mask_id)
-        seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
-        sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, mc)
-    except (HubError, DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    device, dtype = device_and_dtype(args)
+    model, config = load(args.model, device)
+    model.set_dtype(dtype)
+    train = config["train"]
+    name = args.data or train["data"]
+    dataset, data_dir = find_dataset(name, args.data_dir or (train["data_dir"] if name == train["data"] else None))
+    data = dataset.name
+    model_cfg = model.cfg
+    check_model_fits_data(dataset, model_cfg.vocab_size, model_cfg.bos_id, model_cfg.mask_id)
+    seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
+    sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, model_cfg)
     seed = train["seed"] if args.seed is None else args.seed
     header = (f"model {args.model} | {data} validation ({data_dir}) | {len(sequences)} sequences x {seq_len} tokens = "
               f"{len(sequences) * seq_len:,} tokens | {args.draws} draw(s), seed {seed} | {device}, {dtype}")

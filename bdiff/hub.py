@@ -11,7 +11,8 @@ train.py writes one at the end of every run (logs/RUN/model/). From the command 
 
     python -m bdiff.hub push logs/RUN user/name       # upload a run's model directory (or any model directory)
 
-From Python: BlockDiffusionLM.from_pretrained("user/name" or a directory), model.save_pretrained(dir, config).
+From Python: `model, config = bdiff.hub.load("user/name")` (or a directory, a run directory, a final.pt), and
+`bdiff.hub.save_pretrained(model, dir, config)`.
 A Hub id is fetched through huggingface_hub's cache (HF_HUB_CACHE), so once fetched it loads offline
 (HF_HUB_OFFLINE=1).
 """
@@ -27,18 +28,22 @@ import sys
 import tempfile
 from dataclasses import asdict
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import bdiff
+from bdiff import checkpoint
 from bdiff.config import ArgumentParser, ModelConfig
-from bdiff.data import DATASETS
-from bdiff.tokenizer import default_prompt, tokenizer_of
+from bdiff.data import DATASETS, default_prompt, tokenizer_of
+from bdiff.errors import BdiffError, command
+from bdiff.model import BlockDiffusionLM
 
 WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
 TOKENIZER = "tokenizer.json"  # a prepared data set's tokenizer file, copied into the model directory
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # user/name, as the Hub spells repository ids
 
 
-class HubError(ValueError):
+class HubError(BdiffError):
     """A model that cannot be saved, found, read or pushed; the message says which and why."""
 
 
@@ -58,8 +63,6 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
                     val_loss: float | None = None) -> str:
     """Write weights, config.json and a model card into `directory` (created). `config` is the run's config dict
     (Config.to_dict(): "model" and "train"). Returns the directory."""
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _atomic_write(os.path.join(directory, WEIGHTS), lambda p: save_file(weights, p, metadata={"format": "pt"}))
@@ -70,7 +73,7 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
         tokenizer = dataset["tokenizer"] = TOKENIZER
     meta = {"bdiff_version": bdiff.__version__, "tokenizer": tokenizer,
             "block_size": config["model"]["block_size"], "model": config["model"], "train": config["train"],
-            "dataset": dataset, "step": step, "tokens": tokens, "val_loss": val_loss}
+            "dataset": dataset, "code": config.get("code") or {}, "step": step, "tokens": tokens, "val_loss": val_loss}
     _atomic_write(os.path.join(directory, CONFIG), lambda p: _write_text(p, json.dumps(meta, indent=2) + "\n"))
     write_card(directory)
     return directory
@@ -118,7 +121,8 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
         f"- Steps: {meta.get('step')}",
         f"- Final validation loss (t ~ U[0, 1], the objective's bound on the NLL per token): "
         f"{meta['val_loss']:.4f} nats" if meta.get("val_loss") is not None else "- Final validation loss: not measured",
-        f"- bdiff {meta['bdiff_version']}", "",
+        f"- bdiff {meta['bdiff_version']}" + (f", commit {meta['code']['commit'][:12]}" + (
+            " with uncommitted changes" if meta["code"]["dirty"] else "") if meta.get("code") else ""), "",
         "## Use", "", "```bash",
         "python -m bdiff.eval --model THIS_REPO_OR_DIR --draws 4",
         f"python sample.py --ckpt THIS_REPO_OR_DIR --prompt {shlex.quote(default_prompt(meta) or 'TEXT')}",
@@ -172,14 +176,15 @@ def resolve(name: str) -> str:
         raise HubError(f"{name}: could not download ({str(e).splitlines()[0]})") from None
 
 
-def from_pretrained(name: str, device="cpu"):
-    """(model in eval mode, its config dict with "model" and "train") of a model directory, run directory or Hub
-    id. A damaged or foreign weights file is refused in one line."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from bdiff.model import BlockDiffusionLM
-
+def load(name: str, device="cpu"):
+    """(model in eval mode, its config dict with "model", "train" and "dataset") from whatever a user names: a
+    checkpoint file (final.pt, written by train.py), a model directory, a run directory (its model/) or a Hub id
+    (user/name, through huggingface_hub's cache). The one loader of every command; a damaged or foreign file is
+    refused in one line."""
+    if os.path.isfile(name):
+        if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER):
+            raise HubError(f"{name}: not a model directory, run directory or Hub id; name the directory that holds it")
+        return checkpoint.read_final(name, device)
     directory = resolve(name)
     meta = read_config(directory)
     if (meta.get("dataset") or {}).get("tokenizer") == TOKENIZER:  # the copy in this directory
@@ -203,19 +208,6 @@ def from_pretrained(name: str, device="cpu"):
     except RuntimeError as e:
         raise HubError(f"{path}: weights do not match {CONFIG} ({' '.join(str(e).split())[:300]})") from None
     return model.eval(), meta
-
-
-def load_any(name: str, device="cpu"):
-    """(model, config dict) from whatever a user names: a checkpoint file (final.pt, written by train.py), a model
-    directory, a run directory or a Hub id."""
-    from bdiff import checkpoint
-
-    if os.path.isfile(name):
-        try:
-            return checkpoint.load_model(name, device)
-        except checkpoint.CheckpointError as e:
-            raise HubError(str(e)) from None
-    return from_pretrained(name, device)
 
 
 def push(name: str, repo_id: str, private: bool = False, token: str | None = None, api=None) -> str:
@@ -244,6 +236,7 @@ def push(name: str, repo_id: str, private: bool = False, token: str | None = Non
     return f"https://huggingface.co/{repo_id}"
 
 
+@command
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m bdiff.hub", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,12 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("repo_id", help="user/name on the Hub")
     p.add_argument("--private", action="store_true", help="create the repository private")
     args = parser.parse_args(argv)
-    try:
-        url = push(args.model, args.repo_id, private=args.private)
-    except HubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(url)
+    print(push(args.model, args.repo_id, private=args.private))
     return 0
 
 

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdiff.config import ModelConfig
+from bdiff.kernels.bd_attention import schedule_bounds
 from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
-from bdiff.kernels.bd_attention import bd_attention, schedule_bounds
-from bdiff.kernels.masked_ce import masked_linear_cross_entropy
+from bdiff.ops import bd_attention, masked_linear_cross_entropy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the activation dtypes (config.DTYPES's names)
 
@@ -80,20 +80,20 @@ class Attention(nn.Module):
         self.lamb = nn.Parameter(torch.tensor(0.5))  # value-residual mix with the first layer's values
         self.rotary = Rotary(cfg.head_dim)
 
-    def forward(self, x, v1, angles, attend, keep=None):  # x (..., dim); angles: Rotary.angles of the rows
-        """`keep`: only the first `keep` rows' outputs are needed: queries and the projection are formed for
+    def forward(self, x, v1, angles, attend, out_rows=None):  # x (..., dim); angles: Rotary.angles of the rows
+        """`out_rows`: only the first `out_rows` rows' outputs are needed: queries and the projection are formed for
         those rows only (the other rows' queries are zeros, their outputs dropped); keys and values for all."""
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
-        if keep is None:
+        if out_rows is None:
             q = self.c_q(x).view(heads)
         else:
-            q = torch.cat([self.c_q(x[:keep]), x.new_zeros(x.shape[0] - keep, x.shape[1])]).view(heads)
+            q = torch.cat([self.c_q(x[:out_rows]), x.new_zeros(x.shape[0] - out_rows, x.shape[1])]).view(heads)
         k, v = self.c_k(x).view(heads), self.c_v(x).view(heads)
         v1 = v if v1 is None else v1
         v = (1 - self.lamb) * v + self.lamb * v1
         q, k = self.rotary(norm(q), angles), self.rotary(norm(k), angles)
         y = attend(self.layer, q, k, v)  # (..., H, D)
-        y = y.reshape(x.shape) if keep is None else y[:keep].reshape(keep, x.shape[1])
+        y = y.reshape(x.shape) if out_rows is None else y[:out_rows].reshape(out_rows, x.shape[1])
         return self.c_proj(y), v1
 
 
@@ -114,10 +114,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
 
-    def forward(self, x, x0, v1, angles, attend, keep=None):
+    def forward(self, x, x0, v1, angles, attend, out_rows=None):
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        y, v1 = self.attn(norm(x), v1, angles, attend, keep)
-        x = (x if keep is None else x[:keep]) + y
+        y, v1 = self.attn(norm(x), v1, angles, attend, out_rows)
+        x = (x if out_rows is None else x[:out_rows]) + y
         x = x + self.mlp(norm(x))
         return x, v1
 
@@ -147,23 +147,9 @@ class BlockDiffusionLM(nn.Module):
         self.embed.to(dtype)
         return self
 
-    @classmethod
-    def from_pretrained(cls, name: str, device="cpu") -> BlockDiffusionLM:
-        """The model of a model directory, a run directory or a Hub id (user/name), in eval mode (bdiff/hub.py)."""
-        from bdiff.hub import from_pretrained
-
-        return from_pretrained(name, device)[0]
-
-    def save_pretrained(self, directory: str, config: dict, **info) -> str:
-        """model.safetensors, config.json and a model card in `directory`; `config` is the run's config dict
-        (Config.to_dict()), `info` step, tokens and val_loss for the card (bdiff/hub.py)."""
-        from bdiff.hub import save_pretrained
-
-        return save_pretrained(self, directory, config, **info)
-
     def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-                      schedule: torch.Tensor | None = None, keep: int | None = None):
-        """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows, or of the first `keep` rows.
+                      schedule: torch.Tensor | None = None, out_rows: int | None = None):
+        """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows, or of the first `out_rows` rows.
         `schedule`: the attention range tables of the layout, shared by every layer (built from cu_seqlens
         when not given)."""
         block_size = self.cfg.block_size
@@ -173,12 +159,12 @@ class BlockDiffusionLM(nn.Module):
         def attend(layer, q, k, v):
             return bd_attention(q, k, v, cu_seqlens, block_size, None, schedule)
 
-        return self.run_layers(tokens_2l, torch.cat([positions, positions]), attend, keep)
+        return self.run_layers(tokens_2l, torch.cat([positions, positions]), attend, out_rows)
 
-    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, keep: int | None = None
+    def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, out_rows: int | None = None
                    ) -> torch.Tensor:
         """The transformer on rows of any leading shape: tokens and positions (...) -> normalised hidden
-        states (..., dim). `attend(layer, q, k, v)` decides which rows see which. `keep`: only the first `keep`
+        states (..., dim). `attend(layer, q, k, v)` decides which rows see which. `out_rows`: only the first `out_rows`
         rows' states are returned, and the last layer computes queries, projection and MLP for those rows only
         (the rows after them are still read there as keys and values)."""
         x = x0 = norm(self.embed(tokens))
@@ -188,7 +174,7 @@ class BlockDiffusionLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= half:
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x, v1 = block(x, x0, v1, angles, attend, keep if i == len(self.blocks) - 1 else None)
+            x, v1 = block(x, x0, v1, angles, attend, out_rows if i == len(self.blocks) - 1 else None)
             if i < half:
                 skips.append(x)
         return norm(x)
@@ -197,9 +183,17 @@ class BlockDiffusionLM(nn.Module):
         """float32 logits over the real vocabulary (padding rows of lm_head dropped)."""
         return (hidden @ self.lm_head.weight[:self.cfg.vocab_size].to(hidden.dtype).T).float()
 
-    def forward(self, tokens: torch.Tensor, noise_range: tuple[float, float] = (0.3, 0.8),
+    def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Which parameters each optimizer takes (the seed's split): Adam the lm_head, the embedding and the scalars
+        (mixing and skip weights); Muon every 2-D matrix of the blocks. Every parameter is in exactly one group."""
+        return {"head": [self.lm_head.weight], "embed": [self.embed.weight],
+                "scalars": [p for p in self.parameters() if p.ndim < 2],
+                "matrices": [p for p in self.blocks.parameters() if p.ndim == 2]}
+
+    def forward(self, tokens: torch.Tensor, *, noise_range: tuple[float, float],
                 generator: torch.Generator | None = None, layout: Layout | None = None) -> torch.Tensor:
-        """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar.
+        """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar. `noise_range`: each block's
+        t ~ U[low, high] (training: TrainConfig.noise_low/high; the record's validation: (0, 1)).
 
         `layout`: document_layout(tokens) on tokens' device, built by the caller where it is free (the trainer
         builds it from the loader's CPU tokens); computed here otherwise. Noise is drawn here, eagerly, from
@@ -221,7 +215,7 @@ class BlockDiffusionLM(nn.Module):
         Only the noisy half's final states are read, so the last layer skips the clean rows' queries, attention
         projection and MLP (their keys and values still serve the noisy rows)."""
         L = tokens.numel()
-        h = self.hidden_states(torch.cat([x_t, tokens]), positions, cu_seqlens, schedule, keep=L)  # (L, dim)
+        h = self.hidden_states(torch.cat([x_t, tokens]), positions, cu_seqlens, schedule, out_rows=L)  # (L, dim)
         return masked_linear_cross_entropy(h, self.lm_head.weight, tokens, weights, self.cfg.vocab_size) / L
 
     def compile_objective(self, **options) -> None:

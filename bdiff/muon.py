@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bdiff.kernels.newton_schulz import newton_schulz
 from bdiff.kernels.reference import QUINTIC
+from bdiff.ops import newton_schulz
 
 # Newton–Schulz schedules: (coefficients, safety). "quintic": Muon's (a, b, c) for every step.
 # "polar_express": Amsel, Persson, Musco & Gower 2025, "The Polar Express" (arXiv 2505.16932), one

@@ -79,3 +79,12 @@ def noise_blocks(tokens: torch.Tensor, blocks: torch.Tensor, mask_id: int, low: 
 def loss_weights(masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-token loss weight: 1/(t + 1e-3) on masked tokens, 0 elsewhere (BD3-LM's NELBO weight)."""
     return masked.float() / (t + 1e-3)
+
+
+def noise_seed(seed: int, rank: int = 0, *, validation: bool = False, draw: int = 0, step: int = 0) -> int:
+    """The seed of a noise stream, in one place: rank r of a run trains on seed·1000 + 1 + r (plus 7919·step when
+    a resume on another number of ranks starts fresh streams at `step`); validation draws from seed·1000 + 999 + r,
+    and bdiff.eval's draw k from seed·1000 + 999 + k, so its draw 0 is a one-process run's own validation loss."""
+    if validation:
+        return seed * 1000 + 999 + rank + draw
+    return seed * 1000 + 1 + rank + 7919 * step

@@ -15,6 +15,7 @@ import os
 import sys
 
 from bdiff.config import RECORD_VAL_LOSS, ArgumentParser
+from bdiff.errors import BdiffError, command
 
 
 def read_log(path: str) -> tuple[dict, dict]:
@@ -90,6 +91,7 @@ def plot(logs: list[str], out_path: str) -> None:
     plt.close(fig)
 
 
+@command
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m bdiff.plot", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,11 +104,9 @@ def main(argv=None) -> int:
     try:
         plot(args.logs, out)
     except ImportError:
-        print("error: matplotlib is needed: pip install -e \".[plot]\"", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BdiffError("matplotlib is needed: pip install -e \".[plot]\"") from None
+    except (OSError, ValueError) as e:  # an unreadable or foreign log
+        raise BdiffError(str(e)) from None
     print(out)
     return 0
 

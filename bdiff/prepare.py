@@ -30,8 +30,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from bdiff.data import MANIFEST, DataError, DataSet, write_shard
-from bdiff.tokenizer import TokenizerError, load_tokenizer
+from bdiff.formats import MANIFEST, DataError, DataSet, write_shard
+from bdiff.tokenizer import load_tokenizer
 
 STATE = "prepare_state.json"  # in DIR.partial/: where a stopped run continues
 BATCH_BYTES = 1 << 20  # text per task of the process pool: large enough to amortise the hand-off
@@ -203,6 +203,15 @@ class _Split:
         return dict(shards=self.shards, tokens=self.tokens, documents=self.documents, pending=pending)
 
 
+def _read_json(path: str) -> dict:
+    """A JSON file's object, or {} where it is missing or unreadable (a run stopped before writing it)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_fraction: float | None = 0.01,
             val_tokens: int | None = None, text_field: str = "text", doc_sep: str | None = None,
             shard_tokens: int = 100_000_000, jobs: int | None = None, log=print, progress: bool = True) -> DataSet:
@@ -224,11 +233,7 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
                     text_field=text_field, doc_sep=doc_sep, shard_tokens=shard_tokens)
     docs, total_bytes, settings["fingerprint"] = _documents(source, text_field, doc_sep)
     if os.path.exists(out):
-        try:
-            with open(os.path.join(out, MANIFEST)) as f:
-                manifest = json.load(f)
-        except (OSError, ValueError):
-            manifest = {}
+        manifest = _read_json(os.path.join(out, MANIFEST))
         if manifest.get("settings") == settings:
             log(f"{out}: already prepared from the same input and settings")
             log(f"train on it: python train.py --data_dir {out}")
@@ -237,11 +242,7 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
     work = out + ".partial"
     state = {}
     if os.path.isdir(work):
-        try:
-            with open(os.path.join(work, STATE)) as f:
-                state = json.load(f)
-        except (OSError, ValueError):
-            state = {}
+        state = _read_json(os.path.join(work, STATE))
         if state.get("settings") != settings:
             raise DataError(f"{work}: a stopped prepare of other input or settings; remove it to start over")
         log(f"resuming {work}: {state['documents']:,} documents done, "
@@ -359,10 +360,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    try:
-        prepare(args.input, args.tokenizer, args.out, args.name, args.val_fraction, args.val_tokens, args.text_field,
-                args.doc_sep, args.shard_tokens, args.jobs)
-    except (DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepare(args.input, args.tokenizer, args.out, args.name, args.val_fraction, args.val_tokens, args.text_field,
+            args.doc_sep, args.shard_tokens, args.jobs)
     return 0

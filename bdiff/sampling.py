@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from bdiff.config import ModelConfig, SamplingConfig
+from bdiff.errors import BdiffError
 from bdiff.model import BlockDiffusionLM
 
 STRATEGIES = ("confidence", "threshold", "random")
 
 
-class SamplingError(ValueError):
+class SamplingError(BdiffError):
     """Bad sampling input or checkpoint; the message names what is wrong."""
 
 
@@ -219,16 +220,3 @@ def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p,
         raise SamplingError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not 0 < threshold < 1:
         raise SamplingError(f"threshold must lie in (0, 1), got {threshold}")
-
-
-# --- checkpoints and text ------------------------------------------------------------------------------
-
-def load_checkpoint(name: str, device="cpu") -> tuple[BlockDiffusionLM, dict]:
-    """The model and its config dict from a final.pt of train.py, a model or run directory, or a Hub id
-    (bdiff/hub.py)."""
-    from bdiff.hub import HubError, load_any
-
-    try:
-        return load_any(name, device)
-    except HubError as e:
-        raise SamplingError(str(e)) from None

@@ -15,11 +15,13 @@ import os
 
 import numpy as np
 
+from bdiff.errors import BdiffError
+
 TIKTOKEN = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 END_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")  # BOS candidates, in order
 
 
-class TokenizerError(ValueError):
+class TokenizerError(BdiffError):
     """The tokenizer cannot run here, or is unknown; the message says what to install or pass."""
 
 
@@ -65,7 +67,7 @@ class TiktokenTokenizer(Tokenizer):
             self.enc = tiktoken.get_encoding(name)
         except ImportError:
             raise TokenizerError(f"tokenizer {name!r} needs tiktoken: `pip install tiktoken`") from None
-        except Exception as e:  # its vocabulary cannot be downloaded (offline)
+        except Exception as e:  # noqa: BLE001 (its vocabulary cannot be downloaded: offline, a proxy, anything)
             raise TokenizerError(f"tokenizer {name!r}: tiktoken could not load its vocabulary; it downloads it once, "
                                  f"with network access ({type(e).__name__})") from None
         self.name, self.bos_id, self.num_ids = name, self.enc.eot_token, self.enc.n_vocab
@@ -121,26 +123,6 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec.endswith(".json") and not os.path.isfile(spec):
         raise TokenizerError(f"unknown tokenizer {spec!r}: no such file")
     return HFTokenizer(spec)
-
-
-def tokenizer_of(config: dict, directory: str | None = None) -> str:
-    """The tokenizer spec of a run's config dict: its data set's (train.py records it); configs written before
-    data sets were recorded name a built-in data set. A tokenizer file is looked up in `directory` (a model
-    directory holds a copy of it) when it is not where the data set had it."""
-    from bdiff.data import DATASETS
-
-    spec = (config.get("dataset") or {}).get("tokenizer") or DATASETS[config["train"]["data"]].tokenizer
-    if directory and spec.endswith(".json") and not os.path.isfile(spec):
-        spec = os.path.join(directory, os.path.basename(spec))
-    return spec
-
-
-def default_prompt(config: dict) -> str:
-    """The data set's default prompt: code for the byte-level corpus, prose for FineWeb-Edu, a prepared set's own."""
-    from bdiff.data import DATASETS
-
-    data = config.get("dataset") or {}
-    return data.get("prompt") if data.get("prompt") is not None else DATASETS[config["train"]["data"]].prompt
 
 
 def encode(text: str, tokenizer: str, bos_id: int) -> list[int]:

@@ -51,7 +51,8 @@ def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90)
     rows = []
     for kernel in ("forward", "dq", "dkdv"):
         for i, cfg in enumerate(kernel_configs(kernel, head_dim, dtype, arch)):
-            row = dict(kernel=kernel, index=i, tiles=f"{cfg['BM']}x{cfg['BN']} w{cfg['num_warps']} s{cfg['num_stages']}")
+            row = dict(kernel=kernel, index=i,
+                       tiles=f"{cfg['BM']}x{cfg['BN']} w{cfg['num_warps']} s{cfg['num_stages']}")
             for mean in means:
                 cu = fineweb_like_cu_seqlens(L, mean)
                 row[mean] = computed_entries(schedule_bounds(cu, L, BLOCK), kernel, cfg) / allowed_entries(cu, BLOCK)
@@ -123,7 +124,8 @@ def gpu_bench():
             fwd = triton.testing.do_bench(fn)
             both = triton.testing.do_bench(lambda: forward_backward(fn, do))
             flops = 4 * HEAD_DIM * allowed
-            print(f"{mean:9} {name:>22} {fwd:8.3f} {flops / fwd / 1e9:9.1f} {both:8.3f} {2.5 * flops / both / 1e9:9.1f}")
+            print(f"{mean:9} {name:>22} {fwd:8.3f} {flops / fwd / 1e9:9.1f} {both:8.3f} "
+                  f"{2.5 * flops / both / 1e9:9.1f}")
         print(f"{mean:9} {'create_block_mask':>22} {mask_ms:8.3f} ms (first call, includes compilation)")
 
 

@@ -41,10 +41,10 @@ def gpu_bench():
     import triton.testing
 
     from bdiff.config import record
-    from bdiff.model import BlockDiffusionLM
-    from bdiff.muon import Muon
     from bdiff.kernels.newton_schulz import newton_schulz
     from bdiff.kernels.reference import newton_schulz_ref
+    from bdiff.model import BlockDiffusionLM
+    from bdiff.muon import Muon
 
     dev = "cuda"
     compiled_ref = torch.compile(newton_schulz_ref)
@@ -57,7 +57,7 @@ def gpu_bench():
         comp = triton.testing.do_bench(lambda: compiled_ref(G))
         print(f"{'x'.join(map(str, shape)):>16} {ours:8.3f} {eager:10.3f} {comp:12.3f}")
     model = BlockDiffusionLM(record().model).to(dev)
-    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    hidden = model.optimizer_groups()["matrices"]
     opt = Muon(hidden, lr=0.025)
     for p in hidden:
         p.grad = torch.randn_like(p)

@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bdiff.data import stdlib_sources  # noqa: E402
-from bdiff.prepare import prepare  # noqa: E402
+from bdiff.data import stdlib_sources
+from bdiff.prepare import prepare
 
 
 def corpus(folder: str, megabytes: float) -> int:

@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=1024)
     parser.add_argument("--steps_per_block", type=int, default=4)
     args = parser.parse_args()
-    from bdiff.sampling import load_checkpoint
+    from bdiff.hub import load
     from bdiff.tokenizer import encode, tokenizer_of
 
     if args.gpu:
@@ -71,7 +71,7 @@ def main():
         return
     if not args.ckpt:
         parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/final.pt)")
-    model, config = load_checkpoint(args.ckpt)
+    model, config = load(args.ckpt)
     print(f"CPU, {torch.get_num_threads()} threads")
     run(model, encode("def ", tokenizer_of(config), model.cfg.bos_id), args.new_tokens, args.steps_per_block)
 

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bdiff.config import PRESETS  # noqa: E402
-from bdiff.model import BlockDiffusionLM  # noqa: E402
-from bdiff.muon import Muon  # noqa: E402
-from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks  # noqa: E402
-from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod  # noqa: E402
+from bdiff.config import PRESETS
+from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod
+from bdiff.model import BlockDiffusionLM
+from bdiff.muon import Muon
+from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
 
 # (atol, rtol) of the seed formulation's loss and gradients against ours on CPU in float32: the same
 # arithmetic up to summation order (softmax over allowed keys, the loss over rows), so float32 rounding only.
@@ -143,10 +143,11 @@ def make_step(name: str, cfg, L: int, mean_doc: int, device: str, compiled: bool
     dev = torch.device(device)
     torch.manual_seed(0)
     model = BlockDiffusionLM(cfg.model).to(dev).set_dtype(torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
-    others = [p for p in model.parameters() if p.ndim < 2 or p is model.embed.weight or p is model.lm_head.weight]
-    adam = torch.optim.Adam(others, lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
-    muon = Muon(hidden, lr=0.025, momentum=0.95, **({} if name == "ours" else dict(orthogonalize=seed_newton_schulz)))
+    groups = model.optimizer_groups()
+    adam = torch.optim.Adam(groups["head"] + groups["embed"] + groups["scalars"], lr=1e-3, betas=(0.8, 0.95),
+                            eps=1e-10)
+    muon = Muon(groups["matrices"], lr=0.025, momentum=0.95,
+                **({} if name == "ours" else dict(orthogonalize=seed_newton_schulz)))
     if name == "ours" and compiled:
         model.compile_objective()
     seed_fn = torch.compile(seed_loss) if compiled else seed_loss
@@ -252,7 +253,7 @@ def flop_table(L: int = 16384, mean_doc: int = 1000) -> dict:
                 else:  # the attention's FLOPs are FlexAttention's tiles, added below
                     loss = seed_loss(model, b, lambda q, k, v: q + k + v)  # no FLOPs; gradients reach q, k, v
                 loss.backward()
-                muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2],
+                muon = Muon(model.optimizer_groups()["matrices"],
                             **({} if name == "ours" else dict(orthogonalize=seed_newton_schulz)))
                 muon.step()
             model.zero_grad(set_to_none=True)
@@ -269,7 +270,7 @@ def flop_table(L: int = 16384, mean_doc: int = 1000) -> dict:
     table["seed"]["loss"] = 6 * L * cfg.model.model_dim * cfg.model.vocab_size  # logits, dhidden, dweight
     table["seed"]["matmuls"] -= table["seed"]["loss"]
     ns = sum(5 * (4 * min(p.shape) ** 2 * max(p.shape) + 2 * min(p.shape) ** 3)
-             for p in model.blocks.parameters() if p.ndim == 2)
+             for p in model.optimizer_groups()["matrices"])
     table["seed"]["newton_schulz"] = ns
     table["seed"]["matmuls"] -= ns
     return dict(L=L, mean_doc=mean_doc, documents=b.layout.cu_seqlens.numel() - 1, table=table)
@@ -310,9 +311,9 @@ def memory_table(L: int = 16384, mean_doc: int = 1000) -> dict:
         lay = b.layout
         layout = Layout(fake(lay.cu_seqlens), fake(lay.positions), fake(lay.blocks), fake(lay.schedule), lay.num_blocks)
         batch = Batch(fake(b.tokens), layout, fake(b.x_t), fake(b.weights))
-        adam = torch.optim.Adam([model.embed.weight, model.lm_head.weight] +
-                                [p for p in model.parameters() if p.ndim < 2], lr=1e-3)
-        muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2])
+        groups = model.optimizer_groups()
+        adam = torch.optim.Adam(groups["embed"] + groups["head"] + groups["scalars"], lr=1e-3)
+        muon = Muon(groups["matrices"])
         tracker = MemTracker()
         tracker.track_external(model, adam, muon)
         with tracker:  # two optimizer steps of two micro-steps: the second runs with optimizer state and

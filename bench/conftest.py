@@ -84,8 +84,8 @@ def _versions() -> dict:
 def measure(benchmark, request):
     """measure(op, candidate, fn, compare_with=None, work=None, unit=None, warmup=1, **info): time fn() with the
     benchmark fixture (CUDA synchronized) after `warmup` untimed calls, record `info`, the throughput work/s and
-    (on a GPU) the peak memory of the timed calls in extra_info, and check the ratio against `compare_with` (timed earlier in this run) with LIMITS. Returns fn's
-    last result."""
+    (on a GPU) the peak memory of the timed calls in extra_info, and check the ratio against `compare_with` (timed
+    earlier in this run) with LIMITS. Returns fn's last result."""
 
     def run(op: str, candidate: str, fn, compare_with: str | None = None, work: float | None = None,
             unit: str | None = None, warmup: int = 1, **info):

@@ -17,7 +17,15 @@ block_size of them; it is instead done in SUB-row sub-tiles with a batched (3D) 
 close to the allowed entries (bench/bench_bd_attention.py measures it with COUNT=True).
 
 Table columns: (lo, hi) pairs of segment 0 (diagonal, other-half rows 0..L-1), segment 1 (other rows
-0..L-1), segment 2 (other rows L..2L-1). "Other" rows are keys for a query tile, queries for a key tile.
+0..L-1), segment 2 (other rows L..2L-1); named DIAGONAL, NOISY and CLEAN below. "Other" rows are keys for a query
+tile, queries for a key tile.
+
+Public: `bd_attention(q, k, v, cu_seqlens, block_size, scale, schedule)` (the operator torch.ops.bdiff.bd_attention,
+also `from bdiff.ops import bd_attention`), `schedule_bounds` (the table, built once per sequence),
+`count_work` / `computed_entries` (work accounting), `kernel_config(s)` and `compile_configs` (what ships).
+Map of this file, top-down: the @triton.jit kernels (forward and dQ share `_bd_attn_query_kernel`; dK/dV; delta);
+the host side (tile choice and autotuning, the schedule, validation, launchers, the CPU path); the operator with
+its fake implementation and autograd; FLOP formulas; `bd_attention`; accounting; `compile_configs`.
 """
 from __future__ import annotations
 
@@ -33,6 +41,14 @@ from ._device import arch as _arch
 from ._device import on_device, use_triton
 
 LOG2E = 1.4426950408889634
+# The schedule table (schedule_bounds, the module docstring): per row, a (lo, hi) pair of columns per segment.
+COLUMNS = tl.constexpr(6)
+DIAGONAL = tl.constexpr(0)  # segment 0: the other half's rows 0..L-1 of the row's own block
+NOISY = tl.constexpr(2)  # segment 1: other rows 0..L-1 (clean keys: the noisy queries of later blocks)
+CLEAN = tl.constexpr(4)  # segment 2: other rows L..2L-1
+# fp32 operands go through TF32 tensor cores on a GPU (as torch does with allow_tf32): exact fp32 dots spill
+# registers in every configuration. bf16/fp16 dots ignore it; the interpreter computes every dot in full fp32.
+PRECISION = "tf32"
 SUB = 16  # rows of a diagonal sub-tile: the smallest M of a tensor-core dot
 SUB_N = 32  # other-side rows per diagonal chunk: one 16-block plus the misalignment of a sub-tile
 HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128 are the shipped GPU configurations; 16/32 serve CPU checks
@@ -91,8 +107,8 @@ def _rows(first, end, N: tl.constexpr):
 @triton.jit
 def _ranges(BOUNDS, rows, COL: tl.constexpr):
     """The ranges [lo, hi) in table columns (COL, COL + 1) of `rows`, and their union's bounds (min lo, max hi)."""
-    lo = tl.load(BOUNDS + rows * 6 + COL)
-    hi = tl.load(BOUNDS + rows * 6 + COL + 1)
+    lo = tl.load(BOUNDS + rows * COLUMNS + COL)
+    hi = tl.load(BOUNDS + rows * COLUMNS + COL + 1)
     return lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
 
 
@@ -123,8 +139,8 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNT
     entries = 0
     full_entries = 0
 
-    lo = tl.load(BOUNDS + rows * 6 + 4)
-    hi = tl.load(BOUNDS + rows * 6 + 5)
+    lo = tl.load(BOUNDS + rows * COLUMNS + CLEAN)
+    hi = tl.load(BOUNDS + rows * COLUMNS + CLEAN + 1)
     lo_max, hi_min, hi_max = tl.max(lo, axis=0), tl.min(hi, axis=0), tl.max(hi, axis=0)
     for c0 in range(tl.min(lo, axis=0), hi_max, BN):
         kp = c0 + tl.arange(0, BN)
@@ -169,7 +185,7 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNT
             if BACKWARD:
                 do_i = tl.load(DO + sub_offs)
                 delta_i = tl.load(DELTA + h * 2 * L + sub)
-            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, 0)
+            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, DIAGONAL)
             for c0 in range(sub_lo, sub_hi, SUB_N):
                 kp_i = c0 + tl.arange(0, SUB_N)
                 kv_offs_i = kp_i[:, None] * stride + h * D + d[None, :]
@@ -214,7 +230,7 @@ def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_
             v_i = tl.load(V + sub_offs)
             dk_i = tl.zeros((SUB, D), dtype=tl.float32)
             dv_i = tl.zeros((SUB, D), dtype=tl.float32)
-            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, 0)
+            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, DIAGONAL)
             for c0 in range(sub_lo, sub_hi, SUB_N):
                 qp_i = c0 + tl.arange(0, SUB_N)
                 qmask_i = qp_i < sub_hi
@@ -238,8 +254,8 @@ def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_
         dv = tl.zeros((BM, D), dtype=tl.float32)
         for seg in tl.static_range(1, 3):
             base = (seg - 1) * L  # segment 1: noisy queries, segment 2: clean queries
-            lo = tl.load(BOUNDS + rows * 6 + 2 * seg)
-            hi = tl.load(BOUNDS + rows * 6 + 2 * seg + 1)
+            lo = tl.load(BOUNDS + rows * COLUMNS + NOISY + 2 * (seg - 1))  # segment 1, then 2 (CLEAN)
+            hi = tl.load(BOUNDS + rows * COLUMNS + NOISY + 2 * (seg - 1) + 1)
             lo_max, hi_min, hi_max = tl.max(lo, axis=0), tl.min(hi, axis=0), tl.max(hi, axis=0)
             for c0 in range(tl.min(lo, axis=0), hi_max, BN):
                 qp = c0 + tl.arange(0, BN)
@@ -287,8 +303,8 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> di
 
     Query tiles are 64 rows: the M of one Hopper warpgroup MMA, and small enough to keep the work ratio
     low (bigger tiles compute more masked entries at document and block edges); 32-key chunks likewise.
-    The forward fits one warpgroup (4 warps) at both head dims; dQ at D=128 takes 8. dK/dV holds two (BM, D) fp32 accumulators plus
-    K and V: at D=64 it keeps 64 key rows with 16-query chunks; at D=128 Hopper keeps 64 rows (the
+    The forward fits one warpgroup (4 warps) at both head dims; dQ at D=128 takes 8. dK/dV holds two (BM, D) fp32
+    accumulators plus K and V: at D=64 it keeps 64 key rows with 16-query chunks; at D=128 Hopper keeps 64 rows (the
     warpgroup MMA needs them) and the others drop to 32 rows, whose registers would spill at 64.
     fp32 operands are twice the bytes: 8 warps, one pipeline stage and 16-row chunks.
     """
@@ -440,7 +456,7 @@ def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None):
         _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
             Q=q, K=k, V=v, O=o, LSE=lse, DO=q, DELTA=lse, DQ=o, SCRATCH=scratch, BOUNDS=bounds, COUNTS=counts, L=L,
             qk_scale=scale * LOG2E, scale=scale, H=H, D=D, SUB=SUB, SUB_N=SUB_N, BACKWARD=False,
-            COUNT=count is not None, PRECISION=_precision(q), **cfg)
+            COUNT=count is not None, PRECISION=PRECISION, **cfg)
 
     launch(cfg or _pick("forward", q, launch))
     return o, lse
@@ -454,7 +470,7 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
     _bd_attn_delta_kernel[(triton.cdiv(R, 64), H)](O=o, DO=do, DELTA=delta, L=L, H=H, D=D, BM=64)
     dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
     dq_count, dkdv_count = (lse, lse) if count is None else count  # valid pointers; written only with COUNT
-    common = dict(H=H, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=count is not None, PRECISION=_precision(q))
+    common = dict(H=H, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=count is not None, PRECISION=PRECISION)
     scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' partial dQ
 
     def launch_dq(cfg):  # O is not read with BACKWARD
@@ -471,12 +487,6 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
     launch_dq(dq_cfg or _pick("dq", q, launch_dq))
     launch_dkdv(dkdv_cfg or _pick("dkdv", q, launch_dkdv))
     return dq, dk, dv
-
-
-def _precision(q):
-    # fp32 operands go through TF32 tensor cores on a GPU (as torch does with allow_tf32): exact fp32 dots
-    # spill registers in every configuration. The interpreter computes them in full fp32.
-    return "tf32"
 
 
 def _cpu_attention_calls(q, cu_seqlens, block_size, tensors):
@@ -660,11 +670,12 @@ def computed_entries(schedule: torch.Tensor, kernel: str, cfg: dict) -> int:
         span = table[r, col + 1].max(-1) - table[r, col].min(-1)
         return int(((np.maximum(span, 0) + n - 1) // n).sum())
 
-    diagonal = sum(chunks(rows(0, i * SUB, SUB), 0, SUB_N) for i in range(BM // SUB)) * SUB * SUB_N
+    diag, noisy, clean = DIAGONAL.value, NOISY.value, CLEAN.value
+    diagonal = sum(chunks(rows(0, i * SUB, SUB), diag, SUB_N) for i in range(BM // SUB)) * SUB * SUB_N
     if kernel == "dkdv":  # noisy keys: the diagonal; clean keys: segments 1 and 2
-        return diagonal + (chunks(rows(1, 0, BM), 2, BN) + chunks(rows(1, 0, BM), 4, BN)) * BM * BN
+        return diagonal + (chunks(rows(1, 0, BM), noisy, BN) + chunks(rows(1, 0, BM), clean, BN)) * BM * BN
     # queries: segment 2 for both halves, then the diagonal for noisy tiles
-    return diagonal + (chunks(rows(0, 0, BM), 4, BN) + chunks(rows(1, 0, BM), 4, BN)) * BM * BN
+    return diagonal + (chunks(rows(0, 0, BM), clean, BN) + chunks(rows(1, 0, BM), clean, BN)) * BM * BN
 
 
 def compile_configs(arch: int) -> list[dict]:
@@ -675,7 +686,7 @@ def compile_configs(arch: int) -> list[dict]:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t, name = ptr[dtype], str(dtype).removeprefix("torch.")
         for D in (64, 128):
-            common = dict(H=6, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=False, PRECISION="tf32")
+            common = dict(H=6, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=False, PRECISION=PRECISION)
             types = dict(LSE="*fp32", DELTA="*fp32", SCRATCH="*fp32", BOUNDS="*i32", COUNTS="*i32", L="i32",
                          qk_scale="fp32", scale="fp32")  # other pointers: the operands' dtype
             for kernel in ("forward", "dq", "dkdv"):
@@ -686,9 +697,11 @@ def compile_configs(arch: int) -> list[dict]:
                     configs.append(dict(
                         name=f"bd_attention {kernel} {name} D={D}" + (f" (autotune {i})" if i else ""),
                         fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel,
-                        pointer=t, types=types, constexprs=constexprs, options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                        pointer=t, types=types, constexprs=constexprs,
+                        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                         hgmma=dtype != torch.float32))
             configs.append(dict(
                 name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel,
-                pointer=t, types=types, constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1), hgmma=False))
+                pointer=t, types=types, constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1),
+                hgmma=False))
     return configs

@@ -29,7 +29,8 @@ NAMES = {80: "A100", 86: "RTX 3090", 89: "RTX 4090", 90: "H100"}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-MODULES = ["bdiff.kernels.bd_attention", "bdiff.kernels.masked_ce", "bdiff.kernels.newton_schulz"]  # every module with Triton kernels
+# every module with Triton kernels
+MODULES = ["bdiff.kernels.bd_attention", "bdiff.kernels.masked_ce", "bdiff.kernels.newton_schulz"]
 
 
 def shipped_configs(arch: int) -> list[dict]:
@@ -66,7 +67,8 @@ def _compile(args) -> dict:
                               check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     return dict(name=cfg["name"], sm=cc, tiles=f"{cfg['constexprs'].get('BM', '-')}x{cfg['constexprs'].get('BN', '-')}"
-                f" w{cfg['options']['num_warps']} s{cfg['options']['num_stages']}", registers=int(fields["REG"]), stack=int(fields["STACK"]),
+                f" w{cfg['options']['num_warps']} s{cfg['options']['num_stages']}", registers=int(fields["REG"]),
+                stack=int(fields["STACK"]),
                 local=int(fields["LOCAL"]), shared=int(compiled.metadata.shared) + int(fields["SHARED"]),
                 shared_limit=TARGETS[cc], hgmma="HGMMA" in sass, wants_hgmma=cfg["hgmma"] and cc == 90)
 

@@ -263,7 +263,7 @@ def compile_configs(arch: int) -> list[dict]:
             strides = {n: ("constexpr" if n in unit else "i32") for n in
                        ("sxb", "sxm", "sxk", "scb", "scm", "scn", "sob", "som", "son")}
             configs.append(dict(
-                name=f"newton_schulz sym {step} {'' if has_c else layout + ' '}bfloat16".replace("  ", " "),
+                name=" ".join(["newton_schulz sym", step] + ([] if has_c else [layout]) + ["bfloat16"]),
                 fn=_ns_sym_kernel, options=options, hgmma=True,
                 divisible=["M", "K"] + [n for n, t in strides.items() if t == "i32"],
                 pointer="*bf16", types=dict(strides, TILES="*i32", COUNTS="*i32", M="i32", K="i32", alpha="fp32",

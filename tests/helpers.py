@@ -17,3 +17,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+BOS, MASK = 256, 257  # the byte-level data set's (bdiff.data.DATASETS['stdlib'])
+
+
+def random_tokens(gen, L, doc_starts):
+    tokens = torch.randint(0, 256, (L,), generator=gen)
+    tokens[doc_starts] = BOS
+    return tokens
+
+
+def seed_positions(tokens: list[int]) -> list[int]:
+    """The seed's rule, as written in its code: index minus the index of the latest BOS at or before it, a
+    sequence with no BOS yet counting as if one stood at index -1."""
+    last, out = -1, []
+    for i, tok in enumerate(tokens):
+        last = i if tok == BOS else last
+        out.append(i - last)
+    return out

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 
 import bdiff.kernels.bd_attention as bda
-from helpers import random_cu_seqlens
 from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
 from bdiff.kernels.reference import bd_attention_mask, bd_attention_ref
+from helpers import random_cu_seqlens
 
 
 def rule_mask(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -49,7 +49,8 @@ LAYOUTS = [  # (document lengths, block_size): awkward on purpose
 @pytest.mark.parametrize("lengths,block_size", LAYOUTS)
 def test_mask_follows_rules(lengths, block_size):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    torch.testing.assert_close(bd_attention_mask(cu, block_size), rule_mask(cu, block_size), msg=lambda m: f"mask breaks the attention rules: {m}")
+    torch.testing.assert_close(bd_attention_mask(cu, block_size), rule_mask(cu, block_size),
+                               msg=lambda m: f"mask breaks the attention rules: {m}")
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 5, 16, 64])

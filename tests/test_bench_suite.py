@@ -33,7 +33,7 @@ def test_a_suite_run_prints_ratios_and_saves_extra_info(tmp_path):
     result = pytest_run("bench/bench_newton_schulz.py", "--benchmark-only", "-k", "square",
                         f"--benchmark-json={out}", "--ratio-limit-scale", "inf")
     assert result.returncode == 0, result.stdout[-3000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("newton-schulz square") and "bdiff" in l)
+    line = next(row for row in result.stdout.splitlines() if row.startswith("newton-schulz square") and "bdiff" in row)
     ratio, limit = line.split()[-2:]
     assert float(ratio) > 0 and limit == "inf", line
     ratio = float(ratio)

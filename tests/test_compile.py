@@ -1,6 +1,6 @@
-"""Every shipped kernel configuration (attention, cross-entropy, Newton–Schulz) compiles for sm_80, sm_86, sm_89 and sm_90 without a GPU, with no
-register spills, shared memory within each target's per-block limit, and Hopper MMA (HGMMA) on sm_90
-where the operands are 16-bit (kernels/compile_check.py)."""
+"""Every shipped kernel configuration (attention, cross-entropy, Newton–Schulz) compiles for sm_80, sm_86, sm_89
+and sm_90 without a GPU, with no register spills, shared memory within each target's per-block limit, and Hopper
+MMA (HGMMA) on sm_90 where the operands are 16-bit (kernels/compile_check.py)."""
 import json
 import os
 import subprocess

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import bdiff.kernels.newton_schulz  # noqa: F401 (decorated now, while conftest's TRITON_INTERPRET is set)
+import bdiff.kernels.newton_schulz  # decorated now, while conftest's TRITON_INTERPRET is set
 import bdiff.model
 from bdiff.config import tiny
 from bdiff.eval import evaluate
@@ -69,7 +69,7 @@ def sequence(gen, L=256):
 
 
 def training_loss(model, tokens, seed):
-    loss = model(tokens, generator=torch.Generator().manual_seed(seed))
+    loss = model(tokens, noise_range=(0.3, 0.8), generator=torch.Generator().manual_seed(seed))
     loss.backward()
     return loss
 

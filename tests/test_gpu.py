@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import train
-from conftest import INTERPRET
 from bdiff.kernels.bd_attention import bd_attention
 from bdiff.kernels.masked_ce import masked_linear_cross_entropy
 from bdiff.kernels.newton_schulz import newton_schulz
 from bdiff.kernels.reference import bd_attention_ref, masked_linear_cross_entropy_ref, newton_schulz_ref
+from conftest import INTERPRET
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                                                   reason="needs a CUDA GPU and the Triton interpreter off")]
@@ -120,8 +120,8 @@ def test_ops_run_on_their_tensors_device():
 def test_compiled_training_then_evaluation_and_sampling(stdlib_dir, tmp_path):
     """20 compiled steps of a small model (head dim 64, a shipped kernel configuration) on the GPU in bf16 (the
     default there); then its evaluation and sampling, cached and uncached, run on the GPU in bf16."""
-    from bdiff.eval import evaluate, validation_sequences
     from bdiff.data import shard_files
+    from bdiff.eval import evaluate, validation_sequences
     from bdiff.sampling import generate
 
     model = train.main(["--preset", "tiny", "--model_dim", "128", "--num_heads", "2", "--head_dim", "64",

@@ -1,15 +1,14 @@
-"""The model and its objective: parameter count of the record preset, document layout and noising,
-and the loss against a direct transcription of the objective (docs/design.md §1)."""
+"""The model and its objective: parameter count of the record preset, and the loss against a direct
+transcription of the objective (docs/design.md §1); layout and noising are tests/test_noise.py's."""
 import pytest
 import torch
 
 from bdiff.config import PRESETS, record, tiny
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import document_layout, noise_blocks
+from helpers import BOS, MASK, random_tokens, seed_positions
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
-
-BOS, MASK = 256, 257
 
 
 def test_record_parameter_count():
@@ -17,52 +16,6 @@ def test_record_parameter_count():
         model = BlockDiffusionLM(record().model)
     assert sum(p.numel() for p in model.parameters()) == 162_166_314
     assert model.lm_head.weight.shape == (50304, 768), "lm_head rows are padded to a multiple of 128"
-
-
-def random_tokens(gen, L, doc_starts):
-    tokens = torch.randint(0, 256, (L,), generator=gen)
-    tokens[doc_starts] = BOS
-    return tokens
-
-
-def test_document_layout(gen):
-    tokens = random_tokens(gen, 100, [10, 11, 60])  # a document of length 1 at position 10
-    layout = document_layout(tokens, BOS, block_size=16, first_offset=0)
-    assert layout.cu_seqlens.tolist() == [0, 10, 11, 60, 100]
-    assert layout.positions[[0, 10, 11, 27, 60, 99]].tolist() == [0, 0, 0, 16, 0, 39], "positions restart at BOS"
-    starts = [0, 10, 11, 27, 43, 59, 60, 76, 92]  # where a new block begins
-    changes = (layout.blocks[1:] != layout.blocks[:-1]).nonzero().flatten() + 1
-    assert [0] + changes.tolist() == starts, "blocks must restart at documents and never straddle one"
-    assert layout.blocks.unique().numel() == len(starts), "block ids must be unique per (document, block)"
-
-
-def seed_positions(tokens: list[int]) -> list[int]:
-    """The seed's rule, as written in its code: index minus the index of the latest BOS at or before it, a
-    sequence with no BOS yet counting as if one stood at index -1."""
-    last, out = -1, []
-    for i, tok in enumerate(tokens):
-        last = i if tok == BOS else last
-        out.append(i - last)
-    return out
-
-
-def test_mid_document_layout_follows_the_seed():
-    """Worked example, block size 4: 6 tokens of a document that began one token earlier, then a BOS."""
-    tokens = torch.tensor([7, 7, 7, 7, 7, 7, BOS, 7, 7, 7, 7, 7])
-    layout = document_layout(tokens, BOS, block_size=4)
-    assert layout.cu_seqlens.tolist() == [-1, 6, 12], "cu_seqlens[0] = -1: one token of the document is unseen"
-    assert layout.positions.tolist() == [1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5] == seed_positions(tokens.tolist())
-    assert layout.blocks.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3], \
-        "the fragment's first block holds block_size - 1 tokens, every later block is shifted by one"
-
-
-def test_layout_of_a_sequence_starting_with_bos_is_unchanged(gen):
-    tokens = random_tokens(gen, 100, [0, 37])
-    layout = document_layout(tokens, BOS, block_size=16)
-    assert layout.cu_seqlens.tolist() == [0, 37, 100]
-    assert layout.positions.tolist() == list(range(37)) + list(range(63)) == seed_positions(tokens.tolist())
-    with pytest.raises(ValueError, match="first_offset"):
-        document_layout(tokens, BOS, block_size=16, first_offset=3)
 
 
 def test_loss_on_a_mid_document_sequence_matches_the_formula(gen):
@@ -79,11 +32,12 @@ def test_loss_on_a_mid_document_sequence_matches_the_formula(gen):
     new_block = torch.cat([torch.tensor([False]), (doc[1:] != doc[:-1]) | (block[1:] != block[:-1])])
     blocks = new_block.cumsum(0)
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    loss = model(tokens, (0.0, 1.0), generator=torch.Generator().manual_seed(seed))
+    loss = model(tokens, noise_range=(0.0, 1.0), generator=torch.Generator().manual_seed(seed))
     x_t, masked, t = noise_blocks(tokens, blocks, MASK, 0.0, 1.0, generator=torch.Generator().manual_seed(seed))
     d2, b2, noisy = doc.repeat(2), block.repeat(2), torch.arange(2 * L) < L
     same = d2[:, None] == d2[None, :]
-    rules = torch.where(noisy[:, None], torch.where(noisy[None, :], b2[None, :] == b2[:, None], b2[None, :] < b2[:, None]),
+    rules = torch.where(noisy[:, None],
+                        torch.where(noisy[None, :], b2[None, :] == b2[:, None], b2[None, :] < b2[:, None]),
                         ~noisy[None, :] & (b2[None, :] <= b2[:, None]))
     mask = same & rules  # (2L, 2L)
 
@@ -99,19 +53,6 @@ def test_loss_on_a_mid_document_sequence_matches_the_formula(gen):
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_noise_blocks(gen):
-    tokens = random_tokens(gen, 4096, [0, 1000, 2500])
-    layout = document_layout(tokens, BOS, block_size=16)
-    x_t, masked, t = noise_blocks(tokens, layout.blocks, MASK, 0.3, 0.8, generator=gen)
-    assert ((t >= 0.3) & (t <= 0.8)).all(), "t must lie in the noise range"
-    for b in layout.blocks.unique():
-        assert t[layout.blocks == b].unique().numel() == 1, "one t per block"
-    assert torch.equal(x_t[masked], torch.full_like(x_t[masked], MASK)), "masked tokens become MASK"
-    assert torch.equal(x_t[~masked], tokens[~masked]), "unmasked tokens stay"
-    # 4096 Bernoulli draws: the masked fraction is within 4.5 standard deviations of the mean of t.
-    assert abs(masked.float().mean() - t.mean()) < 4.5 * 0.5 / 4096**0.5
-
-
 def tiny_model(gen):
     model = BlockDiffusionLM(tiny().model)
     with torch.no_grad():  # the head starts at zero; random values make the loss depend on everything
@@ -124,7 +65,7 @@ def test_loss_matches_objective(gen):
     model = tiny_model(gen)
     tokens = random_tokens(gen, 80, [0, 23, 24, 50])
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    loss = model(tokens, (0.0, 1.0), generator=torch.Generator().manual_seed(seed))
+    loss = model(tokens, noise_range=(0.0, 1.0), generator=torch.Generator().manual_seed(seed))
     # Transcription: same noise draw, full logits of the noisy half, a sum over masked positions.
     layout = document_layout(tokens, BOS, 16)
     x_t, masked, t = noise_blocks(tokens, layout.blocks, MASK, 0.0, 1.0,
@@ -151,7 +92,7 @@ def test_clean_half_ignores_noise(gen):
 
 def test_forward_backward_reaches_every_parameter(gen):
     model = tiny_model(gen)
-    loss = model(random_tokens(gen, 96, [0, 40]), generator=gen)
+    loss = model(random_tokens(gen, 96, [0, 40]), noise_range=(0.3, 0.8), generator=gen)
     loss.backward()
     assert torch.isfinite(loss)
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
@@ -160,7 +101,7 @@ def test_forward_backward_reaches_every_parameter(gen):
 
 def test_bad_tokens_shape():
     with pytest.raises(ValueError, match="tokens"):
-        BlockDiffusionLM(tiny().model)(torch.zeros(2, 8, dtype=torch.long) + 5)
+        BlockDiffusionLM(tiny().model)(torch.zeros(2, 8, dtype=torch.long) + 5, noise_range=(0.3, 0.8))
 
 
 @pytest.mark.interpreter
@@ -173,13 +114,14 @@ def test_model_through_triton_kernel(gen, monkeypatch):
     for interpret in ("0", "1"):
         monkeypatch.setenv("TRITON_INTERPRET", interpret)
         model.zero_grad()
-        loss = model(tokens, generator=torch.Generator().manual_seed(seed))
+        loss = model(tokens, noise_range=(0.3, 0.8), generator=torch.Generator().manual_seed(seed))
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (ref_loss, ref_grads), (loss, grads) = results
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---- the compiled objective (torch.compile, fullgraph) -------------------------------------------------------
@@ -210,7 +152,7 @@ def test_compiled_step_matches_eager(gen, fresh_dynamo, preset):
         if compiled:
             model.compile_objective()
         model.zero_grad()
-        loss = model(tokens, generator=torch.Generator().manual_seed(seed))
+        loss = model(tokens, noise_range=(0.3, 0.8), generator=torch.Generator().manual_seed(seed))
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (eager_loss, eager_grads), (loss, grads) = results
@@ -227,7 +169,7 @@ def test_compiled_step_does_not_recompile_per_layout(gen, fresh_dynamo):
     model.compile_objective()
     for step in range(20):
         starts = sorted(set(torch.randint(1, 128, (step % 7 + 1,), generator=gen).tolist()) | {0})
-        loss = model(random_tokens(gen, 128, starts), generator=gen)
+        loss = model(random_tokens(gen, 128, starts), noise_range=(0.3, 0.8), generator=gen)
         loss.backward()
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 1 <= compiles <= 2, f"{compiles} graphs compiled for 20 layouts (at most one recompilation allowed)"

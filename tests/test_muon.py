@@ -9,7 +9,6 @@ import torch.multiprocessing as mp
 from bdiff.muon import Muon
 from helpers import free_port
 
-
 # ---- Muon: sharded over ranks, identical everywhere, equal to one process --------------------------
 
 def muon_run(rank, world, port, out):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import bdiff.kernels.newton_schulz as nsk
-from bdiff.muon import SCHEDULES
 from bdiff.kernels.reference import QUINTIC, newton_schulz_ref
+from bdiff.muon import SCHEDULES
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64), (3, 40, 24)])

@@ -33,3 +33,39 @@ def test_wheel_holds_bdiff_kernels_and_no_top_level_kernels(tmp_path):
     for module in ("bd_attention", "masked_ce", "newton_schulz", "reference", "compile_check"):
         assert f"bdiff/kernels/{module}.py" in names, f"{module} missing from the wheel"
     assert not [n for n in names if n.startswith("kernels/")], "the wheel must not install a top-level `kernels`"
+
+
+def test_no_import_cycle_among_bdiffs_modules():
+    """Every import of a bdiff module by another, at module level or inside a function, walked from the source: the
+    graph has no cycle (a cycle hidden in a function-level import is still one)."""
+    import ast
+
+    package = os.path.join(ROOT, "bdiff")
+    names = {f[:-3] for f in os.listdir(package) if f.endswith(".py") and f != "__init__.py"}
+    graph = {}
+    for name in names:
+        tree = ast.parse(open(os.path.join(package, f"{name}.py")).read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "bdiff" and len(parts) > 1:
+                    found.add(parts[1])
+                elif node.module == "bdiff":
+                    found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bdiff.")}
+        graph[name] = (found & names) - {name}
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import cycle: {' -> '.join(path + [node])}"
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            visit(nxt, path + [node])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])

@@ -10,7 +10,6 @@ import torch
 from bdiff.config import SamplingConfig, tiny
 from bdiff.model import BlockDiffusionLM
 from bdiff.sampling import SamplingError, generate
-from bdiff.tokenizer import decode, encode
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -83,11 +82,6 @@ def test_steps_and_calls(model, gen):
                    temperature=1.0, top_p=1.0)
     assert out.model_calls == 1 + 2 * (4 + 1), "1 prefill block, then 2 blocks of 4 steps + 1 clean pass"
     assert out.cache_bytes > 0 and len(out.tokens[0]) <= 32
-
-
-def test_byte_text_round_trip():
-    tokens = encode("héllo\n", "bytes", 256)
-    assert tokens[0] == 256 and decode(tokens + [257, 300], "bytes") == "héllo\n", "BOS, MASK, non-bytes dropped"
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1,0 +1,69 @@
+"""Typed configuration (bdiff/config.py): every field is a flag, a bad value is refused naming its field, the
+presets are valid, devices are checked before anything runs, and a run knows its code version."""
+import argparse
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from bdiff.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    add_flags,
+    apply_flags,
+    code_version,
+    get_preset,
+    parse_device,
+)
+
+
+def test_every_field_is_a_flag_and_only_given_flags_apply():
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TrainConfig)
+    add_flags(parser, ModelConfig)
+    args = parser.parse_args(["--steps", "7", "--adam_betas", "0.9", "0.99", "--block_size", "8"])
+    train, model = TrainConfig(), ModelConfig()
+    apply_flags(args, train)
+    apply_flags(args, model)
+    assert (train.steps, train.adam_betas, model.block_size) == (7, (0.9, 0.99), 8)
+    assert train.seq_len == TrainConfig().seq_len, "a flag not given leaves its field as it was"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_are_valid(preset):
+    get_preset(preset).validate()
+
+
+@pytest.mark.parametrize("section,field,value,words", [
+    ("model", "num_layers", 3, "num_layers must be even"),
+    ("model", "head_dim", 30, "head_dim must be a multiple of 4"),
+    ("model", "mask_id", 300, "mask_id must lie in"),
+    ("train", "steps", 0, "steps must be >= 1"),
+    ("train", "noise_low", 0.9, "noise_low <= noise_high"),
+    ("train", "muon_schedule", "cubic", "muon_schedule must be"),
+])
+def test_a_bad_value_is_refused_naming_its_field(section, field, value, words):
+    cfg = get_preset("tiny")
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        cfg.validate()
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        get_preset("nope")
+
+
+def test_devices_are_checked_in_one_line():
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a device name"):
+        parse_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available here"):
+            parse_device("cuda")
+
+
+def test_a_run_records_its_code_version():
+    code = code_version()  # this checkout is a git repository
+    assert re.fullmatch(r"[0-9a-f]{40}", code["commit"]) and isinstance(code["dirty"], bool), code
+    assert dataclasses.asdict(get_preset("tiny"))["code"] == {}, "filled in by train.py, not by the preset"
