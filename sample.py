@@ -18,8 +18,8 @@ from bdiff.config import (
 from bdiff.data import tokenizer_of
 from bdiff.errors import command
 from bdiff.hub import load
-from bdiff.sampling import SamplingError, generate
-from bdiff.tokenizer import decode, encode, load_tokenizer
+from bdiff.sampling import SamplingError, generate, prompt_ids
+from bdiff.tokenizer import decode, load_tokenizer
 
 
 @command
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                             f"{cfg.block_size}")
     tokenizer = tokenizer_of(config)  # the data the model was trained on decides, not its vocabulary size
     load_tokenizer(tokenizer)  # a tokenizer that cannot load here fails now, in one line
-    prompts = [encode(text, tokenizer, cfg.bos_id) for text in args.prompt]
+    prompts = [prompt_ids(text, tokenizer, cfg) for text in args.prompt]
     limit = config.get("train", {}).get("seq_len")
     if limit and max(len(p) for p in prompts) + sampling.max_new_tokens > limit:
         raise SamplingError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "

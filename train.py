@@ -64,8 +64,8 @@ from bdiff.eval import validation_total
 from bdiff.model import BlockDiffusionLM
 from bdiff.muon import Muon
 from bdiff.noise import document_layout, noise_seed
-from bdiff.sampling import generate
-from bdiff.tokenizer import decode, encode
+from bdiff.sampling import generate, prompt_ids
+from bdiff.tokenizer import decode
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
@@ -106,7 +106,8 @@ def use_dataset(cfg: Config, args: argparse.Namespace) -> None:
     cfg.train.data = data.name
     cfg.dataset = dataclasses.asdict(data)
     if data.name not in ("stdlib", "finewebedu"):
-        for name, value in (("vocab_size", data.vocab_size), ("bos_id", data.bos_id), ("mask_id", data.mask_id)):
+        for name, value in (("vocab_size", data.vocab_size), ("bos_id", data.bos_id), ("mask_id", data.mask_id),
+                            ("separator", "closes")):  # documents that end, for data of one's own
             if getattr(args, name) is None:
                 setattr(cfg.model, name, value)
 
@@ -243,7 +244,7 @@ def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | N
 def batch(loader: DistributedLoader, model_cfg, device) -> tuple[torch.Tensor, object]:
     """The next sequence and its layout, built on the host from the loader's CPU tokens: no device sync."""
     tokens = loader.next()
-    layout = document_layout(tokens, model_cfg.bos_id, model_cfg.block_size)
+    layout = document_layout(tokens, model_cfg.bos_id, model_cfg.block_size, separator=model_cfg.separator)
     return tokens.to(device, non_blocking=True), layout.to(device, non_blocking=True)
 
 
@@ -539,7 +540,7 @@ def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> str:
     model.eval()
     tokenizer = tokenizer_of(cfg.to_dict())
     prompt = default_prompt(cfg.to_dict())
-    out = generate(model, [encode(prompt, tokenizer, cfg.model.bos_id)], SamplingConfig(max_new_tokens=200))
+    out = generate(model, [prompt_ids(prompt, tokenizer, cfg.model)], SamplingConfig(max_new_tokens=200))
     text = prompt + decode(out.tokens[0], tokenizer)
     log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{text}")
     return text

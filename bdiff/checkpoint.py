@@ -16,6 +16,7 @@ state then moves to where the model and the optimizers live.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -181,8 +182,9 @@ def load(path: str, rank: int, world: int, config: dict) -> tuple[dict, dict]:
     keeps its new share) and no RNG states: per-rank noise streams cannot be split differently, so the run
     continues with fresh ones."""
     shared = safe_load(os.path.join(path, "shared.pt"), required=SHARED_KEYS)
-    if shared["config"]["model"] != config["model"]:
-        diff = {k: (v, config["model"][k]) for k, v in shared["config"]["model"].items() if config["model"].get(k) != v}
+    written = dataclasses.asdict(ModelConfig(**shared["config"]["model"]))  # fields added since: their defaults
+    if written != config["model"]:
+        diff = {k: (v, config["model"].get(k)) for k, v in written.items() if config["model"].get(k) != v}
         raise CheckpointError(f"{path}: the model differs from this run's (checkpoint vs now: {diff})")
     if shared["world_size"] == world:
         return shared, safe_load(os.path.join(path, f"rank{rank}.pt"), required=RANK_KEYS)

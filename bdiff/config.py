@@ -35,6 +35,10 @@ class ModelConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * model_dim
     block_size: int = 16  # denoising block length in tokens (the record rules fix 16)
     lm_head_multiple: int = 128  # lm_head rows padded to a multiple of this (tensor-core friendly)
+    # Where the document separator (BOS) sits: "opens" each document (the seed's layout, which the record rules fix;
+    # no model learns where a document ends) or "closes" the one it follows (the model learns to end documents,
+    # sampling stops there). bdiff/noise.py: document_layout.
+    separator: str = "opens"
 
     def validate(self) -> None:
         if self.num_layers < 2 or self.num_layers % 2:
@@ -51,6 +55,8 @@ class ModelConfig:
                 raise ConfigError(f"{name} must lie in [0, vocab_size={self.vocab_size}), got {getattr(self, name)}")
         if self.mask_id == self.bos_id:
             raise ConfigError("mask_id and bos_id must differ")
+        if self.separator not in ("opens", "closes"):
+            raise ConfigError(f"separator must be 'opens' or 'closes', got {self.separator!r}")
 
 
 @dataclass
@@ -226,7 +232,7 @@ def record() -> Config:
 def cpu() -> Config:
     """Byte-level model on the embedded Python-stdlib corpus; about 3 minutes on 2 CPU cores."""
     model = ModelConfig(vocab_size=258, mask_id=257, bos_id=256, num_layers=4, model_dim=128, num_heads=4,
-                        head_dim=32, block_size=16, lm_head_multiple=8)
+                        head_dim=32, block_size=16, lm_head_multiple=8, separator="closes")
     train = TrainConfig(data="stdlib", data_dir="data/stdlib", seq_len=512, micro_steps=2, steps=600,
                         val_every=200, val_tokens=32768, val_seq_len=512, lr_head=0.008, lr_embed=0.06,
                         lr_scalar=0.04, lr_muon=0.05, muon_momentum_warmup=50)

@@ -34,7 +34,7 @@ def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> li
     out = []
     for _ in range(max(1, tokens // seq_len)):
         seq = loader.next()
-        out.append((seq, document_layout(seq, cfg.bos_id, cfg.block_size)))
+        out.append((seq, document_layout(seq, cfg.bos_id, cfg.block_size, separator=cfg.separator)))
     return out
 
 

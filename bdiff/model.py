@@ -201,7 +201,8 @@ class BlockDiffusionLM(nn.Module):
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be one packed sequence of shape (L,), got {tuple(tokens.shape)}")
         cfg = self.cfg
-        layout = document_layout(tokens, cfg.bos_id, cfg.block_size) if layout is None else layout
+        layout = document_layout(tokens, cfg.bos_id, cfg.block_size, separator=cfg.separator) if layout is None \
+            else layout
         x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator,
                                       num_blocks=layout.num_blocks)
         # The document count changes every sequence: one compiled graph serves them all.

@@ -30,24 +30,37 @@ class Layout:
         return Layout(**moved)
 
 
-def document_layout(tokens: torch.Tensor, bos_id: int, block_size: int, first_offset: int | None = None) -> Layout:
-    """Documents start at every BOS token (position 0 of its document). The sequence's first tokens, if they
-    come before any BOS, continue a document that began earlier: `first_offset` is how many of its tokens the
-    sequence does not hold. None applies the seed's rule (nano-block-diffusion, which the record is measured
-    with): 1 for a sequence that does not start with BOS, as if a BOS stood just before it, 0 for one that
-    does. A loader that knows the true offset may pass it. The fragment's positions count from the offset and
-    its blocks follow the document's own block grid, clipped at the sequence start: with offset 1 its first
-    block holds block_size - 1 tokens. cu_seqlens[0] = -first_offset.
+SEPARATORS = ("opens", "closes")  # ModelConfig.separator: where the document separator (BOS) sits
+
+
+def document_layout(tokens: torch.Tensor, bos_id: int, block_size: int, first_offset: int | None = None,
+                    separator: str = "opens") -> Layout:
+    """Where documents start, their positions and blocks. `separator` "opens" (the seed's layout): documents start
+    at every BOS token, position 0 of its document, which by the attention rules cannot see the document before:
+    no model learns where a document ends. "closes": the BOS closes the document it follows (it takes that
+    document's next position and block, so the model learns to predict it, and sampling stops there); the next
+    document starts with its first token at position 0.
+
+    The sequence's first tokens continue a document that began earlier: `first_offset` is how many of its tokens
+    the sequence does not hold. None applies the seed's rule (nano-block-diffusion, which the record is measured
+    with): 1 for a sequence that does not open a document, as if a BOS stood just before it; 0 for one that starts
+    with BOS under "opens" (under "closes" the token before the sequence, which would tell, is not seen: always
+    1). A loader that knows the true offset may pass it. The fragment's positions count from the offset and its
+    blocks follow the document's own block grid, clipped at the sequence start: with offset 1 its first block
+    holds block_size - 1 tokens. cu_seqlens[0] = -first_offset.
 
     On the tokens' device; on a GPU this reads the document count back (a sync), so the trainer calls it on
     the loader's CPU tokens."""
+    if separator not in SEPARATORS:
+        raise ValueError(f"separator must be one of {SEPARATORS}, got {separator!r}")
     L = tokens.numel()
+    opens_here = separator == "opens" and int(tokens[0]) == bos_id
     if first_offset is None:
-        first_offset = 0 if int(tokens[0]) == bos_id else 1
-    if first_offset < 0 or (first_offset > 0 and int(tokens[0]) == bos_id):
+        first_offset = 0 if opens_here else 1
+    if first_offset < 0 or (first_offset > 0 and opens_here):
         raise ValueError(f"first_offset must be >= 0, and 0 for a sequence that starts with BOS, got {first_offset}")
-    starts = torch.nonzero(tokens == bos_id).flatten()
-    starts = starts[starts > 0]
+    starts = torch.nonzero(tokens == bos_id).flatten() + (separator == "closes")  # the token after a closing BOS
+    starts = starts[(starts > 0) & (starts < L)]
     cu_seqlens = torch.cat([starts.new_tensor([-first_offset]), starts, starts.new_tensor([L])]).to(torch.int32)
     if not tokens.is_cuda:
         validate_cu_seqlens(cu_seqlens, L)  # free on the host: the kernels trust the boundaries

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bdiff.config import ModelConfig, SamplingConfig
 from bdiff.errors import BdiffError
 from bdiff.model import BlockDiffusionLM
+from bdiff.tokenizer import load_tokenizer
 
 STRATEGIES = ("confidence", "threshold", "random")
 
@@ -204,9 +205,18 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
     return Generation(new, calls, time.perf_counter() - t0, cache.nbytes if use_cache else 0, step_logits)
 
 
+def prompt_ids(text: str, tokenizer: str, cfg: ModelConfig) -> list[int]:
+    """A prompt's ids as the model was trained on documents: after a BOS where the separator opens documents,
+    from position 0 (no BOS) where it closes them; "" is then the start of a document."""
+    ids = load_tokenizer(tokenizer).encode(text)
+    return [cfg.bos_id] + ids if cfg.separator == "opens" else ids
+
+
 def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p, strategy, threshold):
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise SamplingError("every prompt needs at least one token (an empty prompt has no context)")
+    if not prompts:
+        raise SamplingError("no prompts given")
+    if cfg.separator == "opens" and any(len(p) == 0 for p in prompts):
+        raise SamplingError("every prompt needs at least one token (BOS: this model's documents open with it)")
     for p in prompts:
         if any(not 0 <= t < cfg.vocab_size or t == cfg.mask_id for t in p):
             raise SamplingError(f"prompt tokens must lie in [0, {cfg.vocab_size}) and not be MASK ({cfg.mask_id})")

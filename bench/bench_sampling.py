@@ -58,8 +58,9 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=1024)
     parser.add_argument("--steps_per_block", type=int, default=4)
     args = parser.parse_args()
+    from bdiff.data import tokenizer_of
     from bdiff.hub import load
-    from bdiff.tokenizer import encode, tokenizer_of
+    from bdiff.sampling import prompt_ids
 
     if args.gpu:
         from bdiff.config import record
@@ -73,7 +74,7 @@ def main():
         parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/final.pt)")
     model, config = load(args.ckpt)
     print(f"CPU, {torch.get_num_threads()} threads")
-    run(model, encode("def ", tokenizer_of(config), model.cfg.bos_id), args.new_tokens, args.steps_per_block)
+    run(model, prompt_ids("def ", tokenizer_of(config), model.cfg), args.new_tokens, args.steps_per_block)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,20 @@
 whether CPU tensors take the Triton kernels through the interpreter."""
 import contextlib
 import os
+from typing import TypedDict
 
 import torch
+
+
+class TileConfig(TypedDict, total=False):
+    """A kernel configuration as the launchers pass it (`kernel[grid](..., **config)`): tile sizes, warps, pipeline
+    stages. Every kernel_config returns one; compile_check compiles each shipped one."""
+    BM: int  # rows of a tile (queries, keys, or the output's)
+    BN: int  # columns of a tile, or rows of the chunk a tile visits
+    BK: int  # depth of one step of a tiled product (Newton–Schulz)
+    BV: int  # vocabulary columns swept per step (the loss)
+    num_warps: int
+    num_stages: int
 
 
 def arch(x: torch.Tensor) -> int:

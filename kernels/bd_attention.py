@@ -37,8 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
+from ._device import TileConfig, on_device, use_triton
 from ._device import arch as _arch
-from ._device import on_device, use_triton
 
 LOG2E = 1.4426950408889634
 # The schedule table (schedule_bounds, the module docstring): per row, a (lo, hi) pair of columns per segment.
@@ -297,7 +297,7 @@ def _bd_attn_delta_kernel(O, DO, DELTA, L, H: tl.constexpr, D: tl.constexpr, BM:
 # Host side
 # ---------------------------------------------------------------------------------------------------
 
-def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> TileConfig:
     """Tiles, warps and pipeline stages of one kernel ("forward", "dq" or "dkdv"), chosen so that every
     target (sm_80/86/89/90) compiles without register spills (kernels/compile_check.py checks each).
 
@@ -340,7 +340,7 @@ AUTOTUNE_EXTRA = {  # kernel: [(configuration, archs)]
 }
 
 
-def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> list[dict]:
+def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> list[TileConfig]:
     """The autotune space of one kernel on one GPU: the default configuration first, then the larger tiles."""
     default = kernel_config(kernel, D, dtype, arch)
     if dtype != torch.bfloat16:
@@ -352,7 +352,7 @@ def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> l
 _TUNED: dict[tuple, dict] = {}  # (kernel, D, dtype, arch, log2 L) -> the fastest configuration measured
 
 
-def _pick(kernel: str, q: torch.Tensor, launch) -> dict:
+def _pick(kernel: str, q: torch.Tensor, launch) -> TileConfig:
     """The configuration for this call. On a GPU the first call of each (kernel, head dim, dtype, GPU, size
     class) times every configuration of the space on the real inputs (triton.testing.do_bench) and keeps the
     fastest; the kernels write their outputs without accumulating, so the trial runs leave no trace. The

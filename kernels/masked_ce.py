@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
-from ._device import on_device, use_triton
+from ._device import TileConfig, on_device, use_triton
 
 
 @triton.jit
@@ -60,7 +60,7 @@ LOGITS_BUDGET = 32 * 2**20  # bytes of logits alive at once (one chunk) on a CPU
 GPU_LOGITS_BUDGET = (32 * 2**20, 2**30)  # on a GPU: 1/64 of its memory, within these bounds (bytes)
 
 
-def kernel_config() -> dict:
+def kernel_config() -> TileConfig:
     """A row is swept in 8192-wide vocabulary blocks (7 for GPT-2's 50,257): 32 fp32 values per thread with 8
     warps, wide enough for 16-byte loads, small enough not to spill."""
     return dict(BV=8192, num_warps=8, num_stages=1)
@@ -91,7 +91,8 @@ def dweight_slice_rows(V: int, D: int, dtype: torch.dtype, budget: int = LOGITS_
     return max(1, min(V, budget // 4 // (D * torch.empty(0, dtype=dtype).element_size())))
 
 
-def lm_head_traffic(rows: int, V: int, D: int, dtype: torch.dtype, budget: int, chunk: int | None = None) -> dict:
+def lm_head_traffic(rows: int, V: int, D: int, dtype: torch.dtype, budget: int,
+                    chunk: int | None = None) -> dict:
     """What the fused loss costs around the lm_head gradient for `rows` loss rows, replayed from the launcher's
     own sizing (`_forward`): chunks, bytes of the float32 dweight read and written (each chunk reads and writes
     all of it, and with low-precision logits also writes and reads its partial products), and kernel launches

@@ -20,8 +20,8 @@ import triton.language as tl
 from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
+from ._device import TileConfig, on_device, use_triton
 from ._device import arch as _arch
-from ._device import on_device, use_triton
 from .reference import QUINTIC, _coefficient_schedule
 
 
@@ -92,7 +92,7 @@ def _ns_update_kernel(B, X, OUT, COUNTS, M, N, a,
 # Host side
 # ---------------------------------------------------------------------------------------------------
 
-def kernel_config(kernel: str, arch: int = 90) -> dict:
+def kernel_config(kernel: str, arch: int = 90) -> TileConfig:
     """128x128 output tiles with 64-deep k-steps and 8 warps: the classic tensor-core GEMM shape, big enough
     that the mirrored diagonal tiles waste little (T(T+1)/2 of T² tiles). Three pipeline stages fit the
     large shared memory of sm_80/sm_90 (96 KiB); sm_86/89 (99 KiB per block) take two."""

@@ -58,3 +58,15 @@ def test_noise_seeds_are_the_runs_and_evals():
     assert len(set(seeds)) == len(seeds), "every stream has its own seed"
     assert noise_seed(3, 0, validation=True, draw=0) == noise_seed(3, 0, validation=True)
     assert noise_seed(3, 1, step=10) != noise_seed(3, 1), "a resume on other ranks starts fresh streams"
+
+
+def test_a_closing_separator_ends_its_document():
+    """Block size 4, the separator closing documents: it takes its document's next position and block, and the
+    next document starts at position 0 with its first token (the fragment before any separator counts from 1)."""
+    tokens = torch.tensor([7, 7, 7, BOS, 7, 7, 7, 7, 7, BOS, 7, 7])
+    layout = document_layout(tokens, BOS, block_size=4, separator="closes")
+    assert layout.cu_seqlens.tolist() == [-1, 4, 10, 12], "documents start right after each separator"
+    assert layout.positions.tolist() == [1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1]
+    assert layout.blocks.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3, 4, 4], "the separator is its document's last token"
+    with pytest.raises(ValueError, match="separator"):
+        document_layout(tokens, BOS, block_size=4, separator="between")

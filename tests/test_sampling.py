@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import train
 from bdiff.config import SamplingConfig, tiny
 from bdiff.model import BlockDiffusionLM
 from bdiff.sampling import SamplingError, generate
@@ -85,7 +86,7 @@ def test_steps_and_calls(model, gen):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(prompts=[[]]), "at least one token"),
+    (dict(prompts=[]), "no prompts"),
     (dict(prompts=[[256, 257]]), "MASK"),
     (dict(steps_per_block=0), "steps_per_block"),
     (dict(strategy="greedy"), "strategy"),
@@ -126,3 +127,39 @@ def test_sample_script(model, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), f"{case}: {lines}"
         assert message is None or message in lines[0], f"{case}: {lines}"
+
+
+MEMORISE = ["def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n", "The dog sleeps.\n",
+            "x = [i * i for i in range(10)]\n", "Hello, world! Goodbye.\n"]
+
+
+def test_what_the_trainer_teaches_is_what_the_sampler_reads(tmp_path):
+    """End to end: train.py (tiny preset, documents that end: the separator closes each document) on four short
+    documents repeated; greedy sampling from each one's first four characters gives it back exactly and then stops
+    at the separator, with the cache and without, one token per call and with threshold decoding."""
+    from bdiff.hub import load
+    from bdiff.prepare import prepare
+    from bdiff.sampling import prompt_ids
+    from bdiff.tokenizer import decode
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for copy in range(700):
+        for i, text in enumerate(MEMORISE):
+            (docs / f"{copy:03d}_{i}.txt").write_text(text)
+    prepare(str(docs), "bytes", str(tmp_path / "data"), val_fraction=0.01, jobs=1, progress=False, log=lambda *_: None)
+    train.main(["--device", "cpu", "--preset", "tiny", "--data_dir", str(tmp_path / "data"), "--steps", "250",
+                "--val_every", "0", "--val_tokens", "256", "--val_seq_len", "128", "--out_dir", str(tmp_path / "logs"),
+                "--run_name", "m"])
+    model, config = load(str(tmp_path / "logs" / "m" / "model"))
+    assert model.cfg.separator == "closes", "prepared data and the tiny preset train documents that end"
+    for text in MEMORISE:
+        prompt = prompt_ids(text[:4], "bytes", model.cfg)
+        assert model.cfg.bos_id not in prompt, "a document starts at position 0 with its first token"
+        for cache in (True, False):
+            for strategy, steps in (("random", None), ("threshold", 16)):
+                out = generate(model, [prompt], max_new_tokens=80, temperature=0, cache=cache, strategy=strategy,
+                               steps_per_block=steps)
+                tokens = out.tokens[0]
+                assert text[:4] + decode(tokens, "bytes") == text and tokens[-1] == model.cfg.bos_id, \
+                    f"{text!r} ({strategy}, cache {cache}): got {text[:4] + decode(tokens, 'bytes')!r}, {tokens[-3:]}"
