@@ -213,6 +213,7 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionL
         f"parameters {num_params:,} <= {RECORD_PARAMS:,}": num_params <= RECORD_PARAMS,
         f"block_size {cfg.model.block_size} == 16": cfg.model.block_size == 16,
         f"data {cfg.train.data} == finewebedu": cfg.train.data == "finewebedu",
+        f"separator {cfg.model.separator} == opens": cfg.model.separator == "opens",  # the seed's objective
     }
     proc.log(f"bdiff {bdiff.__version__} | python {platform.python_version()} | torch {torch.__version__} | "
              f"numpy {np.__version__} | triton {_version('triton')}")
