@@ -431,7 +431,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
     save(cfg.train.steps)  # the model on disk first, then the extras, none of which can lose it
     if proc.master:
         end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, train_files, run_dir, log_path, proc, argv)
-    if proc.ddp:
+    if proc.ddp:  # the ranks leave together, once rank 0's extras are written: none tears down while another works
+        dist.barrier()
         dist.destroy_process_group()
     return raw_model
 
