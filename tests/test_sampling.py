@@ -81,7 +81,8 @@ def test_stopping_rules(model, gen, monkeypatch):
 def test_steps_and_calls(model, gen):
     out = generate(model, random_prompts(gen, [16]), max_new_tokens=32, steps_per_block=4, strategy="confidence",
                    temperature=1.0, top_p=1.0)
-    assert out.model_calls == 1 + 2 * (4 + 1), "1 prefill block, then 2 blocks of 4 steps + 1 clean pass"
+    blocks = -(-len(out.tokens[0]) // 16)  # 2, or 1 when the random model samples BOS (end of text) in the first
+    assert out.model_calls == 1 + blocks * (4 + 1), "1 prefill block, then each block's 4 steps + 1 clean pass"
     assert out.cache_bytes > 0 and len(out.tokens[0]) <= 32
 
 
