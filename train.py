@@ -491,7 +491,8 @@ def stop(stopped: list, step: int, last_checkpoint: str, run_dir: str, train_cfg
     proc.log(f"stopped by {stopped[0] if stopped else 'a signal'} after step {step}/{train_cfg.steps}: "
              f"checkpoint {last_checkpoint}; to continue, run the same command with --run_name "
              f"{os.path.basename(run_dir)} --resume auto")
-    if proc.ddp:
+    if proc.ddp:  # the ranks leave together, as at the end of a run
+        dist.barrier()
         dist.destroy_process_group()
     raise Preempted(last_checkpoint)
 

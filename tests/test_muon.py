@@ -25,7 +25,8 @@ def muon_run(rank, world, port, out):
             p.grad = torch.randn(p.shape, generator=g)
         opt.step()
     torch.save([p.detach() for p in params], os.path.join(out, f"{world}_{rank}.pt"))
-    if world > 1:
+    if world > 1:  # leave together: gloo aborts a rank whose peer tears down while its last send is in flight
+        dist.barrier()
         dist.destroy_process_group()
 
 
