@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     for text, tokens in zip(args.prompt, out.tokens):
         print(f"--- {text!r}\n{text}{decode(tokens, tokenizer)}")
     print(f"--- {out.new_tokens} tokens in {out.seconds:.2f}s ({out.new_tokens / out.seconds:,.0f} tok/s), "
-          f"{out.model_calls / out.new_tokens:.2f} model calls per token, KV cache {out.cache_bytes / 2**20:.1f} MiB")
+          f"{out.calls_per_token:.2f} model calls per token, KV cache {out.cache_bytes / 2**20:.1f} MiB")
     return 0
 
 

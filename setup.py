@@ -19,7 +19,9 @@ setup(
     # tokenizers; tiktoken: GPT-2 and OpenAI encodings; datasets: streaming a Hub dataset). The tests build a BPE
     # tokenizer with `tokenizers`.
     # ruff: the lint gate of the test command (README).
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff"],
+    # judge: Hugging Face causal LMs (gpt2-large) as judges of samples (bdiff/judge.py); the tests build a tiny one.
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers"],
                     "plot": ["matplotlib"],
+                    "judge": ["transformers"],
                     "data": ["tokenizers", "tiktoken", "datasets"]},
 )

@@ -148,6 +148,12 @@ class SamplingConfig:
     top_p: float = 0.9  # nucleus sampling: keep the smallest set of tokens with this much probability
     seed: int = 0  # every prompt draws from its own generator seeded with this: a batch changes no text
     cache: bool = True  # keys/values of finished blocks cached (exact); False recomputes every step (slow)
+    stop_entropy: float | None = None  # stop a sequence whose last entropy_window new tokens have less entropy (nats)
+    # than this: degenerate repetition (BD3-LM stops at 4 over 256 GPT-2 tokens); None never does. It depends on
+    # the tokenizer: text read as bytes has about 3 nats
+    entropy_window: int = 256  # new tokens the entropy stop reads (checked once per block, from this many on)
+    compile: str | None = None  # torch.compile mode of the model call of each step: "default", or "reduce-overhead"
+    # (CUDA graphs on a GPU); None runs eagerly
 
 
 DTYPES = ("bfloat16", "float32")  # --dtype choices: the activation dtype (bdiff/model.py, BlockDiffusionLM.set_dtype)

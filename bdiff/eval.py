@@ -2,6 +2,7 @@
 
     python -m bdiff.eval --model logs/RUN/model --draws 4            # a run's model, its own data and settings
     python -m bdiff.eval --model user/name --data finewebedu --tokens 1048576
+    python -m bdiff.eval --model logs/RUN/model --judge logs/JUDGE/model --strategies random,threshold:0.9
 
 The validation loss is the record's: every block's noise level t ~ U[0, 1], the weighted objective per token,
 which bounds the negative log-likelihood per token from above (so exp(loss) bounds the perplexity). Draw k uses
@@ -9,16 +10,22 @@ the noise seed train.py's validation uses, plus k: draw 0 of a one-process run's
 final validation loss. The data are fixed; the standard error is over the K noise draws. The same loss at fixed
 noise levels (every block at t) shows where the model is weak: at t the loss is about the cross-entropy of the
 masked tokens (a fraction t of them, each weighted 1/t).
+
+With --judge (an autoregressive model: bdiff/judge.py), the evaluation also prices sampling strategies: it
+continues the first tokens of N validation documents under each strategy asked for and prints, per strategy,
+model calls per token, tokens/s, the continuations' generative perplexity under the judge and their entropy,
+beside the same numbers for the documents' own continuations.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 
 import torch
 
-from bdiff.config import ArgumentParser, add_device_flags, device_and_dtype
+from bdiff.config import ArgumentParser, SamplingConfig, add_device_flags, device_and_dtype
 from bdiff.errors import command
 from bdiff.noise import noise_seed
 
@@ -88,6 +95,112 @@ def report(result: dict, header: str) -> str:
     return "\n".join(lines)
 
 
+STRATEGIES = "random,confidence,threshold:0.5,threshold:0.7,threshold:0.9"  # --strategies' default
+
+
+def parse_strategies(text: str) -> list[dict]:
+    """"random,confidence:4,threshold:0.9" -> the SamplingConfig fields of each: random and confidence take steps
+    per block (default: the block size, one token per model call), threshold its threshold (default 0.9)."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, value = item.partition(":")
+        try:
+            if name in ("random", "confidence"):
+                out.append({"strategy": name, "steps_per_block": int(value) if value else None})
+            elif name == "threshold":
+                out.append({"strategy": name, "threshold": float(value) if value else 0.9})
+            else:
+                raise ValueError
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected random[:STEPS], confidence[:STEPS] or threshold[:VALUE] "
+                                             f"separated by commas, got {item!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no strategy given")
+    return out
+
+
+def validation_prompts(files: list[str], count: int, prompt_tokens: int, new_tokens: int, bos_id: int):
+    """(prompts, continuations): the first prompt_tokens and the next new_tokens ids of the first `count` validation
+    documents that hold as many (documents are the runs between separators; no separator in either)."""
+    import numpy as np
+
+    from bdiff.formats import read_shard
+
+    tokens = np.concatenate([read_shard(f) for f in files]).astype(np.int64)
+    cuts = np.flatnonzero(tokens == bos_id)
+    prompts, continuations = [], []
+    for doc in np.split(tokens, cuts):
+        doc = doc[1:] if len(doc) and doc[0] == bos_id else doc
+        if len(doc) >= prompt_tokens + new_tokens:
+            prompts.append(doc[:prompt_tokens].tolist())
+            continuations.append(doc[prompt_tokens:prompt_tokens + new_tokens].tolist())
+            if len(prompts) == count:
+                break
+    return prompts, continuations
+
+
+def price_strategies(model, judge, prompts, continuations, strategies: list[dict], sampling: SamplingConfig,
+                     log=None) -> list[dict]:
+    """One row per strategy (and one for the documents' own continuations): calls per token, tokens/s, Gen PPL
+    under `judge`, mean entropy of the texts. All prompts are sampled as one batch."""
+    from bdiff.judge import gen_ppl, token_entropy
+    from bdiff.sampling import generate
+
+    def judged(texts):
+        return dict(gen_ppl=gen_ppl(judge, prompts, texts),
+                    entropy=sum(token_entropy(t) for t in texts if t) / max(1, sum(1 for t in texts if t)))
+
+    rows = [dict(strategy="validation text", setting="the documents' own", calls_per_token=None, tokens_per_s=None,
+                 **judged(continuations))]
+    start = [[model.cfg.bos_id] + p if model.cfg.separator == "opens" else p for p in prompts]
+    for overrides in strategies:
+        config = dataclasses.replace(sampling, **overrides)
+        out = generate(model, start, config)
+        if config.strategy == "threshold":
+            setting = f"threshold {config.threshold:g}"
+        else:
+            setting = f"{config.steps_per_block or model.cfg.block_size} steps/block"
+        rows.append(dict(strategy=config.strategy, setting=setting, calls_per_token=out.calls_per_token,
+                         tokens_per_s=out.new_tokens / out.seconds, new_tokens=out.new_tokens, **judged(out.tokens)))
+        if log:
+            log(f"{config.strategy} ({setting}): {rows[-1]['gen_ppl']:.2f} Gen PPL, {out.new_tokens} tokens")
+    return rows
+
+
+def strategy_table(rows: list[dict]) -> str:
+    lines = ["| strategy | setting | model calls/token | tokens/s | Gen PPL | entropy |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        calls = "" if r["calls_per_token"] is None else f"{r['calls_per_token']:.2f}"
+        speed = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+        lines.append(f"| {r['strategy']} | {r['setting']} | {calls} | {speed} | {r['gen_ppl']:.2f} | "
+                     f"{r['entropy']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_strategies(rows: list[dict], path: str, title: str) -> None:
+    """Gen PPL against model calls per token, one point per strategy; the documents' own Gen PPL as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        if r["calls_per_token"] is None:
+            ax.axhline(r["gen_ppl"], color="gray", linestyle="--", label=f"{r['strategy']} ({r['gen_ppl']:.1f})")
+        else:
+            ax.plot(r["calls_per_token"], r["gen_ppl"], "o", label=f"{r['strategy']}, {r['setting']}")
+    ax.set_xlabel("model calls per generated token")
+    ax.set_ylabel("Gen PPL under the judge (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _levels(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
@@ -111,9 +224,22 @@ def main(argv=None) -> int:
     parser.add_argument("--draws", type=int, default=1, help="noise draws to average (>= 2 gives a standard error)")
     parser.add_argument("--seed", type=int, help="noise seed (default: the run's)")
     parser.add_argument("--levels", type=_levels, default=LEVELS, help="fixed noise levels, e.g. 0.1,0.5,0.9")
+    judging = parser.add_argument_group("pricing sampling strategies (with --judge)")
+    judging.add_argument("--judge", help="an autoregressive judge: a bdiff model trained with --block_size 1 on the "
+                                         "same data, or hf:NAME (a Hugging Face causal LM, e.g. hf:gpt2-large)")
+    judging.add_argument("--strategies", type=parse_strategies, default=parse_strategies(STRATEGIES),
+                         help=f"comma-separated, e.g. {STRATEGIES}")
+    judging.add_argument("--samples", type=int, default=16, help="validation documents to continue")
+    judging.add_argument("--prompt_tokens", type=int, default=32, help="each document's first tokens as the prompt")
+    judging.add_argument("--new_tokens", type=int, default=128, help="tokens to generate after each prompt")
+    judging.add_argument("--temperature", type=float, default=1.0, help="1.0 with top_p 0.9: BD3-LM's nucleus sampling")
+    judging.add_argument("--top_p", type=float, default=0.9)
+    judging.add_argument("--compile", nargs="?", const="default", help="compile the model call of each step "
+                         "(torch.compile mode: default; reduce-overhead on a GPU): faster once compiled")
+    judging.add_argument("--plot", help="also draw Gen PPL against calls per token into this .png")
     add_device_flags(parser)
     args = parser.parse_args(argv)
-    for name in ("tokens", "seq_len", "draws"):
+    for name in ("tokens", "seq_len", "draws", "samples", "prompt_tokens", "new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
@@ -123,6 +249,17 @@ def main(argv=None) -> int:
     device, dtype = device_and_dtype(args)
     model, config = load(args.model, device)
     model.set_dtype(dtype)
+    judge = None
+    if args.judge:  # a judge that cannot judge this model fails before the long work
+        from bdiff.data import tokenizer_of
+        from bdiff.judge import JudgeError, load_judge
+
+        if args.plot:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise JudgeError('--plot needs matplotlib: pip install -e ".[plot]"') from None
+        judge = load_judge(args.judge, device, tokenizer_of(config), dtype)
     train = config["train"]
     name = args.data or train["data"]
     dataset, data_dir = find_dataset(name, args.data_dir or (train["data_dir"] if name == train["data"] else None))
@@ -132,12 +269,29 @@ def main(argv=None) -> int:
     seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
     sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, model_cfg)
     seed = train["seed"] if args.seed is None else args.seed
+    if judge is not None:
+        prompts, continuations = validation_prompts(shard_files(data, data_dir, "val"), args.samples,
+                                                    args.prompt_tokens, args.new_tokens, model_cfg.bos_id)
+        if not prompts:
+            raise JudgeError(f"no validation document holds --prompt_tokens + --new_tokens = "
+                             f"{args.prompt_tokens + args.new_tokens} tokens")
     header = (f"model {args.model} | {data} validation ({data_dir}) | {len(sequences)} sequences x {seq_len} tokens = "
               f"{len(sequences) * seq_len:,} tokens | {args.draws} draw(s), seed {seed} | {device}, {dtype}")
     print(header, file=sys.stderr, flush=True)
     result = evaluate(model, sequences, args.draws, seed, args.levels, device,
                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(report(result, header))
+    if judge is not None:
+        sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  seed=seed, compile=args.compile)
+        rows = price_strategies(model, judge, prompts, continuations, args.strategies, sampling,
+                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(f"\nsampling strategies: {len(prompts)} validation documents, {args.prompt_tokens} prompt tokens, up to "
+              f"{args.new_tokens} new, temperature {args.temperature:g}, top_p {args.top_p:g}; judge {args.judge}")
+        print(strategy_table(rows))
+        if args.plot:
+            plot_strategies(rows, args.plot, f"{args.model} judged by {args.judge}")
+            print(f"plot: {args.plot}")
     return 0
 
 

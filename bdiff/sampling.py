@@ -29,55 +29,71 @@ class SamplingError(BdiffError):
 
 
 class KVCache:
-    """Keys and values of every layer for the finished clean blocks of each sequence, preallocated:
-    (layers, batch, max_len, heads, head_dim). The block being processed is written into the slots right
-    after a sequence's clean context; `advance()` keeps it there once it is clean."""
+    """Keys and values of every layer for the finished clean blocks of each sequence, preallocated in the
+    activations' dtype (no casts): (layers, batch, max_len, heads, head_dim). Denoising steps only read it: each
+    call attends to the first `span` slots (slot j of sequence i visible when j < its clean length) and to its own
+    block; `write` stores a block's keys/values once the block is clean."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # clean tokens cached per sequence
-        self.rows = slice(None)  # the sequences of the current model call
-        self.span = 0  # keys the current call reads: max over its sequences of lengths + block
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def select(self, rows: slice, block: int) -> None:
-        self.rows = rows
-        self.span = int(self.lengths[rows].max()) + block
+    def write(self, rows: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (layers, b, block, H, D) of sequences `rows` (b,), into their slots from `lengths` (b,) on."""
+        slots = lengths[:, None] + torch.arange(k.shape[2], device=k.device)  # (b, block)
+        self.k[:, rows[:, None], slots] = k
+        self.v[:, rows[:, None], slots] = v
 
-    def advance(self, block: int) -> None:
-        self.lengths[self.rows] += block
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences `rows` (in that order): the batch shrinks when sequences stop."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
-    def attend(self, layer: int, q, k, v):  # (b, block, H, D) each
-        K, V = self.k[layer, self.rows], self.v[layer, self.rows]  # views into the cache
-        lengths = self.lengths[self.rows]
-        b, block = q.shape[:2]
-        slots = lengths[:, None] + torch.arange(block, device=q.device)  # (b, block)
-        batch = torch.arange(b, device=q.device)[:, None]
-        K[batch, slots] = k  # the cache has the activations' dtype (model.dtype): no casts
-        V[batch, slots] = v
-        visible = torch.arange(self.span, device=q.device)[None, :] < (lengths[:, None] + block)  # (b, span)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), K[:, :self.span].transpose(1, 2),
-                                             V[:, :self.span].transpose(1, 2),
-                                             attn_mask=visible[:, None, None, :])
-        return out.transpose(1, 2)  # (b, block, H, D)
+
+def cached_call(model: BlockDiffusionLM, tokens, positions, K, V, visible, keep_kv: bool = False):
+    """The model on one block per sequence, tokens and positions (b, B), attending to the cached keys/values
+    K, V (layers, b, span, H, D) where `visible` (b, span) and to its whole block. float32 logits (b, B, vocab); with
+    keep_kv the block's keys and values instead, (layers, b, B, H, D) each, for the cache. Every shape is fixed
+    within a block, so `torch.compile` serves a block's steps with one graph (SamplingConfig.compile)."""
+    mask = torch.cat([visible, visible.new_ones(tokens.shape)], 1)[:, None, None, :]  # (b, 1, 1, span + B)
+    kept = []
+
+    def attend(layer, q, k, v):  # (b, B, H, D) each
+        if keep_kv:
+            kept.append((k, v))
+        keys, values = torch.cat([K[layer], k], 1), torch.cat([V[layer], v], 1)  # (b, span + B, H, D)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask)
+        return out.transpose(1, 2)
+
+    hidden = model.run_layers(tokens, positions, attend)
+    if keep_kv:
+        return torch.stack([k for k, _ in kept]), torch.stack([v for _, v in kept])
+    return model.logits(hidden)
 
 
 @dataclass
 class Generation:
-    tokens: list[list[int]]  # the new tokens of each prompt (cut at BOS or max_new_tokens)
-    model_calls: int  # forward passes of the model (denoising steps + clean passes)
+    tokens: list[list[int]]  # the new tokens of each prompt (cut at BOS, max_new_tokens or a low-entropy stop)
+    model_calls: int  # forward passes of the model (denoising steps + clean passes), each over the whole batch
+    sequence_calls: int  # the passes each sequence took part in, summed: per token, what one sequence's text costs
     seconds: float
     cache_bytes: int  # 0 without a cache
+    host_reads: int = 0  # times the loop waited for the device to learn something (once per block; threshold: per step)
     step_logits: list[torch.Tensor] = field(default_factory=list)  # (batch, block, vocab) per step, on request
 
     @property
     def new_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
+
+    @property
+    def calls_per_token(self) -> float:
+        """Model calls per generated token of a sequence, whatever the batch: 1 + 1/block at one token per call."""
+        return self.sequence_calls / max(1, self.new_tokens)
 
 
 def _filter_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -113,6 +129,16 @@ def _choose(logits, masked, steps_left, strategy, threshold, temperature, top_p,
     return sample, masked & (rank < count)
 
 
+def window_entropy(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Entropy in nats of each row's token frequencies, (b, W) -> (b,): low when a text repeats itself."""
+    counts = torch.zeros(tokens.shape[0], vocab_size, device=tokens.device).scatter_add_(
+        1, tokens, torch.ones(tokens.shape, device=tokens.device))
+    return torch.special.entr(counts / tokens.shape[1]).sum(-1)
+
+
+SPAN_MULTIPLE = 64  # cache slots a call reads, rounded up to this: a compiled step sees few distinct shapes
+
+
 @torch.no_grad()
 def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: SamplingConfig | None = None, *,
              keep_logits: bool = False, **options) -> Generation:
@@ -121,88 +147,121 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
 
     "confidence" reveals ceil(masked / steps left) most confident tokens a step, "threshold" every token above
     the threshold (at least one), "random" a random subset of that size. A sequence stops after its first BOS
-    (end of text) or at max_new_tokens. keep_logits: every step's logits in the result (for tests).
+    (end of text), at max_new_tokens, or (stop_entropy) when its last entropy_window tokens repeat themselves.
+    keep_logits: every step's logits in the result (for tests).
+
+    Inside a block the loop reads nothing back from the device (the threshold strategy excepted: after each step
+    it learns whether its block is complete); it reads once per block which sequences stopped and once, at the end,
+    the tokens. Everything else it needs (positions, the cache's span, how many steps a block takes)
+    follows from the prompts' lengths on the host. Sequences that stopped leave the batch.
     """
     c = dataclasses.replace(config or SamplingConfig(), **options)
-    max_new_tokens, steps_per_block, temperature, top_p = c.max_new_tokens, c.steps_per_block, c.temperature, c.top_p
-    strategy, threshold, seed, use_cache = c.strategy, c.threshold, c.seed, c.cache
     cfg = model.cfg
     B = cfg.block_size
-    steps_per_block = B if steps_per_block is None else steps_per_block
-    _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p, strategy, threshold)
+    steps_per_block = B if c.steps_per_block is None else c.steps_per_block
+    _validate(prompts, cfg, c, steps_per_block)
     device = next(model.parameters()).device
     bsz = len(prompts)
-    gens = [torch.Generator(device).manual_seed(seed) for _ in range(bsz)]
-    P = torch.tensor([len(p) for p in prompts])
-    total = int(P.max()) + max_new_tokens + 2 * B  # every sequence advances one block per round
-    seq = torch.full((bsz, total), cfg.mask_id, dtype=torch.long, device=device)
+    lengths = [len(p) for p in prompts]
+    start = [n // B * B for n in lengths]  # first position of each sequence's current block (host)
+    total = -(-(max(lengths) + c.max_new_tokens + 2 * B) // SPAN_MULTIPLE) * SPAN_MULTIPLE
+    rows = torch.full((bsz, total), cfg.mask_id, dtype=torch.long)
     for i, p in enumerate(prompts):
-        seq[i, :len(p)] = torch.tensor(p, device=device)
-    start = (P // B * B).to(device)  # first position of each sequence's current block
+        rows[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    seq = rows.to(device)  # (b, total): the active sequences; one transfer
+    prompt_len = torch.tensor(lengths, device=device)
+    gens = [torch.Generator(device).manual_seed(c.seed) for _ in range(bsz)]
     arange_b = torch.arange(B, device=device)
-    cache = KVCache(cfg, bsz, total, device, model.dtype) if use_cache else None  # the activations' dtype
-    calls, step_logits = 0, []
+    cache = KVCache(cfg, bsz, total, device, model.dtype) if c.cache else None  # the activations' dtype
+    cache_bytes = cache.nbytes if c.cache else 0
+    call = torch.compile(cached_call, mode=c.compile) if c.compile else cached_call
+    calls, sequence_calls, reads, step_logits = 0, 0, 0, []
     t0 = time.perf_counter()
 
-    def run(tokens, positions):  # (b, B) -> hidden (b, B, dim), through the cache
-        return model.run_layers(tokens, positions, cache.attend)
-
-    def block_logits(block):  # (bsz, B) tokens of the current blocks -> float32 logits (bsz, B, V)
-        positions = start[:, None] + arange_b
-        if use_cache:
-            cache.select(slice(None), B)
-            return model.logits(run(block, positions))
+    def block_logits(block, positions, K, V, visible):  # the current blocks (b, B) -> float32 logits (b, B, V)
+        if c.cache:
+            return call(model, block, positions, K, V, visible)
         out = []
-        for i in range(bsz):  # no cache: the whole x_t ⊕ x_0 layout of this sequence, from scratch
-            L = int(start[i]) + B
-            clean = torch.cat([seq[i, :start[i]], block[i]])
+        for i in range(len(active)):  # no cache: the whole x_t ⊕ x_0 layout of this sequence, from scratch
+            L = start[active[i]] + B
+            clean = torch.cat([seq[i, :L - B], block[i]])
             cu = torch.tensor([0, L], dtype=torch.int32, device=device)
             h = model.hidden_states(torch.cat([clean, clean]), torch.arange(L, device=device), cu)
             out.append(model.logits(h[L - B:L]))
         return torch.stack(out)
 
-    if use_cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time
+    if c.cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time
         for i in range(bsz):
-            for b0 in range(0, int(start[i]), B):
-                cache.select(slice(i, i + 1), B)
-                run(seq[i:i + 1, b0:b0 + B], (b0 + arange_b)[None])
-                cache.advance(B)
-                calls += 1
+            for b0 in range(0, start[i], B):
+                one = torch.tensor([i], device=device)
+                visible = torch.ones(1, b0, dtype=torch.bool, device=device)
+                k, v = cached_call(model, seq[i:i + 1, b0:b0 + B], (b0 + arange_b)[None], cache.k[:, i:i + 1, :b0],
+                                   cache.v[:, i:i + 1, :b0], visible, keep_kv=True)
+                cache.write(one, torch.tensor([b0], device=device), k, v)
+                calls, sequence_calls = calls + 1, sequence_calls + 1
 
-    new = [[] for _ in range(bsz)]
-    done = [False] * bsz
-    while not all(done):
-        idx = start[:, None] + arange_b  # (bsz, B) positions of the current blocks
+    active = list(range(bsz))  # the prompts still generating, in the order of seq's rows
+    finished = {}  # prompt -> its row of seq, once it stopped
+    made = [0] * bsz  # new tokens so far per prompt (host: every block adds what is not prompt)
+    begin = torch.tensor(start, device=device)  # (b,) start of each active sequence's block, kept on the device
+    while active:
+        idx = begin[:, None] + arange_b  # (b, B) positions of the current blocks
         block = seq.gather(1, idx)
-        for step in range(steps_per_block):
+        # Steps this block takes: the most MASKs of any sequence's block (a prompt's partial block has fewer).
+        steps = min(steps_per_block, max(start[i] + B - max(start[i], lengths[i]) for i in active))
+        span = -(-max(start[i] for i in active) // SPAN_MULTIPLE) * SPAN_MULTIPLE
+        visible = torch.arange(span, device=device)[None, :] < begin[:, None]  # (b, span) the clean context
+        K, V = (cache.k[:, :len(active), :span], cache.v[:, :len(active), :span]) if c.cache else (None, None)
+        for step in range(steps):
             masked = block == cfg.mask_id
-            if not masked.any():
-                break
-            logits = block_logits(block)
-            calls += 1
+            logits = block_logits(block, idx, K, V, visible)
+            calls, sequence_calls = calls + 1, sequence_calls + len(active)
             if keep_logits:
                 step_logits.append(logits.detach().clone().cpu())
             logits[..., cfg.mask_id] = float("-inf")  # MASK is never a prediction
-            sample, reveal = _choose(logits, masked, steps_per_block - step, strategy, threshold, temperature,
-                                     top_p, gens)
+            sample, reveal = _choose(logits, masked, steps - step, c.strategy, c.threshold, c.temperature, c.top_p,
+                                     [gens[i] for i in active])
             block = torch.where(reveal, sample, block)
-        seq.scatter_(1, idx, block)
-        if use_cache:  # the finished block, once more as clean context: its keys/values stay in the cache
-            cache.select(slice(None), B)
-            run(block, idx)
-            cache.advance(B)
-            calls += 1
-        for i in range(bsz):
-            if done[i]:
-                continue
-            for pos in range(max(int(start[i]), len(prompts[i])), int(start[i]) + B):
-                token = int(seq[i, pos])
-                new[i].append(token)
-                if token == cfg.bos_id or len(new[i]) == max_new_tokens:
-                    done[i] = True
+            if c.strategy == "threshold" and step + 1 < steps:  # its steps depend on the data: ask
+                reads += 1
+                if not bool((block == cfg.mask_id).any()):
                     break
-        start += B
-    return Generation(new, calls, time.perf_counter() - t0, cache.nbytes if use_cache else 0, step_logits)
+        seq.scatter_(1, idx, block)
+        if c.cache:  # the finished block, once more as clean context: its keys/values go into the cache
+            k, v = call(model, block, idx, K, V, visible, keep_kv=True)
+            cache.write(torch.arange(len(active), device=device), begin, k, v)
+            calls, sequence_calls = calls + 1, sequence_calls + len(active)
+        stop = ((block == cfg.bos_id) & (idx >= prompt_len[:, None])).any(-1)  # (b,) ended its text
+        for i in active:
+            made[i] += start[i] + B - max(start[i], lengths[i])
+            start[i] += B
+        begin += B
+        if c.stop_entropy is not None and max(made[i] for i in active) >= c.entropy_window:
+            window = begin[:, None] - c.entropy_window + torch.arange(c.entropy_window, device=device)
+            enough = begin - prompt_len >= c.entropy_window  # (b,) new tokens so far, from the window's size on
+            stop |= enough & (window_entropy(seq.gather(1, window.clamp(min=0)), cfg.vocab_size) < c.stop_entropy)
+        reads += 1
+        stopped = stop.tolist()  # the one read of a block
+        keep = [j for j, i in enumerate(active) if not stopped[j] and made[i] < c.max_new_tokens]
+        if len(keep) < len(active):
+            for j, i in enumerate(active):
+                if j not in keep:
+                    finished[i] = seq[j]
+            kept = torch.tensor(keep, device=device, dtype=torch.long)
+            seq, begin, prompt_len, active = seq[kept], begin[kept], prompt_len[kept], [active[j] for j in keep]
+            if c.cache:
+                cache.keep(kept)
+    ids = torch.stack([finished[i] for i in range(bsz)]).tolist()
+    return Generation([_cut(ids[i][lengths[i]:], c.max_new_tokens, cfg) for i in range(bsz)], calls,
+                      sequence_calls, time.perf_counter() - t0, cache_bytes, reads, step_logits)
+
+
+def _cut(new: list[int], max_new_tokens: int, cfg: ModelConfig) -> list[int]:
+    """A sequence's generated ids: up to its first BOS (kept), its last generated block, max_new_tokens."""
+    new = new[:max_new_tokens]
+    if cfg.mask_id in new:
+        new = new[:new.index(cfg.mask_id)]
+    return new[:new.index(cfg.bos_id) + 1] if cfg.bos_id in new else new
 
 
 def prompt_ids(text: str, tokenizer: str, cfg: ModelConfig) -> list[int]:
@@ -212,7 +271,7 @@ def prompt_ids(text: str, tokenizer: str, cfg: ModelConfig) -> list[int]:
     return [cfg.bos_id] + ids if cfg.separator == "opens" else ids
 
 
-def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p, strategy, threshold):
+def _validate(prompts, cfg, c: SamplingConfig, steps_per_block: int):
     if not prompts:
         raise SamplingError("no prompts given")
     if cfg.separator == "opens" and any(len(p) == 0 for p in prompts):
@@ -220,13 +279,17 @@ def _validate(prompts, cfg, max_new_tokens, steps_per_block, temperature, top_p,
     for p in prompts:
         if any(not 0 <= t < cfg.vocab_size or t == cfg.mask_id for t in p):
             raise SamplingError(f"prompt tokens must lie in [0, {cfg.vocab_size}) and not be MASK ({cfg.mask_id})")
-    if max_new_tokens < 1:
-        raise SamplingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if c.max_new_tokens < 1:
+        raise SamplingError(f"max_new_tokens must be >= 1, got {c.max_new_tokens}")
     if not 1 <= steps_per_block <= cfg.block_size:
         raise SamplingError(f"steps_per_block must lie in [1, block_size={cfg.block_size}], got {steps_per_block}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise SamplingError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if strategy not in STRATEGIES:
-        raise SamplingError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if not 0 < threshold < 1:
-        raise SamplingError(f"threshold must lie in (0, 1), got {threshold}")
+    if c.temperature < 0 or not 0 < c.top_p <= 1:
+        raise SamplingError(f"need temperature >= 0 and 0 < top_p <= 1, got {c.temperature}, {c.top_p}")
+    if c.strategy not in STRATEGIES:
+        raise SamplingError(f"strategy must be one of {', '.join(STRATEGIES)}, got {c.strategy!r}")
+    if not 0 < c.threshold < 1:
+        raise SamplingError(f"threshold must lie in (0, 1), got {c.threshold}")
+    if c.stop_entropy is not None and (c.stop_entropy <= 0 or c.entropy_window < 2):
+        raise SamplingError(f"need stop_entropy > 0 and entropy_window >= 2, got {c.stop_entropy}, {c.entropy_window}")
+    if c.compile not in (None, "default", "reduce-overhead", "max-autotune"):
+        raise SamplingError(f"compile must be default, reduce-overhead or max-autotune, got {c.compile!r}")

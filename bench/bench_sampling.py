@@ -1,10 +1,15 @@
-"""Sampling speed with and without the KV cache.
+"""Sampling speed: the decode loop against the loop before it (bench/sampling_baseline.py), at batch 1, 8 and 32,
+and the KV cache against recomputing every step.
 
-    python bench/bench_sampling.py --ckpt logs/RUN/final.pt     # CPU: the demo model, 1024 new tokens
-    python bench/bench_sampling.py --gpu                        # GPU: the record model (random weights)
-    python -m pytest bench/bench_sampling.py --benchmark-only   # the suite: cache vs recompute on any device
+    python bench/bench_sampling.py --ckpt logs/RUN/model                 # CPU: a trained model, batch 1, 8, 32
+    python bench/bench_sampling.py --ckpt logs/RUN/model --compile       # ... and the compiled model call
+    python bench/bench_sampling.py --gpu                                 # GPU: the record model (random weights)
+    python -m pytest bench/bench_sampling.py --benchmark-only            # the suite
 
-Without the cache every denoising step recomputes the whole x_t ⊕ x_0 layout of the sequence so far.
+Each row is one generate() call after an untimed warm-up call of the same loop, the loops one after the other in
+one run: tokens/s = new tokens / wall time, model calls per token, host reads (the times the loop waited for the
+device to learn something). Greedy decoding: both loops generate the same tokens (checked), so they do the same
+work. The batch holds one prompt repeated; every sequence draws from its own generator.
 """
 from __future__ import annotations
 
@@ -18,21 +23,49 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(model, prompt, new_tokens, steps_per_block):
+def loops(compile_mode: str | None) -> dict:
+    """name -> generate(model, prompts, **options) of each loop timed."""
+    from sampling_baseline import generate as generate_before
+
     from bdiff.sampling import generate
 
-    print(f"{new_tokens} new tokens, {steps_per_block} steps per block of {model.cfg.block_size}")
-    for use_cache in (True, False):
-        out = generate(model, [prompt], max_new_tokens=new_tokens, steps_per_block=steps_per_block, cache=use_cache)
-        print(f"{'with' if use_cache else 'without':>8} cache: {out.new_tokens / out.seconds:9,.1f} tok/s, "
-              f"{out.model_calls / out.new_tokens:.2f} model calls/token, cache {out.cache_bytes / 2**20:.1f} MiB")
+    out = {"before (7d29e14)": generate_before, "now": generate}
+    if compile_mode:
+        out[f"now, compiled ({compile_mode})"] = lambda model, prompts, **kw: generate(model, prompts,
+                                                                                       compile=compile_mode, **kw)
+    return out
 
 
-# The suite (bench/conftest.py): the KV cache against recomputing the sequence, on a fresh model (the record
-# model on a GPU, the cpu preset on a CPU; its lm_head starts at zero, so greedy decoding never ends early on BOS:
-# every call generates all its tokens). The cache is exact: both produce the same tokens.
-@pytest.mark.parametrize("candidate", ["recompute", "KV cache"])
-def test_sampling(measure, candidate):
+def run(model, prompt, new_tokens, steps_per_block, batches, compile_mode):
+    print(f"{new_tokens} new tokens per prompt, {steps_per_block} steps per block of {model.cfg.block_size}, greedy")
+    print(f"{'batch':>5}  {'loop':<28} {'tok/s':>9} {'calls/token':>11} {'host reads':>10} {'vs before':>9}")
+    for batch in batches:
+        base, first = None, None
+        for name, generate in loops(compile_mode).items():
+            kw = dict(max_new_tokens=new_tokens, steps_per_block=steps_per_block, temperature=0)
+            generate(model, [prompt] * batch, **kw)  # warm-up: allocator, caches, compilation
+            out = generate(model, [prompt] * batch, **kw)
+            rate = out.new_tokens / out.seconds
+            base = base or rate
+            first = first or out.tokens
+            assert out.tokens == first, f"{name}: other tokens than the baseline's"
+            reads = out.host_reads if out.host_reads else "per token"
+            print(f"{batch:>5}  {name:<28} {rate:9,.1f} {out.calls_per_token:11.3f} {reads:>10} "
+                  f"{rate / base:8.2f}x")
+
+
+# The suite (bench/conftest.py), on a fresh model (the record model on a GPU, the cpu preset on a CPU; its lm_head
+# starts at zero, so greedy decoding never ends early on BOS: every call generates all its tokens): the cache
+# against recomputing every step, and today's loop against the one before it (bench/sampling_baseline.py).
+CASES = [("sampling cache", 1, "recompute", None), ("sampling cache", 1, "KV cache", "recompute"),
+         ("sampling batch 1", 1, "before", None), ("sampling batch 1", 1, "now", "before"),
+         ("sampling batch 8", 8, "before", None), ("sampling batch 8", 8, "now", "before")]
+
+
+@pytest.mark.parametrize("op,batch,candidate,compare_with", CASES, ids=[f"{c[0]}: {c[2]}" for c in CASES])
+def test_sampling(measure, op, batch, candidate, compare_with):
+    from sampling_baseline import generate as generate_before
+
     from bdiff.config import PRESETS
     from bdiff.model import BlockDiffusionLM
     from bdiff.sampling import generate
@@ -42,39 +75,46 @@ def test_sampling(measure, candidate):
     model = BlockDiffusionLM(PRESETS["record" if cuda else "cpu"]().model).to("cuda" if cuda else "cpu").eval()
     model.set_dtype(torch.bfloat16 if cuda else torch.float32)  # each device's default precision
     new_tokens, steps = (1024, 4) if cuda else (256, 4)
-    prompt = [model.cfg.bos_id] + list(range(100, 164))
-    out = measure("sampling", candidate,
-                  lambda: generate(model, [prompt], max_new_tokens=new_tokens, steps_per_block=steps, temperature=0,
-                                   cache=candidate == "KV cache"),
-                  compare_with="recompute" if candidate == "KV cache" else None, work=new_tokens, unit="token",
-                  new_tokens=new_tokens, steps_per_block=steps, block_size=model.cfg.block_size)
-    assert len(out.tokens[0]) == new_tokens, f"generation ended after {len(out.tokens[0])} of {new_tokens} tokens"
+    prompts = [[model.cfg.bos_id] + list(range(100, 164))] * batch
+    sample = generate_before if candidate == "before" else generate
+    out = measure(op, candidate,
+                  lambda: sample(model, prompts, max_new_tokens=new_tokens, steps_per_block=steps, temperature=0,
+                                 cache=candidate != "recompute"),
+                  compare_with=compare_with, work=new_tokens * batch, unit="token", new_tokens=new_tokens,
+                  steps_per_block=steps, block_size=model.cfg.block_size, batch=batch)
+    assert all(len(t) == new_tokens for t in out.tokens), "generation ended early"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="a checkpoint of train.py (CPU run)")
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--new_tokens", type=int, default=1024)
-    parser.add_argument("--steps_per_block", type=int, default=4)
+    parser.add_argument("--ckpt", help="a model of train.py (CPU run): final.pt or a model directory")
+    parser.add_argument("--gpu", action="store_true", help="the record model, random weights, bf16")
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--steps_per_block", type=int, help="default: the block size (one token per model call)")
+    parser.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
+    parser.add_argument("--compile", nargs="?", const="default", help="also time the compiled model call "
+                                                                      "(mode: default; reduce-overhead on a GPU)")
     args = parser.parse_args()
-    from bdiff.data import tokenizer_of
+    from bdiff.data import default_prompt, tokenizer_of
     from bdiff.hub import load
     from bdiff.sampling import prompt_ids
 
+    batches = [int(b) for b in args.batch.split(",")]
     if args.gpu:
         from bdiff.config import record
         from bdiff.model import BlockDiffusionLM
 
         model = BlockDiffusionLM(record().model).cuda().eval().set_dtype(torch.bfloat16)
-        print(f"{torch.cuda.get_device_name()}, bf16")
-        run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block)
+        print(f"{torch.cuda.get_device_name()}, bf16, random weights")
+        run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block or 16, batches,
+            args.compile)
         return
     if not args.ckpt:
-        parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/final.pt)")
+        parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/model)")
     model, config = load(args.ckpt)
-    print(f"CPU, {torch.get_num_threads()} threads")
-    run(model, prompt_ids("def ", tokenizer_of(config), model.cfg), args.new_tokens, args.steps_per_block)
+    print(f"CPU, {torch.get_num_threads()} threads, {args.ckpt}")
+    run(model, prompt_ids(default_prompt(config), tokenizer_of(config), model.cfg), args.new_tokens,
+        args.steps_per_block or model.cfg.block_size, batches, args.compile)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,12 @@ LIMITS = {
         # at L=1024 (measured 0.48-0.71), and compiled against eager at the demo's L=512 (measured 0.68-0.83).
         ("training step L=1024", "bdiff eager"): 0.9,
         ("training step L=512", "bdiff compiled"): 0.95,
-        # Without the cache every denoising step recomputes the whole sequence (measured 0.25-0.29, 256 tokens).
-        ("sampling", "KV cache"): 0.4,
+        # Without the cache every denoising step recomputes the whole sequence (measured 0.21, 256 tokens, 4 steps
+        # per block). The loop without host reads against the loop before it, eager (measured 0.92-0.94 at batch 1
+        # and 8): on a CPU a read costs nothing, so this guards against the loop growing slower, not the GPU's gain.
+        ("sampling cache", "KV cache"): 0.4,
+        ("sampling batch 1", "now"): 1.05,
+        ("sampling batch 8", "now"): 1.05,
     },
 }
 

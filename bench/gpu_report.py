@@ -49,7 +49,11 @@ def parts(gpus: int, compile_check: bool) -> list[Part]:
         Part("Masked-weighted linear cross-entropy vs eager, compiled and Liger", [PY, "bench/bench_masked_ce.py",
                                                                                    "--gpu"], 30, 120),
         Part("Newton–Schulz vs torch matmuls", [PY, "bench/bench_newton_schulz.py", "--gpu"], 50, 120),
-        Part("Sampling with and without the KV cache", [PY, "bench/bench_sampling.py", "--gpu"], 35, 90),
+        # The two sampling parts' times are estimates (the loops at batch 1, 8 and 32 have not run on a GPU yet).
+        Part("Sampling: the decode loop vs the loop before it, batch 1, 8 and 32", [PY, "bench/bench_sampling.py",
+                                                                                   "--gpu"], 60, 150),
+        Part("Sampling with the model call compiled and captured as CUDA graphs (reduce-overhead), batch 1 and 8",
+             [PY, "bench/bench_sampling.py", "--gpu", "--compile", "reduce-overhead", "--batch", "1,8"], 120, 240),
         Part("A compiled record-size training step: ours vs the seed's formulation, documents ~300 tokens",
              [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "300"], 150, 300),
         Part("Benchmark suite: every op against its baseline (saved under .benchmarks/)",

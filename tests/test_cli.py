@@ -49,6 +49,10 @@ CASES = [
      ["--device cuda:7"]),
     ("eval: bad levels", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--levels", "0.5,2"],
      ["--levels", "must lie in (0, 1]"]),
+    ("eval: bad strategies", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--strategies", "greedy"],
+     ["--strategies", "random[:STEPS]", "'greedy'"]),
+    ("eval: a judge that is not autoregressive", [PY, "-m", "bdiff.eval", "--model", "{ckpt}", "--judge", "{ckpt}"],
+     ["block size is 16", "--block_size 1"]),
     ("hub: push a missing run", [PY, "-m", "bdiff.hub", "push", "{tmp}/none", "someone/x"], ["not a model directory"]),
     ("hub: unknown command", [PY, "-m", "bdiff.hub", "pull", "x"], ["invalid choice: 'pull'"]),
 ]

@@ -127,16 +127,22 @@ def test_sampling_in_bfloat16(monkeypatch, cache):
 
 def test_kv_cache_keeps_the_activation_dtype(monkeypatch):
     model = tiny_model(torch.bfloat16).eval()
-    dtypes = []
-    attend = bdiff.sampling.KVCache.attend
+    dtypes, stored = [], []
+    attention, write = torch.nn.functional.scaled_dot_product_attention, bdiff.sampling.KVCache.write
 
-    def record(self, layer, q, k, v):
-        dtypes.append((q.dtype, k.dtype, self.k.dtype))
-        return attend(self, layer, q, k, v)
+    def record_attention(q, k, v, **kw):
+        dtypes.append((q.dtype, k.dtype, v.dtype))
+        return attention(q, k, v, **kw)
 
-    monkeypatch.setattr(bdiff.sampling.KVCache, "attend", record)
+    def record_write(self, rows, lengths, k, v):
+        stored.append((k.dtype, self.k.dtype))
+        return write(self, rows, lengths, k, v)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record_attention)
+    monkeypatch.setattr(bdiff.sampling.KVCache, "write", record_write)
     generate(model, [[256, 100, 101]], max_new_tokens=32)
-    assert dtypes and set(dtypes) == {(torch.bfloat16,) * 3}, f"q, k and the cache must all be bf16, got {set(dtypes)}"
+    assert dtypes and set(dtypes) == {(torch.bfloat16,) * 3}, f"q, cached and new keys must be bf16, got {set(dtypes)}"
+    assert stored and set(stored) == {(torch.bfloat16,) * 2}, f"the cache must hold bf16, got {set(stored)}"
 
 
 def test_ops_on_fake_cuda_tensors():

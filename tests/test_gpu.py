@@ -1,6 +1,6 @@
 """The three ops run natively on a CUDA GPU, in bf16 and fp16, against the PyTorch references computed in
 float32 on the same inputs; the loss op refuses bad input as the CPU paths do and stays normalised at huge
-logits; a compiled 20-step training run in bf16, then evaluation and sampling (cached and uncached) of the model
+logits; a compiled 20-step training run in bf16, then evaluation and sampling (cached, uncached, compiled) of the model
 it trained; with two GPUs, ops on cuda:1. Skipped without a GPU, and in a process where the Triton interpreter
 is on (tests/conftest.py decides that once per process)."""
 import math
@@ -140,4 +140,12 @@ def test_compiled_training_then_evaluation_and_sampling(stdlib_dir, tmp_path):
     assert len(cached.tokens[0]) == 48 and len(uncached.tokens[0]) == 48
     # The first step sees the same context both ways: its logits agree to bf16's precision.
     first, again = cached.step_logits[0], uncached.step_logits[0]
+    torch.testing.assert_close(first, again, rtol=0, atol=0.05 * float(again.std()) + 1e-3)
+    # The model call compiled and captured as CUDA graphs, for a batch of prompts of two lengths: the same first
+    # step to bf16's precision (compiled kernels may round otherwise), and text for every sequence.
+    batch = [prompt, prompt[:4]]
+    eager = generate(model, batch, max_new_tokens=48, temperature=0, keep_logits=True)
+    graphed = generate(model, batch, max_new_tokens=48, temperature=0, keep_logits=True, compile="reduce-overhead")
+    assert len(graphed.tokens) == 2 and all(graphed.tokens), graphed.tokens
+    first, again = graphed.step_logits[0], eager.step_logits[0]
     torch.testing.assert_close(first, again, rtol=0, atol=0.05 * float(again.std()) + 1e-3)

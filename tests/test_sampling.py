@@ -86,12 +86,73 @@ def test_steps_and_calls(model, gen):
     assert out.cache_bytes > 0 and len(out.tokens[0]) <= 32
 
 
+class HostReads:
+    """Counts every way Python code reads a tensor's values back (on a GPU, each waits for the device)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original):
+                self.count += 1
+                return _original(tensor, *args)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("strategy", ["random", "confidence", "threshold"])
+def test_no_host_reads_inside_a_block(model, gen, monkeypatch, strategy):
+    """One read per block (which sequences stopped) and one at the end (the tokens); the threshold strategy alone
+    also asks after each step whether its block is complete. Prompts of different lengths, several blocks."""
+    prompts = random_prompts(gen, [5, 21, 16])
+    reads = HostReads(monkeypatch)
+    out = generate(model, prompts, max_new_tokens=40, steps_per_block=4, strategy=strategy, temperature=1.0,
+                   top_p=1.0)
+    monkeypatch.undo()
+    blocks = -(-max(len(p) + 40 for p in prompts) // 16)  # rounds the longest sequence can take, at most
+    assert reads.count == out.host_reads + 1, f"{reads.count} reads of tensors, {out.host_reads} counted + the tokens"
+    if strategy == "threshold":
+        assert out.host_reads <= blocks * 4, "at most one read per step"
+    else:
+        assert out.host_reads <= blocks, f"{out.host_reads} reads: no read may happen inside a block"
+
+
+def test_compiled_step_gives_the_eager_tokens(model, gen):
+    prompts = random_prompts(gen, [5, 21])
+    kw = dict(max_new_tokens=40, steps_per_block=8, temperature=0, strategy="confidence")
+    eager, compiled = generate(model, prompts, **kw), generate(model, prompts, compile="default", **kw)
+    assert compiled.tokens == eager.tokens, "torch.compile of the model call must not change the text"
+
+
+def test_entropy_stop(model, gen, monkeypatch):
+    """A text that repeats one token stops once its last entropy_window tokens are read; without the bound it goes
+    on to max_new_tokens."""
+    logits = model.logits
+
+    def one_token(hidden):  # the same byte is always by far the likeliest
+        out = logits(hidden)
+        out[..., 97] += 1e4
+        return out
+
+    monkeypatch.setattr(model, "logits", one_token)
+    prompts = random_prompts(gen, [16])  # a full block: every later block is generated
+    kw = dict(max_new_tokens=96, temperature=0)
+    assert len(generate(model, prompts, **kw).tokens[0]) == 96
+    stopped = generate(model, prompts, stop_entropy=0.5, entropy_window=32, **kw).tokens[0]
+    assert stopped == [97] * 32, f"stops at the end of the block where 32 repeated tokens were read, got {stopped}"
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompts=[]), "no prompts"),
     (dict(prompts=[[256, 257]]), "MASK"),
     (dict(steps_per_block=0), "steps_per_block"),
     (dict(strategy="greedy"), "strategy"),
     (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(stop_entropy=-1.0), "stop_entropy"),
+    (dict(compile="fast"), "compile"),
 ])
 def test_bad_input(model, kwargs, match):
     args = dict(prompts=[[256, 10]], max_new_tokens=8)
