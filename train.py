@@ -61,6 +61,7 @@ from bdiff.data import (
 )
 from bdiff.errors import BdiffError
 from bdiff.eval import validation_total
+from bdiff.judge import corpus_words, known_word_fraction
 from bdiff.model import BlockDiffusionLM
 from bdiff.muon import Muon
 from bdiff.noise import document_layout, noise_seed
@@ -350,7 +351,7 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
         sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
         with sync:
             loss = model(tokens, noise_range=(train_cfg.noise_low, train_cfg.noise_high), generator=noise_gen,
-                         layout=layout)
+                         layout=layout, stratified=train_cfg.noise_stratified)
             (loss / accum).backward()
         loss_sum += loss.detach().float()
     if proc.ddp:
@@ -535,18 +536,21 @@ def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, t
         ok = all(rules.values()) and val_loss <= RECORD_VAL_LOSS
         log(f"record: val loss {val_loss:.4f} {'<=' if val_loss <= RECORD_VAL_LOSS else '>'} {RECORD_VAL_LOSS} "
             f"with {tokens:,} tokens; {'meets' if ok else 'does not meet'} the record rules")
-    return extra("sample", lambda: end_of_run_sample(model, cfg, log))
+    return extra("sample", lambda: end_of_run_sample(model, cfg, train_files, log))
 
 
-def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, log) -> str:
-    """200 tokens from the model just trained, in the tokenizer of the data it was trained on; returns the text."""
+def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, train_files, log) -> str:
+    """200 tokens from the model just trained, in the tokenizer of the data it was trained on, with the fraction of
+    its words that are words of the training text (a readable measure: letter soup scores low); returns the text."""
     model.eval()
     tokenizer = tokenizer_of(cfg.to_dict())
     prompt = default_prompt(cfg.to_dict())
     out = generate(model, [prompt_ids(prompt, tokenizer, cfg.model)], SamplingConfig(max_new_tokens=200))
-    text = prompt + decode(out.tokens[0], tokenizer)
-    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache):\n{text}")
-    return text
+    new = decode(out.tokens[0], tokenizer)
+    known = known_word_fraction(new, corpus_words(train_files, tokenizer))
+    words = "no words" if known is None else f"{known:.0%} of its words occur in the training text"
+    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache; {words}):\n{prompt + new}")
+    return prompt + new
 
 
 def model_card(model_dir: str, sample: str | None, log_path: str, launcher: str, argv) -> None:

@@ -68,6 +68,8 @@ class TrainConfig:
     steps: int = 10000  # optimizer steps
     noise_low: float = 0.3  # training noise t ~ U[noise_low, noise_high] per block (BD3-LM clipped schedule)
     noise_high: float = 0.8
+    noise_stratified: bool = False  # the blocks' levels of a sequence as one stratified draw: the same objective,
+    # estimated with less variance (bdiff/noise.py, noise_blocks); validation always draws independently
     val_every: int = 125  # validate every N steps (and at the end); 0 = only at the end
     val_tokens: int = 10_485_760  # validation tokens across all ranks
     val_seq_len: int = 65536  # tokens per validation sequence per rank
@@ -208,13 +210,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One --flag per field of the dataclass `cls`, defaulting to None (unset); a True boolean field gives a
-    --no_<name> flag. The field's comment is not at hand here, so the help names the field."""
+    """One --flag per field of the dataclass `cls`, defaulting to None (unset); a boolean field gives the flag that
+    changes it: --no_<name> where it defaults to True, --<name> where it defaults to False. The field's comment is
+    not at hand here, so the help names the field."""
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, type) else eval(f.type)  # "from __future__" annotations are strings
-        if kind is bool:
+        if kind is bool and f.default is True:
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=None,
                                 help=f"{prefix}{f.name} = False")
+        elif kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", default=None, help=f"{prefix}{f.name} = True")
         elif getattr(kind, "__origin__", None) is tuple:
             parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=f"{prefix}{f.name}")
         else:

@@ -14,6 +14,7 @@ entropy flags degenerate text. A judge is autoregressive and reads the generator
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -116,3 +117,30 @@ def token_entropy(ids: list[int]) -> float:
     from bdiff.sampling import window_entropy
 
     return float(window_entropy(torch.tensor([ids]), max(ids) + 1)[0])
+
+
+WORD = re.compile(r"\w+")  # a word: a run of letters, digits and underscores (text split on spaces and punctuation)
+
+
+def corpus_words(files: list[str], tokenizer: str, max_tokens: int = 8_000_000) -> set[str]:
+    """The words of the first `max_tokens` tokens of a data set's shards, decoded."""
+    import numpy as np
+
+    from bdiff.formats import read_shard
+    from bdiff.tokenizer import decode
+
+    words, left = set(), max_tokens
+    for path in files:
+        tokens = read_shard(path)[:left]
+        words.update(WORD.findall(decode(tokens.astype(np.int64).tolist(), tokenizer)))
+        left -= len(tokens)
+        if left <= 0:
+            break
+    return words
+
+
+def known_word_fraction(text: str, words: set[str]) -> float | None:
+    """The fraction of `text`'s words that are words of the corpus (`corpus_words`): about 1 for text that reads
+    like the data, low for letter soup. None for a text without words."""
+    found = WORD.findall(text)
+    return sum(w in words for w in found) / len(found) if found else None

@@ -191,20 +191,22 @@ class BlockDiffusionLM(nn.Module):
                 "matrices": [p for p in self.blocks.parameters() if p.ndim == 2]}
 
     def forward(self, tokens: torch.Tensor, *, noise_range: tuple[float, float],
-                generator: torch.Generator | None = None, layout: Layout | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, layout: Layout | None = None,
+                stratified: bool = False) -> torch.Tensor:
         """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar. `noise_range`: each block's
         t ~ U[low, high] (training: TrainConfig.noise_low/high; the record's validation: (0, 1)).
 
         `layout`: document_layout(tokens) on tokens' device, built by the caller where it is free (the trainer
         builds it from the loader's CPU tokens); computed here otherwise. Noise is drawn here, eagerly, from
-        `generator`; the rest is `objective`, which `compile_objective` compiles."""
+        `generator` (`stratified`: the blocks' levels as one low-discrepancy set, noise.noise_blocks); the rest is
+        `objective`, which `compile_objective` compiles."""
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be one packed sequence of shape (L,), got {tuple(tokens.shape)}")
         cfg = self.cfg
         layout = document_layout(tokens, cfg.bos_id, cfg.block_size, separator=cfg.separator) if layout is None \
             else layout
         x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator,
-                                      num_blocks=layout.num_blocks)
+                                      num_blocks=layout.num_blocks, stratified=stratified)
         # The document count changes every sequence: one compiled graph serves them all.
         torch._dynamo.maybe_mark_dynamic(layout.cu_seqlens, 0)
         return self.objective(x_t, tokens, loss_weights(masked, t), layout.positions, layout.cu_seqlens,

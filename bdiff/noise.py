@@ -73,16 +73,23 @@ def document_layout(tokens: torch.Tensor, bos_id: int, block_size: int, first_of
 
 
 def noise_blocks(tokens: torch.Tensor, blocks: torch.Tensor, mask_id: int, low: float, high: float,
-                 generator: torch.Generator | None = None,
-                 num_blocks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None, num_blocks: int | None = None,
+                 stratified: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One t ~ U[low, high] per block; each token masked independently with probability t. `num_blocks`
     (Layout.num_blocks) spares a device sync; by default it is read from `blocks`.
+
+    stratified: the n blocks' levels are a low-discrepancy set instead of n independent draws: [low, high] is cut
+    into n equal strata, one uniform draw in each, the strata shuffled over the blocks. Each block's t is still
+    U[low, high], so the loss estimates the same objective, with less variance (BD3-LM's antithetic sampling).
 
     Returns x_t (L,), masked (L,) bool, t per token (L,) float32.
     """
     num_blocks = int(blocks.max()) + 1 if num_blocks is None else num_blocks
     device = tokens.device
-    t_block = low + (high - low) * torch.rand(num_blocks, generator=generator, device=device)  # (B,)
+    u = torch.rand(num_blocks, generator=generator, device=device)  # (n,)
+    if stratified:
+        u = (torch.randperm(num_blocks, generator=generator, device=device) + u) / num_blocks
+    t_block = low + (high - low) * u  # (n,)
     t = t_block[blocks]  # (L,)
     masked = torch.rand(tokens.shape, generator=generator, device=device) < t
     x_t = torch.where(masked, torch.full_like(tokens, mask_id), tokens)

@@ -11,6 +11,7 @@ from bdiff.config import (
     PRESETS,
     ConfigError,
     ModelConfig,
+    SamplingConfig,
     TrainConfig,
     add_flags,
     apply_flags,
@@ -30,6 +31,14 @@ def test_every_field_is_a_flag_and_only_given_flags_apply():
     apply_flags(args, model)
     assert (train.steps, train.adam_betas, model.block_size) == (7, (0.9, 0.99), 8)
     assert train.seq_len == TrainConfig().seq_len, "a flag not given leaves its field as it was"
+    switches = parser.parse_args(["--noise_stratified"])
+    apply_flags(switches, train)
+    assert train.noise_stratified, "a boolean field that defaults to False is switched on by --<name>"
+    sampling = argparse.ArgumentParser()
+    add_flags(sampling, SamplingConfig)
+    config = SamplingConfig()
+    apply_flags(sampling.parse_args(["--no_cache"]), config)
+    assert config.cache is False, "... and one that defaults to True is switched off by --no_<name>"
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

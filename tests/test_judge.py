@@ -97,3 +97,14 @@ def test_hugging_face_judge(gen, tmp_path):
 def test_token_entropy():
     assert token_entropy([7] * 50) == 0.0, "a repeated token has no entropy"
     assert math.isclose(token_entropy([1, 2, 3, 4] * 8), math.log(4), rel_tol=1e-6), "4 equally frequent: ln 4"
+
+
+def test_known_word_fraction(tmp_path):
+    from bdiff.formats import write_shard
+    from bdiff.judge import corpus_words, known_word_fraction
+
+    write_shard(str(tmp_path / "train_000.bin"), list(b"def main():\n    return value_1 + other\n"))
+    words = corpus_words([str(tmp_path / "train_000.bin")], "bytes")
+    assert words == {"def", "main", "return", "value_1", "other"}
+    assert known_word_fraction("def main(): return 2", words) == 0.75, "3 of 4 words: '2' is not in the corpus"
+    assert known_word_fraction("  ()  ", words) is None, "no words, no fraction"

@@ -51,6 +51,38 @@ def test_noise_blocks(gen):
     assert abs(masked.float().mean() - t.mean()) < 4.5 * 0.5 / 4096**0.5
 
 
+def test_stratified_levels_cover_every_stratum_once(gen):
+    tokens = random_tokens(gen, 4096, [0, 1000, 2500])
+    layout = document_layout(tokens, BOS, block_size=16)
+    _, _, t = noise_blocks(tokens, layout.blocks, MASK, 0.3, 0.8, generator=gen, num_blocks=layout.num_blocks,
+                           stratified=True)
+    levels = torch.zeros(layout.num_blocks).scatter(0, layout.blocks, t)  # (n,) each block's level
+    strata = ((levels - 0.3) / 0.5 * layout.num_blocks).floor().long()
+    assert sorted(strata.tolist()) == list(range(layout.num_blocks)), "one block in each of n equal strata"
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_stratified_noise_estimates_the_same_objective(gen):
+    """The mean loss over many noise draws at fixed weights is the same, iid or stratified (within 4.5 standard
+    errors of the difference, measured from the draws themselves)."""
+    from bdiff.config import tiny
+    from bdiff.model import BlockDiffusionLM
+
+    model = BlockDiffusionLM(tiny().model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)  # random weights everywhere, the head too
+    tokens = random_tokens(gen, 256, [0, 90, 200])
+    stats = {}
+    with torch.no_grad():
+        for stratified in (False, True):
+            losses = torch.tensor([float(model(tokens, noise_range=(0.3, 0.8), generator=gen, stratified=stratified))
+                                   for _ in range(300)])
+            stats[stratified] = (losses.mean(), losses.var() / len(losses))
+    difference, variance = stats[True][0] - stats[False][0], stats[True][1] + stats[False][1]
+    assert abs(difference) < 4.5 * variance.sqrt(), f"means differ by {difference:.4f} ({variance.sqrt():.4f} s.e.)"
+
+
 def test_noise_seeds_are_the_runs_and_evals():
     """Training streams per rank, validation per rank, eval's draws: distinct, and eval's draw 0 is validation's
     rank 0 (so bdiff.eval's first draw reproduces a one-process run's own validation loss)."""

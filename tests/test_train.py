@@ -3,6 +3,7 @@ lockstep, and bad input ends in one error line."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -164,6 +165,7 @@ def test_data_and_model_must_agree(stdlib_dir, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert fits.returncode == 0, fits.stderr[-2000:]
     assert "sample (" in fits.stdout and "skipped" not in fits.stdout
+    assert re.search(r"(\d+% of its words occur in the training text|no words)\):", fits.stdout), fits.stdout[-2000:]
     assert os.path.exists(os.path.join(str(tmp_path), "b", "final.pt"))
 
 
@@ -181,3 +183,23 @@ def test_long_runs_log_every_nth_step_with_elapsed_time_and_eta(stdlib_dir, tmp_
     model_dir = os.path.join(str(tmp_path), "n", "model")
     assert f"python -m bdiff.eval --model {model_dir}" in out and f"sample.py --ckpt {model_dir}" in out, \
         "the end of a run names its model directory and the commands that evaluate, sample and push it"
+
+
+def test_training_bench_runs_seeds_and_compares_settings(stdlib_dir, tmp_path):
+    """bench/bench_training.py: K seeds of a setting, their losses, mean ± standard error and spread, saved and
+    compared side by side."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "a.json"
+    result = subprocess.run([sys.executable, "bench/bench_training.py", "tiny", "--seeds", "2", "--out", str(out),
+                             "--", "--device", "cpu", "--steps", "2", "--data_dir", stdlib_dir], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert [r["seed"] for r in saved["runs"]] == [0, 1] and saved["flags"][-2:] == ["--data_dir", stdlib_dir]
+    losses = [r["val_loss"] for r in saved["runs"]]
+    assert losses[0] != losses[1], "seeds must differ"
+    assert abs(saved["mean"] - sum(losses) / 2) < 1e-9 and abs(saved["spread"] - abs(losses[0] - losses[1])) < 1e-9
+    assert abs(saved["stderr"] - abs(losses[0] - losses[1]) / 2) < 1e-9, "s.e. of two values: half their distance"
+    compare = subprocess.run([sys.executable, "bench/bench_training.py", "--compare", str(out), str(out)], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert compare.returncode == 0 and compare.stdout.count(f"{saved['mean']:.3f} ± ") == 2, compare.stdout
