@@ -59,6 +59,7 @@ from bdiff.data import (
     tokenizer_of,
     unigram_entropy,
 )
+from bdiff.ema import WeightAverage
 from bdiff.errors import BdiffError
 from bdiff.eval import validation_total
 from bdiff.judge import corpus_words, known_word_fraction
@@ -324,6 +325,11 @@ def resume(path: str, state: checkpoint.TrainState, cfg: Config, proc: Process) 
 
 # ---- evaluation and one training step ----------------------------------------------------------------------
 
+def averaged(ema: WeightAverage | None, model: BlockDiffusionLM):
+    """The model holds the weights' average inside the block where the run keeps one (TrainConfig.ema)."""
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+
+
 @torch.no_grad()
 def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: Process, val_steps) -> float:
     """The record's validation loss: t ~ U[0, 1], the same noise draw at every evaluation."""
@@ -388,11 +394,15 @@ def main(argv=None) -> BlockDiffusionLM | None:
     if args.dry_run:
         return None
     model = prepare_model(raw_model, proc, args.compile)
+    ema = WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None
+    if ema is not None:
+        proc.log(f"weights: validation, the saved model and its sample use their average (decay {cfg.train.ema})")
     train_files, val_files = (shard_files(cfg.train.data, cfg.train.data_dir, split) for split in ("train", "val"))
     log_data(cfg, dataset, train_files, proc)
     noise = torch.Generator(proc.device).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # a stream per rank
     state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train),
-                                  DistributedLoader(train_files, cfg.train.seq_len, proc.rank, proc.world), noise)
+                                  DistributedLoader(train_files, cfg.train.seq_len, proc.rank, proc.world), noise,
+                                  ema=ema)
     run_dir, log_path = open_run(args, cfg, proc)
     last_checkpoint = checkpoint.resolve(args.resume, run_dir, log=proc.log) if args.resume else None
     if last_checkpoint:
@@ -411,7 +421,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
         for step in range(start_step, cfg.train.steps + 1):
             if step == cfg.train.steps or (cfg.train.val_every and step > 0 and step % cfg.train.val_every == 0):
                 clock.pause()
-                val_loss = evaluate(model, raw_model, val_files, cfg, proc, val_steps)
+                with averaged(state.ema, raw_model):
+                    val_loss = evaluate(model, raw_model, val_files, cfg, proc, val_steps)
                 log_validation(step, val_loss, clock, cfg.train, proc, record)
                 clock.resume()
             if step == cfg.train.steps:
@@ -419,6 +430,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
             loss_sum, consumed = accumulate_gradients(model, state.loader, cfg, proc, state.noise, accum)
             grad_norm, mult = optimizer_step(raw_model, state.adam, state.muon, loss_sum, step, cfg.train,
                                              last_checkpoint)
+            if state.ema is not None:
+                state.ema.update(raw_model)
             step_s = clock.lap(proc.device)
             log_step(step, loss_sum.item() / cfg.train.micro_steps, grad_norm.item(), mult, consumed, step_s, clock,
                      cfg.train, proc, record)
@@ -431,7 +444,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
 
     save(cfg.train.steps)  # the model on disk first, then the extras, none of which can lose it
     if proc.master:
-        end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, train_files, run_dir, log_path, proc, argv)
+        with averaged(state.ema, raw_model):  # the saved model and its sample: what validation measured
+            end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, train_files, run_dir, log_path, proc, argv)
     if proc.ddp:  # the ranks leave together, once rank 0's extras are written: none tears down while another works
         dist.barrier()
         dist.destroy_process_group()

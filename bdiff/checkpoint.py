@@ -29,6 +29,7 @@ import torch
 
 from bdiff.config import ModelConfig
 from bdiff.data import DistributedLoader
+from bdiff.ema import WeightAverage
 from bdiff.errors import BdiffError
 from bdiff.model import BlockDiffusionLM
 from bdiff.noise import noise_seed
@@ -46,6 +47,7 @@ class TrainState:
     loader: DistributedLoader
     noise: torch.Generator
     step: int = 0
+    ema: WeightAverage | None = None  # the weights' average (TrainConfig.ema), when the run keeps one
 
     def rng_states(self) -> dict:
         cuda = self.noise.device.type == "cuda"
@@ -209,7 +211,8 @@ def save(run_dir: str, state: TrainState, rank: int, world: int, keep: int, conf
         atomic_save({"muon": state.muon.state_dict(), **state.rng_states()}, os.path.join(path, f"rank{rank}.pt"))
         if rank == 0:
             atomic_save({"model": state.model.state_dict(), "adam": state.adam.state_dict(), "step": step,
-                         "config": config, "data": state.loader.state(), "world_size": world},
+                         "config": config, "data": state.loader.state(), "world_size": world,
+                         "ema": state.ema.state_dict() if state.ema is not None else None},
                         os.path.join(path, "shared.pt"))
     except OSError as e:
         error = e
@@ -242,6 +245,8 @@ def restore(path: str, state: TrainState, rank: int, world: int, config: dict) -
     state.muon.load_state_dict(mine["muon"])
     state.loader.load_state(shared["data"])
     state.step = shared["step"]
+    if state.ema is not None:  # a checkpoint written without an average starts one from its weights
+        state.ema.load_state_dict(shared.get("ema") or {k: v.float() for k, v in state.model.named_parameters()})
     if shared["world_size"] != world:
         state.muon.keep_own_state(rank, world)
         state.noise.manual_seed(noise_seed(config["train"]["seed"], rank, step=state.step))

@@ -70,6 +70,8 @@ class TrainConfig:
     noise_high: float = 0.8
     noise_stratified: bool = False  # the blocks' levels of a sequence as one stratified draw: the same objective,
     # estimated with less variance (bdiff/noise.py, noise_blocks); validation always draws independently
+    ema: float = 0.0  # decay of an average of the weights that validation, the saved model and its sample use
+    # (bdiff/ema.py; BD3-LM evaluates with 0.9999); 0: off, the trained weights themselves
     val_every: int = 125  # validate every N steps (and at the end); 0 = only at the end
     val_tokens: int = 10_485_760  # validation tokens across all ranks
     val_seq_len: int = 65536  # tokens per validation sequence per rank
@@ -100,6 +102,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.log_every < 0:
             raise ConfigError(f"log_every must be >= 0 (0: automatic), got {self.log_every}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must lie in [0, 1) (0: off), got {self.ema}")
         if not 0.0 <= self.noise_low <= self.noise_high <= 1.0:
             raise ConfigError(f"need 0 <= noise_low <= noise_high <= 1, got {self.noise_low}, {self.noise_high}")
         if self.muon_schedule not in ("quintic", "polar_express"):
