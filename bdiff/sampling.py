@@ -191,13 +191,13 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
         return torch.stack(out)
 
     if c.cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time
+        rows_all, block_starts = torch.arange(bsz, device=device), torch.arange(0, total, B, device=device)
         for i in range(bsz):
             for b0 in range(0, start[i], B):
-                one = torch.tensor([i], device=device)
                 visible = torch.ones(1, b0, dtype=torch.bool, device=device)
                 k, v = cached_call(model, seq[i:i + 1, b0:b0 + B], (b0 + arange_b)[None], cache.k[:, i:i + 1, :b0],
                                    cache.v[:, i:i + 1, :b0], visible, keep_kv=True)
-                cache.write(one, torch.tensor([b0], device=device), k, v)
+                cache.write(rows_all[i:i + 1], block_starts[b0 // B:b0 // B + 1], k, v)  # slices: no transfers
                 calls, sequence_calls = calls + 1, sequence_calls + 1
 
     active = list(range(bsz))  # the prompts still generating, in the order of seq's rows
@@ -212,6 +212,7 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
         span = -(-max(start[i] for i in active) // SPAN_MULTIPLE) * SPAN_MULTIPLE
         visible = torch.arange(span, device=device)[None, :] < begin[:, None]  # (b, span) the clean context
         K, V = (cache.k[:, :len(active), :span], cache.v[:, :len(active), :span]) if c.cache else (None, None)
+        active_gens = [gens[i] for i in active]
         for step in range(steps):
             masked = block == cfg.mask_id
             logits = block_logits(block, idx, K, V, visible)
@@ -220,7 +221,7 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
                 step_logits.append(logits.detach().clone().cpu())
             logits[..., cfg.mask_id] = float("-inf")  # MASK is never a prediction
             sample, reveal = _choose(logits, masked, steps - step, c.strategy, c.threshold, c.temperature, c.top_p,
-                                     [gens[i] for i in active])
+                                     active_gens)
             block = torch.where(reveal, sample, block)
             if c.strategy == "threshold" and step + 1 < steps:  # its steps depend on the data: ask
                 reads += 1
