@@ -34,8 +34,9 @@ def random_prompts(gen, lengths):
 def test_cache_is_exact(model, gen):
     """At every denoising step, the logits through the cache equal a full recomputation over x_t ⊕ x_0."""
     prompts = random_prompts(gen, [5, 21, 16])  # odd lengths: partial and exact blocks
-    kw = dict(max_new_tokens=40, steps_per_block=4, temperature=1.0, top_p=1.0, strategy="confidence", seed=3,
-              keep_logits=True)
+    # Greedy: a multinomial draw at temperature 1 can flip between two near-equal probabilities on the 1e-6
+    # rounding differences of the two paths (CI saw it once), and every later step would then differ.
+    kw = dict(max_new_tokens=40, steps_per_block=4, temperature=0, strategy="confidence", keep_logits=True)
     cached, full = generate(model, prompts, **kw), generate(model, prompts, cache=False, **kw)
     assert cached.tokens == full.tokens
     assert len(cached.step_logits) == len(full.step_logits) >= 3 * 4, "several blocks of several steps"
