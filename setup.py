@@ -20,8 +20,15 @@ setup(
     # tokenizer with `tokenizers`.
     # ruff: the lint gate of the test command (README).
     # judge: Hugging Face causal LMs (gpt2-large) as judges of samples (bdiff/judge.py); the tests build a tiny one.
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers"],
+    # wandb, tensorboard: train.py --wandb / --tensorboard (bdiff/tracking.py); the tests log offline to both.
+    # eval: EleutherAI's lm-evaluation-harness, which bdiff models join as `bdiff` (bdiff/lm_eval.py); the tests run
+    # its command line on local tasks.
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers",
+                             "wandb", "tensorboard", "lm_eval"],
                     "plot": ["matplotlib"],
                     "judge": ["transformers"],
+                    "wandb": ["wandb"],
+                    "tensorboard": ["tensorboard"],
+                    "eval": ["lm_eval"],
                     "data": ["tokenizers", "tiktoken", "datasets"]},
 )

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bdiff
-from bdiff import checkpoint, hub
+from bdiff import checkpoint, hub, tracking
 from bdiff.checkpoint import CheckpointError
 from bdiff.config import (
     PRESETS,
@@ -86,10 +86,16 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                              "off on CPU, where compiling costs more than it saves in a short run)")
     parser.add_argument("--resume", default=None, help="a checkpoint directory, or 'auto' for the newest complete "
                                                         "one of --run_name")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project "
+                                                                        "(pip install -e \".[wandb]\")")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR", help="also log TensorBoard events to "
+                                                                           "DIR/RUN_NAME (pip install -e "
+                                                                           "\".[tensorboard]\")")
     add_device_flags(parser)
     add_flags(parser, ModelConfig, "model.")
     add_flags(parser, TrainConfig, "train.")
     args = parser.parse_args(argv)
+    tracking.require(args.wandb, args.tensorboard)
     args.device = args.device or default_device()
     cfg = get_preset(args.preset or ("record" if args.device.startswith("cuda") else "cpu"))
     apply_flags(args, cfg.model)
@@ -295,8 +301,9 @@ def open_run(args, cfg: Config, proc: Process) -> tuple[str, str]:
     return os.path.join(cfg.train.out_dir, names[0]), os.path.join(cfg.train.out_dir, f"{names[0]}.jsonl")
 
 
-def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, resumed_at: int | None):
-    """Open the run's JSONL log (appended to on resume) with a header line; returns record(entry)."""
+def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, resumed_at: int | None, trackers):
+    """Open the run's JSONL log (appended to on resume) with a header line; returns record(entry), which also
+    sends the entry to `trackers` (bdiff/tracking.py: --wandb, --tensorboard; None without them)."""
     if proc.master:
         os.makedirs(run_dir, exist_ok=True)
         with open(log_path, "a" if resumed_at is not None else "w") as f:
@@ -308,6 +315,8 @@ def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, re
         if proc.master:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            if trackers is not None:
+                trackers.log(entry)
 
     return record
 
@@ -408,7 +417,13 @@ def main(argv=None) -> BlockDiffusionLM | None:
     if last_checkpoint:
         resume(last_checkpoint, state, cfg, proc)
     start_step = state.step
-    record = start_log(log_path, run_dir, cfg, proc, raw_model, start_step if args.resume else None)
+    resumed_at = start_step if args.resume else None
+    trackers = None
+    if proc.master and (args.wandb is not None or args.tensorboard is not None):  # after the log's directory exists
+        os.makedirs(run_dir, exist_ok=True)
+        trackers = tracking.Trackers(args.wandb, args.tensorboard, run_dir, cfg.to_dict(), resumed_at, log_path,
+                                     proc.log)
+    record = start_log(log_path, run_dir, cfg, proc, raw_model, resumed_at, trackers)
 
     def save(step: int) -> str:
         state.step = step
@@ -446,6 +461,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
     if proc.master:
         with averaged(state.ema, raw_model):  # the saved model and its sample: what validation measured
             end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, train_files, run_dir, log_path, proc, argv)
+    if trackers is not None:
+        trackers.close()
     if proc.ddp:  # the ranks leave together, once rank 0's extras are written: none tears down while another works
         dist.barrier()
         dist.destroy_process_group()

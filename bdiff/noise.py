@@ -64,6 +64,12 @@ def document_layout(tokens: torch.Tensor, bos_id: int, block_size: int, first_of
     cu_seqlens = torch.cat([starts.new_tensor([-first_offset]), starts, starts.new_tensor([L])]).to(torch.int32)
     if not tokens.is_cuda:
         validate_cu_seqlens(cu_seqlens, L)  # free on the host: the kernels trust the boundaries
+    return bounds_layout(cu_seqlens, L, block_size)
+
+
+def bounds_layout(cu_seqlens: torch.Tensor, L: int, block_size: int) -> Layout:
+    """The layout of L positions cut into documents at `cu_seqlens` (int32, validated by the caller): positions
+    restart in each document, blocks follow each document's own grid."""
     doc, positions = document_positions(cu_seqlens)  # (L,) each
     # Global block ids, 0, 1, ...: a new block wherever the document or the block inside it changes.
     block = positions // block_size
