@@ -275,11 +275,13 @@ def build_optimizers(model: BlockDiffusionLM, train_cfg) -> tuple[torch.optim.Ad
 
 
 def set_schedules(adam, muon, step: int, train_cfg) -> float:
-    """Learning rates (constant, then linear decay) and Muon's momentum warm-up for `step`; returns the LR
-    multiplier."""
+    """Learning rates (a linear warm-up where asked, constant, then linear decay) and Muon's momentum warm-up for
+    `step`; returns the LR multiplier."""
     frac = step / train_cfg.steps
     decay = max(frac - train_cfg.lr_constant_frac, 0.0) / max(1.0 - train_cfg.lr_constant_frac, 1e-9)
     mult = 1.0 if frac < train_cfg.lr_constant_frac else 1.0 - decay * (1.0 - train_cfg.lr_final_frac)
+    if step < train_cfg.lr_warmup:
+        mult *= (step + 1) / train_cfg.lr_warmup
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * mult

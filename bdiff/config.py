@@ -86,6 +86,7 @@ class TrainConfig:
     muon_momentum_warmup: int = 300  # ... over this many steps
     muon_schedule: str = "quintic"  # Newton–Schulz coefficients: "quintic" or "polar_express" (bdiff/muon.py)
     muon_weight_decay: float = 0.0  # decoupled weight decay on the hidden matrices
+    lr_warmup: int = 0  # the LRs rise linearly over the first N steps, from 1/N of their value (0: none, as the seed)
     lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
     lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
     seed: int = 0  # model init and noise
@@ -100,6 +101,8 @@ class TrainConfig:
                      "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_warmup < 0:
+            raise ConfigError(f"lr_warmup must be >= 0 (0: none), got {self.lr_warmup}")
         if self.log_every < 0:
             raise ConfigError(f"log_every must be >= 0 (0: automatic), got {self.log_every}")
         if not 0.0 <= self.ema < 1.0:

@@ -203,3 +203,19 @@ def test_training_bench_runs_seeds_and_compares_settings(stdlib_dir, tmp_path):
     compare = subprocess.run([sys.executable, "bench/bench_training.py", "--compare", str(out), str(out)], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=60)
     assert compare.returncode == 0 and compare.stdout.count(f"{saved['mean']:.3f} ± ") == 2, compare.stdout
+
+
+def test_learning_rate_schedule_warms_holds_and_decays():
+    """train.set_schedules against its definition: a linear warm-up over lr_warmup steps, constant until
+    lr_constant_frac of the run, then linear decay to lr_final_frac; every optimizer group follows."""
+    cfg = train.get_preset("tiny").train
+    cfg.steps, cfg.lr_warmup, cfg.lr_constant_frac, cfg.lr_final_frac = 100, 10, 0.5, 0.2
+    model = train.BlockDiffusionLM(train.get_preset("tiny").model)
+    adam, muon = train.build_optimizers(model, cfg)
+    mults = [train.set_schedules(adam, muon, step, cfg) for step in range(cfg.steps)]
+    assert mults[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]), "warm-up from 1/N to 1"
+    assert mults[10:50] == pytest.approx([1.0] * 40), "constant after the warm-up, until lr_constant_frac"
+    assert mults[75] == pytest.approx(1 - 0.5 * 0.8) and mults[99] == pytest.approx(1 - 0.98 * 0.8), "linear decay"
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(group["initial_lr"] * mults[-1])
