@@ -21,8 +21,9 @@ A diffusion model has no exact likelihood; lm-eval's three kinds of request are 
 
 Model arguments (--model_args k=v,...): pretrained (a model directory, run directory, final.pt or Hub id),
 mc_samples (8), seed (0), max_length (the model's training sequence length), dtype (bfloat16 on a GPU, float32 on
-a CPU), strategy and steps_per_block (the sampler's). --batch_size is how many requests share one model call
-(auto: 16). One process: lm-eval's data-parallel launch is not supported.
+a CPU), strategy and steps_per_block (the sampler's). --batch_size requests (auto: 16), each under every draw,
+are packed into shared model calls of up to 16,384 tokens. One process: lm-eval's data-parallel launch is not
+supported.
 """
 from __future__ import annotations
 
