@@ -76,15 +76,20 @@ def test_packing_changes_no_score_and_the_context_is_never_noised(model_dir):
 
 
 def test_estimate_variance_falls_with_mc_samples(model_dir):
-    """Over 16 seeds, the estimate with 8 draws varies less than with 1 (8x less in expectation; 3x is the bar,
-    which an F(15, 15) ratio misses with probability below 1%)."""
-    pair = requests(("def add(a, b):", "\n    return a + b\n"))
-    spread = {}
-    for k in (1, 8):
-        values = torch.tensor([BdiffLM(model_dir, mc_samples=k, seed=s, device="cpu").loglikelihood(pair)[0][0]
-                               for s in range(16)])
-        spread[k] = values.var().item()
-    assert spread[8] < spread[1] / 3, f"variance with 1 draw {spread[1]:.3f}, with 8 draws {spread[8]:.3f}"
+    """K draws are K independent single-draw estimates averaged, so the variance falls as 1/K. Checked both ways:
+    the K = 8 score is the mean of its 8 distinct draws, and over 64 seeds its standard deviation is below that of
+    one draw by more than 1.5x (sqrt(8) = 2.8x in expectation; the 1/t weights give the draws heavy tails, so the
+    bar leaves room)."""
+    lm = BdiffLM(model_dir, mc_samples=8, device="cpu")
+    opens = [lm.cfg.bos_id] if lm.cfg.separator == "opens" else []
+    context, continuation = opens + list(b"def add(a, b):"), list(b"\n    return a + b\n")
+    nelbo, _ = continuation_nelbo(lm.model, [(context, continuation)], 8)
+    assert len(set(nelbo[0].tolist())) == 8, "every draw is a different noise draw"
+    (ll, _), = lm.loglikelihood(requests(("def add(a, b):", "\n    return a + b\n")))
+    assert ll == pytest.approx(-nelbo.mean().item(), rel=1e-6)
+    spread = {k: torch.stack([continuation_nelbo(lm.model, [(context, continuation)], k, seed=s)[0].mean()
+                              for s in range(64)]).std().item() for k in (1, 8)}
+    assert spread[8] < spread[1] / 1.5, f"standard deviation with 1 draw {spread[1]:.3f}, with 8 {spread[8]:.3f}"
 
 
 def test_bad_model_arguments_fail_in_one_line(model_dir):
