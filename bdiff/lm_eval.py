@@ -93,14 +93,20 @@ def _score(model, chunk: list, nelbo: torch.Tensor, greedy: list[bool]) -> None:
     layout = bounds_layout(cu_seqlens.to(tokens.device), L, cfg.block_size)
     hidden = model.hidden_states(torch.cat([x_t, tokens]), layout.positions, layout.cu_seqlens, layout.schedule,
                                  out_rows=L)  # (L, dim)
+    values = []  # one device scalar per entry, read back together: one transfer per call, not one per entry
     for (r, k, doc, _, weights, start), begin, n in zip(chunk, itertools.accumulate([0] + lengths), lengths):
         rows = slice(begin, begin + n)
         if k >= 0:
-            nelbo[r, k] = masked_linear_cross_entropy(hidden[rows], model.lm_head.weight, doc, weights,
-                                                      cfg.vocab_size).float().cpu()
+            values.append(masked_linear_cross_entropy(hidden[rows], model.lm_head.weight, doc, weights,
+                                                      cfg.vocab_size).float())
         else:
             guess = model.logits(hidden[begin + start:begin + n]).argmax(-1)  # (n - start,)
-            greedy[r] = bool((guess == doc[start:]).all())
+            values.append((guess == doc[start:]).all().float())
+    for (r, k, *_), value in zip(chunk, torch.stack(values).tolist()):
+        if k >= 0:
+            nelbo[r, k] = value
+        else:
+            greedy[r] = value == 1.0
 
 
 def _count(name: str, value) -> int | None:
