@@ -60,14 +60,17 @@ def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90)
     return rows
 
 
-def inputs(device: str, mean: int):
+def inputs(device: str, mean: int | None):
     """The suite's and the GPU bench's case: the record's attention (bf16) on a GPU; on a CPU a small one
-    (L=4096, 2 heads of 32, float32) with the same kind of documents. Returns q, k, v (2L, H, D), cu_seqlens,
+    (L=4096, 2 heads of 32, float32) with the same kind of documents. mean=None: the demo's attention instead
+    (the cpu preset: one document filling L=512, 4 heads of 32, float32). Returns q, k, v (2L, H, D), cu_seqlens,
     the upstream gradient and the entries the mask allows (all heads)."""
     from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
 
     n, heads, dim, dtype = (L, HEADS, HEAD_DIM, torch.bfloat16) if device == "cuda" else (4096, 2, 32, torch.float32)
-    cu = fineweb_like_cu_seqlens(n, mean)
+    if mean is None:
+        n, heads, dim, dtype = 512, 4, 32, torch.float32
+    cu = fineweb_like_cu_seqlens(n, mean) if mean else torch.tensor([0, n], dtype=torch.int32)
     gen = torch.Generator(device).manual_seed(0)
     q, k, v, do = (torch.randn(2 * n, heads, dim, generator=gen, device=device).to(dtype) for _ in range(4))
     return q, k, v, cu.to(device), do, allowed_entries(cu, BLOCK) * heads
@@ -130,20 +133,27 @@ def gpu_bench():
 
 
 # The suite (bench/conftest.py): bdiff against FlexAttention on a GPU, against SDPA with the dense mask on a CPU
-# (where FlexAttention has no backward), documents of ~300 tokens (where skipping masked work matters most).
+# (where FlexAttention has no backward), documents of ~300 tokens (where skipping masked work matters most); on a
+# CPU also the demo's attention, one document as long as the sequence (where only the chunks of the CPU path skip
+# masked work).
 BASELINE = "FlexAttention" if torch.cuda.is_available() else "SDPA dense mask"
 
 
+@pytest.mark.parametrize("case", ["docs300", "demo"])
 @pytest.mark.parametrize("candidate", ["SDPA dense mask", "FlexAttention", "bdiff"])
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
-def test_bd_attention(measure, candidate, backward):
-    q, k, v, cu, do, allowed = inputs("cuda" if torch.cuda.is_available() else "cpu", mean=300)
+def test_bd_attention(measure, candidate, backward, case):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if case == "demo" and device == "cuda":
+        pytest.skip("the demo's attention is timed on a CPU only")
+    q, k, v, cu, do, allowed = inputs(device, mean=300 if case == "docs300" else None)
     fns = candidates(q, k, v, cu)
     if candidate not in fns:
         pytest.skip(f"{candidate} is timed on a GPU only")
     fn = fns[candidate]
     flops = (10 if backward else 4) * q.shape[-1] * allowed  # allowed entries only: 4·D forward, 2.5x with backward
-    measure("attention forward+backward" if backward else "attention forward", candidate,
+    measure(("attention forward+backward" if backward else "attention forward") + (", demo" if case == "demo" else ""),
+            candidate,
             (lambda: forward_backward(fn, do)) if backward else fn,
             compare_with=BASELINE if candidate != BASELINE else None, work=flops, unit="FLOP",
             shape=list(q.shape), documents=cu.numel() - 1, allowed_entries=allowed, dtype=str(q.dtype))

@@ -225,11 +225,16 @@ def test_opcheck(gen, cpu_path):
         torch.library.opcheck(torch.ops.bdiff.bd_attention.default, (q, k, v, cu, 4, None, schedule))
 
 
-def test_op_cpu_path_matches_reference(gen, monkeypatch):
-    """The CPU operator (PyTorch's CPU flash-attention kernels per document, with the log-sum-exp they return
-    fed to their backward) against autograd through bd_attention_ref, in float32."""
+@pytest.mark.parametrize("chunk", [64, 10, 1])
+@pytest.mark.parametrize("cu", [[0, 1, 14, 17, 39], [-7, 26, 27, 39]], ids=["starts", "offset"])
+def test_op_cpu_path_matches_reference(gen, monkeypatch, chunk, cu):
+    """The CPU operator (PyTorch's CPU flash-attention kernels per chunk of a document, with the log-sum-exp they
+    return fed to their backward) against autograd through bd_attention_ref, in float32. Chunks of 10 cut
+    documents at every other block, 1 at every block (block 5 divides neither document length nor, with the
+    first document starting 7 positions before the sequence, its offset)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    cu = torch.tensor([0, 1, 14, 17, 39], dtype=torch.int32)
+    monkeypatch.setattr(bda, "CPU_CHUNK", chunk)
+    cu = torch.tensor(cu, dtype=torch.int32)
     q, k, v = (torch.randn(78, 3, 16, generator=gen, requires_grad=True) for _ in range(3))
     do = torch.randn(78, 3, 16, generator=gen)
     out = bda.bd_attention(q, k, v, cu, 5, 0.3)
