@@ -7,8 +7,9 @@
 
 A setting's runs go one after another (each `python train.py` on the whole machine); the bench prints each
 seed's final validation loss and training time, the mean ± standard error over seeds and the spread (max − min),
-and saves them as JSON (--out). Two settings differ when their means differ by more than about twice the
-standard error of the difference, sqrt(se_a² + se_b²).
+and saves them as JSON (--out) with each run's validation curve (step, loss, training seconds). Two settings
+differ when their means differ by more than about twice the standard error of the difference,
+sqrt(se_a² + se_b²).
 
 --variance: the training loss and its gradient at fixed weights on one batch, over many noise draws, with
 each block's level drawn independently and as one stratified set (bdiff/noise.py, noise_blocks): the mean, the
@@ -37,13 +38,14 @@ def summary(losses: list[float]) -> dict:
     return dict(mean=mean, stderr=se, spread=max(losses) - min(losses))
 
 
-def final_record(log_path: str) -> dict:
-    """The last validation line of a run's JSONL log: {"step", "val_loss", "tokens", "train_time_s"}."""
+def validation_records(log_path: str) -> list[dict]:
+    """The validation lines of a run's JSONL log, each {"step", "val_loss", "tokens", "train_time_s"}; the last is
+    the run's final validation."""
     with open(log_path) as f:
         records = [json.loads(line) for line in f if '"val_loss"' in line]
     if not records:
         raise SystemExit(f"error: {log_path} holds no validation loss: did the run finish?")
-    return records[-1]
+    return records
 
 
 def run_seeds(preset: str, seeds: list[int], flags: list[str], out_dir: str) -> dict:
@@ -57,9 +59,11 @@ def run_seeds(preset: str, seeds: list[int], flags: list[str], out_dir: str) -> 
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(f"error: seed {seed} failed:\n{result.stderr[-3000:]}")
-        last = final_record(os.path.join(out_dir, f"{name}.jsonl"))
+        records = validation_records(os.path.join(out_dir, f"{name}.jsonl"))
+        last = records[-1]
         rows.append(dict(seed=seed, val_loss=last["val_loss"], train_time_s=last["train_time_s"],
-                         wall_s=time.perf_counter() - t0))
+                         wall_s=time.perf_counter() - t0,
+                         curve=[(r["step"], r["val_loss"], r["train_time_s"]) for r in records]))
         print(f"seed {seed}: val loss {last['val_loss']:.4f}, training {last['train_time_s']:.0f} s", flush=True)
     return dict(preset=preset, flags=flags, runs=rows, **summary([r["val_loss"] for r in rows]),
                 mean_train_time_s=sum(r["train_time_s"] for r in rows) / len(rows))
@@ -124,6 +128,8 @@ def main():
     parser.add_argument("--variance", action="store_true", help="iid vs stratified noise at fixed weights")
     parser.add_argument("--ckpt", help="--variance: a trained model (default: the preset's model at init)")
     parser.add_argument("--draws", type=int, default=200, help="--variance: noise draws per estimator")
+    parser.add_argument("--runs_dir", help="keep the runs (logs, models) in RUNS_DIR/seedK (default: a temporary "
+                                           "directory, removed at the end)")
     args, flags = parser.parse_known_args()
     flags = [f for f in flags if f != "--"]
     if args.compare:
@@ -143,8 +149,11 @@ def main():
             print(f"| {r['noise']} | {r['mean']:.4f} ± {r['stderr']:.4f} | {r['sd']:.4f} | {r['grad_var']:.4g} | "
                   f"{r['grad_norm2']:.4g} |")
         return
-    with tempfile.TemporaryDirectory() as out_dir:
-        result = run_seeds(args.preset, list(range(args.seeds)), flags, out_dir)
+    if args.runs_dir:
+        result = run_seeds(args.preset, list(range(args.seeds)), flags, args.runs_dir)
+    else:
+        with tempfile.TemporaryDirectory() as out_dir:
+            result = run_seeds(args.preset, list(range(args.seeds)), flags, out_dir)
     path = args.out or f"bench_training_{args.preset}.json"
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

@@ -186,16 +186,19 @@ def test_long_runs_log_every_nth_step_with_elapsed_time_and_eta(stdlib_dir, tmp_
 
 
 def test_training_bench_runs_seeds_and_compares_settings(stdlib_dir, tmp_path):
-    """bench/bench_training.py: K seeds of a setting, their losses, mean ± standard error and spread, saved and
-    compared side by side."""
+    """bench/bench_training.py: K seeds of a setting, their losses (with each run's validation curve), mean ±
+    standard error and spread, saved and compared side by side; --runs_dir keeps the runs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "a.json"
+    out, runs = tmp_path / "a.json", tmp_path / "runs"
     result = subprocess.run([sys.executable, "bench/bench_training.py", "tiny", "--seeds", "2", "--out", str(out),
-                             "--", "--device", "cpu", "--steps", "2", "--data_dir", stdlib_dir], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+                             "--runs_dir", str(runs), "--", "--device", "cpu", "--steps", "3", "--val_every", "2",
+                             "--data_dir", stdlib_dir], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads(out.read_text())
     assert [r["seed"] for r in saved["runs"]] == [0, 1] and saved["flags"][-2:] == ["--data_dir", stdlib_dir]
+    for r in saved["runs"]:
+        assert [step for step, _, _ in r["curve"]] == [2, 3] and r["curve"][-1][1] == r["val_loss"], r["curve"]
+        assert (runs / f"seed{r['seed']}" / "model").is_dir(), "--runs_dir keeps each run's model"
     losses = [r["val_loss"] for r in saved["runs"]]
     assert losses[0] != losses[1], "seeds must differ"
     assert abs(saved["mean"] - sum(losses) / 2) < 1e-9 and abs(saved["spread"] - abs(losses[0] - losses[1])) < 1e-9
