@@ -499,21 +499,28 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
 CPU_CHUNK = 64
 
 
+@functools.lru_cache(maxsize=16)  # a chunk's own mask: every interior chunk of every document shares one
+def _chunk_bias(phase: int, m: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (2m, 2m) mask of m positions, the first `phase` positions into its block, over themselves:
+    queries noisy then clean, keys clean then noisy (the reference's mask, its key halves swapped)."""
+    allowed = reference.bd_attention_mask(torch.tensor([-phase, m]), block_size)  # (2m, 2m), noisy rows first
+    allowed = torch.cat([allowed[:, m:], allowed[:, :m]], 1)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
+
+
 @functools.lru_cache(maxsize=16)  # one entry per document shape: each layer's forward and backward reuse it
 def _cpu_chunks(offset: int, n: int, block_size: int, chunk: int, dtype: torch.dtype, device: torch.device):
     """[(a, b, bias)] for a document of n positions whose first sits `offset` positions after its start: the
     chunk [a, b) of its positions and the additive (1, 1, 2(b-a), b + b-a) mask of the chunk's queries (noisy
-    then clean) over its keys (clean [0, b), then noisy [a, b))."""
+    then clean) over its keys (clean [0, b), then noisy [a, b)). Chunks start at block starts, so every clean key
+    before a chunk is in an earlier block than all its queries, and both halves see it."""
     chunk = max(block_size, chunk // block_size * block_size)
-    block = (torch.arange(n, device=device) + offset) // block_size  # (n,) block of each position
     cuts = [0, *range(chunk - offset % chunk if offset % chunk else chunk, n, chunk), n]
     out = []
     for a, b in zip(cuts[:-1], cuts[1:]):
-        qb, clean_kb, noisy_kb = block[a:b, None], block[None, :b], block[None, a:b]
-        allowed = torch.cat([torch.cat([clean_kb < qb, noisy_kb == qb], 1),  # noisy queries: earlier blocks, own
-                             torch.cat([clean_kb <= qb, torch.zeros_like(noisy_kb == qb)], 1)])  # clean: causal
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-        out.append((a, b, bias[None, None]))
+        own = _chunk_bias((offset + a) % block_size, b - a, block_size, dtype)  # (2(b-a), 2(b-a))
+        bias = torch.cat([own.new_zeros(own.shape[0], a), own], 1)
+        out.append((a, b, bias[None, None].to(device)))
     return out
 
 
@@ -532,6 +539,13 @@ def _heads_first(x, rows):  # (R, H, D) rows -> (1, H, n, D)
     return torch.cat([x[r] for r in rows]).transpose(0, 1)[None]
 
 
+def _per_rows(x, rows):  # (1, H, n, ...) -> one (H, rows, ...) piece per slice of `rows`: _heads_first undone
+    at = 0
+    for r in rows:
+        yield r, x[0, :, at:at + r.stop - r.start]
+        at += r.stop - r.start
+
+
 def _cpu_forward(q, k, v, cu_seqlens, block_size, scale):
     """The CPU path: the kernels SDPA itself runs on CPU (flash attention with a mask) one chunk at a time, which
     also return each row's log-sum-exp for the backward."""
@@ -540,10 +554,10 @@ def _cpu_forward(q, k, v, cu_seqlens, block_size, scale):
     for q_rows, k_rows, bias in _cpu_attention_calls(q, cu_seqlens, block_size):
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _heads_first(q, q_rows), _heads_first(k, k_rows), _heads_first(v, k_rows), attn_mask=bias, scale=scale)
-        n = q_rows[0].stop - q_rows[0].start
-        for i, rows in enumerate(q_rows):
-            out[rows] = o[0, :, i * n:(i + 1) * n].transpose(0, 1)
-            lse[:, rows] = l[0, :, i * n:(i + 1) * n].float() * LOG2E  # the kernels' unit: log2
+        for rows, piece in _per_rows(o, q_rows):
+            out[rows] = piece.transpose(0, 1)
+        for rows, piece in _per_rows(l, q_rows):
+            lse[:, rows] = piece.float() * LOG2E  # the kernels' unit: log2
     return out, lse
 
 
@@ -555,11 +569,8 @@ def _cpu_backward(do, q, k, v, o, lse, cu_seqlens, block_size, scale):
             _heads_first(do, q_rows), _heads_first(q, q_rows), _heads_first(k, k_rows), _heads_first(v, k_rows),
             _heads_first(o, q_rows), lse_rows[None], 0.0, False, attn_mask=bias, scale=scale)
         for g, grad, rows in ((dq, gq, q_rows), (dk, gk, k_rows), (dv, gv, k_rows)):
-            at = 0
-            for r in rows:
-                n = r.stop - r.start
-                g[r] += grad[0, :, at:at + n].transpose(0, 1)
-                at += n
+            for r, piece in _per_rows(grad, rows):
+                g[r] += piece.transpose(0, 1)
     return dq, dk, dv
 
 

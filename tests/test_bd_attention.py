@@ -246,6 +246,34 @@ def test_op_cpu_path_matches_reference(gen, monkeypatch, chunk, cu):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+# (dtype, atol, rtol) of the CPU operator against the float64 reference on the same values. float32: summation
+# order only. bfloat16 (what `--dtype bfloat16` runs on a CPU): two bfloat16 steps at the values' size (|out| and
+# the gradients reach about 3, where a step is 1/64), dK/dV adding up over the chunks in bfloat16; a wrong mask
+# errs by the values' own size.
+CPU_OP_TOLERANCES = [(torch.float32, 2e-5, 2e-5), (torch.bfloat16, 3e-2, 2e-2)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", CPU_OP_TOLERANCES)
+@pytest.mark.parametrize("cu", [[-7, 26, 27, 300], [0, 150, 300]], ids=["offset", "starts"])
+def test_op_cpu_path_in_activation_dtypes(gen, monkeypatch, cu, dtype, atol, rtol):
+    """The CPU operator at the demo's head shape (4 x 32, block 16) on documents longer than a chunk, so dK/dV add
+    up over several chunks, against bd_attention_ref in float64 on the same (rounded) values."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    q, k, v = (torch.randn(600, 4, 32, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    do = torch.randn(600, 4, 32, generator=gen).to(dtype)
+    out = bda.bd_attention(q, k, v, cu, 16)
+    assert out.dtype == dtype
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = bd_attention_ref(*exact, cu, 16)
+    torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    want_grads = torch.autograd.grad(want, exact, do.double())
+    for name, g, w in zip("qkv", got, want_grads):
+        assert g.dtype == dtype, f"d{name} must come back in q's dtype"
+        torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def test_shared_schedule_equals_built_one(gen):
     """A schedule built once and passed to every call gives what each call would build for itself."""
     cu = random_cu_seqlens(gen, L=70, max_doc=40)
