@@ -18,6 +18,7 @@ standard deviation of the loss, and the mean squared distance of the gradient fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -149,11 +150,8 @@ def main():
             print(f"| {r['noise']} | {r['mean']:.4f} ± {r['stderr']:.4f} | {r['sd']:.4f} | {r['grad_var']:.4g} | "
                   f"{r['grad_norm2']:.4g} |")
         return
-    if args.runs_dir:
-        result = run_seeds(args.preset, list(range(args.seeds)), flags, args.runs_dir)
-    else:
-        with tempfile.TemporaryDirectory() as out_dir:
-            result = run_seeds(args.preset, list(range(args.seeds)), flags, out_dir)
+    with contextlib.nullcontext(args.runs_dir) if args.runs_dir else tempfile.TemporaryDirectory() as out_dir:
+        result = run_seeds(args.preset, list(range(args.seeds)), flags, out_dir)
     path = args.out or f"bench_training_{args.preset}.json"
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

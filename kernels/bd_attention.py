@@ -509,7 +509,7 @@ def _chunk_bias(phase: int, m: int, block_size: int, dtype: torch.dtype) -> torc
 
 
 @functools.lru_cache(maxsize=16)  # one entry per document shape: each layer's forward and backward reuse it
-def _cpu_chunks(offset: int, n: int, block_size: int, chunk: int, dtype: torch.dtype, device: torch.device):
+def _cpu_chunks(offset: int, n: int, block_size: int, chunk: int, dtype: torch.dtype):
     """[(a, b, bias)] for a document of n positions whose first sits `offset` positions after its start: the
     chunk [a, b) of its positions and the additive (1, 1, 2(b-a), b + b-a) mask of the chunk's queries (noisy
     then clean) over its keys (clean [0, b), then noisy [a, b)). Chunks start at block starts, so every clean key
@@ -520,7 +520,7 @@ def _cpu_chunks(offset: int, n: int, block_size: int, chunk: int, dtype: torch.d
     for a, b in zip(cuts[:-1], cuts[1:]):
         own = _chunk_bias((offset + a) % block_size, b - a, block_size, dtype)  # (2(b-a), 2(b-a))
         bias = torch.cat([own.new_zeros(own.shape[0], a), own], 1)
-        out.append((a, b, bias[None, None].to(device)))
+        out.append((a, b, bias[None, None]))
     return out
 
 
@@ -530,7 +530,7 @@ def _cpu_attention_calls(q, cu_seqlens, block_size):
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         first = max(start, 0)
-        for a, b, bias in _cpu_chunks(first - start, end - first, block_size, CPU_CHUNK, q.dtype, q.device):
+        for a, b, bias in _cpu_chunks(first - start, end - first, block_size, CPU_CHUNK, q.dtype):  # CPU tensors only
             noisy, clean = slice(first + a, first + b), slice(L + first + a, L + first + b)
             yield (noisy, clean), (slice(L + first, L + first + b), noisy), bias
 
