@@ -43,16 +43,24 @@ def work_table(means=(300, 1000), head_dim=16, backward=False) -> list[dict]:
 
 
 def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90) -> list[dict]:
-    """Work ratio of every configuration of the autotune space (bdiff.kernels.bd_attention.kernel_configs) at the
-    record's shape, from the kernels' loop bounds replayed on the host (computed_entries; no kernel runs)."""
+    """Work ratio of each tile shape the kernels may run at the record's shape (the default, the one-time autotune's
+    space, the committed table's entries and the tuning space of bench/tune_attention.py; warps and stages change
+    no work), from the kernels' loop bounds replayed on the host (computed_entries; no kernel runs)."""
+    from bdiff.kernels import tiles
     from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
-    from bdiff.kernels.bd_attention import computed_entries, kernel_configs, schedule_bounds
+    from bdiff.kernels.bd_attention import TUNING_SPACE, computed_entries, kernel_configs, schedule_bounds
 
     rows = []
     for kernel in ("forward", "dq", "dkdv"):
-        for i, cfg in enumerate(kernel_configs(kernel, head_dim, dtype, arch)):
-            row = dict(kernel=kernel, index=i,
-                       tiles=f"{cfg['BM']}x{cfg['BN']} w{cfg['num_warps']} s{cfg['num_stages']}")
+        table = [tiles.strip(e) for entries in tiles.table("bd_attention").values() for key, e in entries.items()
+                 if key.startswith(kernel + " ")]
+        shapes = []
+        for cfg in kernel_configs(kernel, head_dim, dtype, arch) + table + TUNING_SPACE[kernel]:
+            shape = {k: cfg[k] for k in ("BM", "BN", "DN", "BMD") if k in cfg}
+            if shape not in shapes:
+                shapes.append(shape)
+        for i, cfg in enumerate(shapes):
+            row = dict(kernel=kernel, index=i, tiles=" ".join(f"{k}={v}" for k, v in cfg.items()))
             for mean in means:
                 cu = fineweb_like_cu_seqlens(L, mean)
                 row[mean] = computed_entries(schedule_bounds(cu, L, BLOCK), kernel, cfg) / allowed_entries(cu, BLOCK)
@@ -163,16 +171,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="time the kernels on a CUDA GPU")
     parser.add_argument("--backward", action="store_true", help="CPU: count the backward kernels too (slower)")
-    parser.add_argument("--configs", action="store_true", help="work ratio of every autotune configuration")
+    parser.add_argument("--configs", action="store_true", help="work ratio of every tile shape (no kernel runs)")
     args = parser.parse_args()
     if args.gpu:
         gpu_bench()
         return
     if args.configs:
-        print(f"L={L}, block {BLOCK}, head dim {HEAD_DIM}, bf16, sm_90 space; work ratio = entries computed / allowed")
-        print(f"{'kernel':>8} {'#':>2} {'tiles':>14} {'mean 300':>9} {'mean 1000':>10}")
+        print(f"L={L}, block {BLOCK}, head dim {HEAD_DIM}, bf16; work ratio = entries computed / allowed (#0: the "
+              f"sm_90 default)")
+        print(f"{'kernel':>8} {'#':>2} {'tiles':>26} {'mean 300':>9} {'mean 1000':>10}")
         for r in config_table():
-            print(f"{r['kernel']:>8} {r['index']:>2} {r['tiles']:>14} {r[300]:9.3f} {r[1000]:10.3f}")
+            print(f"{r['kernel']:>8} {r['index']:>2} {r['tiles']:>26} {r[300]:9.3f} {r[1000]:10.3f}")
         return
     print(f"L={L}, block {BLOCK}, documents log-normal (sigma 1), seed 0; work ratio = entries computed / allowed")
     print(f"{'mean':>5} {'docs':>5} {'allowed':>11} {'FlexAttention 128x128':>22} {'ours fwd':>9} {'unmasked':>9}"

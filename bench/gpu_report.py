@@ -2,16 +2,18 @@
 
     python bench/gpu_report.py                    # within 600 s: writes gpu_report.md, prints each part as it ends
     python bench/gpu_report.py --plan             # the parts, their expected seconds, what fits; runs nothing
-    python bench/gpu_report.py --budget_s 1800 --out report.md
+    python bench/gpu_report.py --parts tune,attention,tests,step300 --budget_s 540 --out out/report.md
 
-The parts run in order of value, each under its own timeout (never past the budget's end): the ops natively
-against their references and a compiled training run (tests/test_gpu.py), a compiled record-size training step
-against the seed's formulation, the kernel benches, then the longer extras (the second document mix, the
-benchmark suite). With two or more GPUs a torchrun run that checkpoints and resumes on one GPU is added. The
-compile check needs no GPU (it runs on any CPU) and is last, only with --compile_check. A part that does not fit
-what is left of the budget is skipped and listed as such; compilation and autotuning count, since a lent GPU's
-time counts from its start. A part that fails or times out is reported with its output, and the rest still run;
-the exit code is 1 if any part failed.
+The parts run in order of value (or in the order --parts names them), each under its own timeout (never past the
+budget's end): the attention kernels' tiles tuned for this GPU (bench/tune_attention.py, whose winners are written
+into kernels/bd_attention_tiles.json for the parts after it, and kept beside the report), the attention against
+FlexAttention, the ops natively against their references and a compiled training run (tests/test_gpu.py), a
+compiled record-size training step against the seed's formulation, the other kernel benches, sampling, then the
+longer extras (the second document mix, the benchmark suite). With two or more GPUs a torchrun run that
+checkpoints and resumes on one GPU is added. The compile check needs no GPU (it runs on any CPU) and is last, only
+with --compile_check. A part that does not fit what is left of the budget is skipped and listed as such;
+compilation and autotuning count, since a lent GPU's time counts from its start. A part that fails or times out is
+reported with its output, and the rest still run; the exit code is 1 if any part failed.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ PY = sys.executable
 
 @dataclass
 class Part:
+    name: str  # what --parts calls it
     title: str
     command: list[str]
     expected_s: int  # measured on one H200 (2026-11-30, a fresh machine), compilation and autotuning included
@@ -38,34 +41,51 @@ class Part:
     min_gpus: int = 1
 
 
-def parts(gpus: int, compile_check: bool) -> list[Part]:
+def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
     """The report's parts in order of value."""
     found = [
-        Part("Each op natively against its reference (bf16/fp16), compiled training, evaluation and sampling on the "
-             "GPU", [PY, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider"], 160, 300),
-        Part("A compiled record-size training step: ours vs the seed's formulation, documents ~1000 tokens",
-             [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"], 240, 360),
-        Part("Attention: speed vs FlexAttention and SDPA", [PY, "bench/bench_bd_attention.py", "--gpu"], 30, 150),
-        Part("Masked-weighted linear cross-entropy vs eager, compiled and Liger", [PY, "bench/bench_masked_ce.py",
-                                                                                   "--gpu"], 30, 120),
-        Part("Newton–Schulz vs torch matmuls", [PY, "bench/bench_newton_schulz.py", "--gpu"], 50, 120),
-        # The two sampling parts' times are estimates (the loops at batch 1, 8 and 32 have not run on a GPU yet).
-        Part("Sampling: the decode loop vs the loop before it, batch 1, 8 and 32", [PY, "bench/bench_sampling.py",
-                                                                                   "--gpu"], 60, 150),
-        Part("Sampling with the model call compiled and captured as CUDA graphs (reduce-overhead), batch 1 and 8",
-             [PY, "bench/bench_sampling.py", "--gpu", "--compile", "reduce-overhead", "--batch", "1,8"], 120, 240),
-        Part("A compiled record-size training step: ours vs the seed's formulation, documents ~300 tokens",
+        Part("tune", "Attention tiles tuned for this GPU (winners written into kernels/bd_attention_tiles.json)",
+             [PY, "bench/tune_attention.py", "--budget_s", "220", "--out", os.path.join(out_dir, "tune_attention"),
+              "--apply"], 230, 260),
+        Part("attention", "Attention: speed vs FlexAttention and SDPA", [PY, "bench/bench_bd_attention.py", "--gpu"],
+             60, 150),
+        Part("tests", "Each op natively against its reference (bf16/fp16, fp32 IEEE and TF32), compiled training, "
+             "evaluation and sampling on the GPU", [PY, "-m", "pytest", "tests/test_gpu.py", "-q", "-p",
+                                                    "no:cacheprovider"], 160, 300),
+        Part("step300", "A compiled record-size training step: ours vs the seed's formulation, documents ~300 tokens",
              [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "300"], 150, 300),
-        Part("Benchmark suite: every op against its baseline (saved under .benchmarks/)",
+        Part("loss", "Masked-weighted linear cross-entropy vs eager, compiled and Liger",
+             [PY, "bench/bench_masked_ce.py", "--gpu"], 30, 120),
+        Part("ns", "Newton–Schulz vs torch matmuls", [PY, "bench/bench_newton_schulz.py", "--gpu"], 50, 120),
+        # The two sampling parts' times are estimates (the loops at batch 1, 8 and 32 have not run on a GPU yet).
+        Part("sampling", "Sampling: the decode loop vs the loop before it, batch 1, 8 and 32",
+             [PY, "bench/bench_sampling.py", "--gpu"], 60, 150),
+        Part("graphs", "Sampling with the model call compiled and captured as CUDA graphs (reduce-overhead), batch 1 "
+             "and 8", [PY, "bench/bench_sampling.py", "--gpu", "--compile", "reduce-overhead", "--batch", "1,8"],
+             120, 240),
+        Part("step1000", "A compiled record-size training step: ours vs the seed's formulation, documents ~1000 "
+             "tokens", [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"], 240, 360),
+        Part("suite", "Benchmark suite: every op against its baseline (saved under .benchmarks/)",
              [PY, "-m", "pytest", "bench", "--benchmark-only", "--benchmark-autosave", "-q", "-p", "no:cacheprovider"],
              400, 900),
-        Part("torchrun on 2 GPUs: checkpoint, then resume on 1 GPU", [PY, "bench/gpu_report.py", "--resume-check"],
-             120, 300, min_gpus=2),
+        Part("resume", "torchrun on 2 GPUs: checkpoint, then resume on 1 GPU", [PY, "bench/gpu_report.py",
+                                                                               "--resume-check"], 120, 300, min_gpus=2),
     ]
     if compile_check:
-        found.append(Part("Kernel resources (compile check, sm_80/86/89/90; needs no GPU)",
+        found.append(Part("compile", "Kernel resources (compile check, sm_80/86/89/90; needs no GPU)",
                           [PY, "-m", "bdiff.kernels.compile_check"], 240, 600))
     return [p for p in found if gpus >= p.min_gpus]
+
+
+def select(found: list[Part], names: str | None) -> list[Part]:
+    """The parts --parts names, in its order (all of them, in order of value, without it)."""
+    if not names:
+        return found
+    by_name = {p.name: p for p in found}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise SystemExit(f"error: --parts: no part {', '.join(unknown)} (parts: {', '.join(by_name)})")
+    return [by_name[n] for n in names.split(",")]
 
 
 def plan(selected: list[Part], budget_s: float) -> list[tuple[Part, bool]]:
@@ -143,6 +163,7 @@ def main() -> int:
     parser.add_argument("--plan", action="store_true", help="print the parts and their expected seconds; run nothing")
     parser.add_argument("--compile_check", action="store_true",
                         help="add the compile check (it needs no GPU) as the last part")
+    parser.add_argument("--parts", help="comma-separated part names to run, in that order (--plan lists them)")
     parser.add_argument("--resume-check", action="store_true", help=argparse.SUPPRESS)  # the 2-GPU part itself
     args = parser.parse_args()
     if args.resume_check:
@@ -153,9 +174,11 @@ def main() -> int:
     if args.plan:
         print(f"budget {args.budget_s:.0f} s, {gpus} GPU(s) visible here; expected seconds on one H100/H200:")
         left = args.budget_s
-        for p, fits in plan(parts(max(gpus, 1), args.compile_check), args.budget_s):
+        chosen = select(parts(max(gpus, 1), args.compile_check, os.path.dirname(args.out)), args.parts)
+        for p, fits in plan(chosen, args.budget_s):
             left -= p.expected_s if fits else 0
-            print(f"  {'runs   ' if fits else 'skipped'} {p.expected_s:4d} s (timeout {p.timeout_s:4d} s)  {p.title}")
+            print(f"  {'runs   ' if fits else 'skipped'} {p.expected_s:4d} s (timeout {p.timeout_s:4d} s)  "
+                  f"{p.name:10} {p.title}")
         print(f"  {args.budget_s - left:.0f} s planned of {args.budget_s:.0f} s")
         return 0
     if not gpus:
@@ -166,7 +189,7 @@ def main() -> int:
     env["PYTHONUNBUFFERED"] = "1"
     start = time.perf_counter()
     sections, failed, skipped = [header()], [], []
-    selected = parts(gpus, args.compile_check)
+    selected = select(parts(gpus, args.compile_check, os.path.dirname(os.path.abspath(args.out))), args.parts)
     for i, part in enumerate(selected, 1):
         left = args.budget_s - (time.perf_counter() - start)
         if part.expected_s > left:

@@ -10,11 +10,17 @@ every rule of the mask is one contiguous range of positions:
     clean key p:    noisy queries [b1, e)                     clean queries [b0, e)
 
 So the schedule is a (2L, 6) int32 table of ranges built from `cu_seqlens` and `block_size` alone; no mask
-is ever materialized. A tile of BM rows (never straddling the two halves) visits the union of its rows'
-ranges in chunks; a chunk that every row of the tile may see wholly is computed without element masks.
-The noisy<->noisy "diagonal" range is one block wide, so a BM-row tile would compute BM keys per row to use
-block_size of them; it is instead done in SUB-row sub-tiles with a batched (3D) dot, which keeps the work
-close to the allowed entries (bench/bench_bd_attention.py measures it with COUNT=True).
+is ever materialized. A tile of rows (never straddling the two halves) visits the union of its rows' ranges in
+chunks, and sorts them into tile classes before it starts: the chunks every row of the tile sees wholly (full:
+no element mask is computed, the loop carries no mask code at all) and the chunks at the range's two ends that
+some row sees only in part (partial: masked). Chunks no row sees are never visited. The noisy<->noisy "diagonal"
+range is one block wide, so it has its own chunk width (DN), and the noisy key tiles of dK/dV their own row
+count (BMD): both keep the work near the allowed entries (bench/bench_bd_attention.py counts it, COUNT=True).
+
+Kernels: forward and dQ share `_bd_attn_query_kernel` (one tile of query rows); dK/dV `_bd_attn_dkdv_kernel`
+(one tile of key rows), which with ATOMIC_DQ also adds each chunk's dQ into an fp32 buffer (FlashAttention-2's
+one-pass backward: S and dP computed once per entry instead of twice, at the price of atomic adds and a sum
+order that varies from run to run); `_bd_attn_delta_kernel` the rowsum(dO * O) they share.
 
 Table columns: (lo, hi) pairs of segment 0 (diagonal, other-half rows 0..L-1), segment 1 (other rows
 0..L-1), segment 2 (other rows L..2L-1); named DIAGONAL, NOISY and CLEAN below. "Other" rows are keys for a query
@@ -22,14 +28,15 @@ tile, queries for a key tile.
 
 Public: `bd_attention(q, k, v, cu_seqlens, block_size, scale, schedule)` (the operator torch.ops.bdiff.bd_attention,
 also `from bdiff.ops import bd_attention`), `schedule_bounds` (the table, built once per sequence),
-`count_work` / `computed_entries` (work accounting), `kernel_config(s)` and `compile_configs` (what ships).
-Map of this file, top-down: the @triton.jit kernels (forward and dQ share `_bd_attn_query_kernel`; dK/dV; delta);
-the host side (tile choice and autotuning, the schedule, validation, launchers, the CPU path); the operator with
-its fake implementation and autograd; FLOP formulas; `bd_attention`; accounting; `compile_configs`.
+`count_work` / `computed_entries` (work accounting), `kernel_config(s)`, `TUNING_SPACE` and `compile_configs`
+(what ships, what bench/tune_attention.py sweeps). Map of this file, top-down: the @triton.jit chunk loops and
+kernels; the host side (tiles, the schedule, validation, launchers, the CPU path); the operator with its fake
+implementation and autograd; FLOP formulas; `bd_attention`; accounting; `compile_configs`.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 
 import numpy as np
 import torch
@@ -38,7 +45,7 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils.flop_counter import register_flop_formula
 
-from . import reference
+from . import reference, tiles
 from ._device import TileConfig, on_device, use_triton
 from ._device import arch as _arch
 
@@ -48,55 +55,114 @@ COLUMNS = tl.constexpr(6)
 DIAGONAL = tl.constexpr(0)  # segment 0: the other half's rows 0..L-1 of the row's own block
 NOISY = tl.constexpr(2)  # segment 1: other rows 0..L-1 (clean keys: the noisy queries of later blocks)
 CLEAN = tl.constexpr(4)  # segment 2: other rows L..2L-1
-# fp32 operands go through TF32 tensor cores on a GPU (as torch does with allow_tf32): exact fp32 dots spill
-# registers in every configuration. bf16/fp16 dots ignore it; the interpreter computes every dot in full fp32.
-PRECISION = "tf32"
-SUB = 16  # rows of a diagonal sub-tile: the smallest M of a tensor-core dot
-SUB_N = 32  # other-side rows per diagonal chunk: one 16-block plus the misalignment of a sub-tile
-HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128 are the shipped GPU configurations; 16/32 serve CPU checks
+HEAD_DIMS = (16, 32, 64, 128)  # 64 and 128: the record's and the tests' GPU shapes; 32: the demo's; 16: CPU checks
 MAX_BLOCK_SIZE = 128
 
 
 @triton.jit
-def _softmax_step(acc, m, l, s, v, PRECISION: tl.constexpr):
-    """One online-softmax update; s (..., M, N) in log2 units with -inf where masked, v (..., N, D)."""
-    m_new = tl.maximum(m, tl.max(s, axis=-1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet stays at zero
-    alpha = tl.exp2(m - m_safe)
-    p = tl.exp2(s - tl.expand_dims(m_safe, -1))
-    l = l * alpha + tl.sum(p, axis=-1)
-    acc = acc * tl.expand_dims(alpha, -1) + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l
+def _chunk_classes(lo, hi, BN: tl.constexpr):
+    """Tile classes of one segment: the union [a, e) of the rows' ranges [lo, hi) cut into chunks of BN from a.
+    Chunks in [a, f0) and [f1, e) are partial (some row sees only part of them, or none of them); chunks in
+    [f0, f1) are full (every row sees all of them). f0 is the first chunk start past every row's lo, f1 the end of
+    the last chunk before every row's hi. A row with an empty range (lo == hi) leaves no full chunk."""
+    a = tl.min(lo, axis=0)
+    e = tl.max(hi, axis=0)
+    f0 = tl.minimum(a + tl.cdiv(tl.max(lo, axis=0) - a, BN) * BN, e)
+    f1 = f0 + tl.maximum(tl.min(hi, axis=0) - f0, 0) // BN * BN
+    return a, f0, f1, e
 
 
 @triton.jit
-def _dq_step(dq, s, k, vt, do, lse, delta, PRECISION: tl.constexpr):
-    """dq += dS K for one chunk; s (..., M, N) log2 scores, vt (..., D, N), lse/delta (..., M)."""
-    p = tl.exp2(s - tl.expand_dims(lse, -1))
-    dp = tl.dot(do, vt, input_precision=PRECISION)
-    ds = p * (dp - tl.expand_dims(delta, -1))
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+def _fwd_chunks(acc, m, l, entries, q, K, V, key_row0, c_lo, c_hi, lo, hi, stride, cols, qk_scale,
+                ROWS: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over the chunks [c_lo, c_hi) of keys (rows key_row0 + position). State (acc, m, l): the
+    unnormalized output (ROWS, D), the running max of the log2-scaled scores, the running denominator."""
+    for c0 in range(c_lo, c_hi, BN):
+        kp = c0 + tl.arange(0, BN)
+        offs = (key_row0 + kp)[:, None] * stride + cols[None, :]
+        if MASKED:
+            k = tl.load(K + offs, mask=(kp < c_hi)[:, None], other=0.0)  # (BN, D)
+            v = tl.load(V + offs, mask=(kp < c_hi)[:, None], other=0.0)
+        else:
+            k = tl.load(K + offs)
+            v = tl.load(V + offs)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (ROWS, BN), unscaled
+        if MASKED:
+            s = tl.where((kp[None, :] >= lo[:, None]) & (kp[None, :] < hi[:, None]), s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet stays at zero
+            p = tl.exp2(s - m_safe[:, None])
+        else:  # every row sees every key: the max is finite, and the scale folds into one FMA (qk_scale > 0)
+            m_new = tl.maximum(m, tl.max(s, axis=1) * qk_scale)
+            m_safe = m_new
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m = m_new
+        entries += ROWS * BN
+    return acc, m, l, entries
 
 
 @triton.jit
-def _dkdv_step(dk, dv, st, v, q, do, dot, lse, delta, PRECISION: tl.constexpr):
-    """dv += P^T dO and dk += dS^T Q for one chunk; st (..., M keys, N queries) log2 scores,
-    dot = dO^T (..., D, N), lse/delta (..., N)."""
-    pt = tl.exp2(st - tl.expand_dims(lse, -2))
-    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-    dpt = tl.dot(v, dot, input_precision=PRECISION)
-    dst = pt * (dpt - tl.expand_dims(delta, -2))
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
+def _dq_chunks(dq, entries, q, do, lse, delta, K, V, key_row0, c_lo, c_hi, lo, hi, stride, cols, qk_scale,
+               ROWS: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS K over the chunks [c_lo, c_hi) of keys; lse (log2) and delta per query row."""
+    for c0 in range(c_lo, c_hi, BN):
+        kp = c0 + tl.arange(0, BN)
+        offs = (key_row0 + kp)[:, None] * stride + cols[None, :]
+        if MASKED:
+            k = tl.load(K + offs, mask=(kp < c_hi)[:, None], other=0.0)  # (BN, D)
+            v = tl.load(V + offs, mask=(kp < c_hi)[:, None], other=0.0)
+        else:
+            k = tl.load(K + offs)
+            v = tl.load(V + offs)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])  # (ROWS, BN)
+        if MASKED:
+            p = tl.where((kp[None, :] >= lo[:, None]) & (kp[None, :] < hi[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        entries += ROWS * BN
+    return dq, entries
 
 
 @triton.jit
-def _tile(L, BM: tl.constexpr):
-    """This program's tile of BM rows; tiles never straddle the halves. Returns (half, first row, row end)."""
-    tiles_per_half = tl.cdiv(L, BM)
-    pid = tl.program_id(0)
-    half = pid // tiles_per_half
-    return half, half * L + (pid % tiles_per_half) * BM, half * L + L
+def _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, query_row0, c_lo, c_hi, lo, hi, stride, cols,
+                 lse_offs, qk_scale, ROWS: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+                 ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+    """dv += Pᵀ dO and dk += dSᵀ Q over the chunks [c_lo, c_hi) of queries (rows query_row0 + position); with
+    ATOMIC_DQ also DQ[queries] += dS K, added atomically into the fp32 buffer (unscaled), from the `valid` key rows
+    only (a tile's last rows may repeat a row: _rows)."""
+    for c0 in range(c_lo, c_hi, BN):
+        qp = c0 + tl.arange(0, BN)
+        rows = query_row0 + qp
+        offs = rows[:, None] * stride + cols[None, :]
+        if MASKED:
+            q = tl.load(Q + offs, mask=(qp < c_hi)[:, None], other=0.0)  # (BN, D)
+            do = tl.load(DO + offs, mask=(qp < c_hi)[:, None], other=0.0)
+            lse = tl.load(LSE + lse_offs + rows, mask=qp < c_hi, other=0.0)
+            delta = tl.load(DELTA + lse_offs + rows, mask=qp < c_hi, other=0.0)
+        else:
+            q = tl.load(Q + offs)
+            do = tl.load(DO + offs)
+            lse = tl.load(LSE + lse_offs + rows)
+            delta = tl.load(DELTA + lse_offs + rows)
+        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])  # (ROWS, BN)
+        if MASKED:
+            pt = tl.where((qp[None, :] >= lo[:, None]) & (qp[None, :] < hi[:, None]), pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dst = tl.where(valid[:, None], dst, 0.0)
+            dq = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=PRECISION)  # (BN, D)
+            if MASKED:
+                tl.atomic_add(DQ + offs, dq, mask=(qp < c_hi)[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(DQ + offs, dq, sem="relaxed")
+        entries += ROWS * BN
+    return dk, dv, entries
 
 
 @triton.jit
@@ -107,179 +173,123 @@ def _rows(first, end, N: tl.constexpr):
 
 
 @triton.jit
-def _ranges(BOUNDS, rows, COL: tl.constexpr):
-    """The ranges [lo, hi) in table columns (COL, COL + 1) of `rows`, and their union's bounds (min lo, max hi)."""
-    lo = tl.load(BOUNDS + rows * COLUMNS + COL)
-    hi = tl.load(BOUNDS + rows * COLUMNS + COL + 1)
-    return lo, hi, tl.min(lo, axis=0), tl.max(hi, axis=0)
+def _bounds(BOUNDS, rows, COL: tl.constexpr):
+    """The ranges [lo, hi) of `rows` in table columns (COL, COL + 1)."""
+    return tl.load(BOUNDS + rows * COLUMNS + COL), tl.load(BOUNDS + rows * COLUMNS + COL + 1)
 
 
 @triton.jit
-def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SCRATCH, BOUNDS, COUNTS, L, qk_scale, scale,
-                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          SUB: tl.constexpr, SUB_N: tl.constexpr, BACKWARD: tl.constexpr,
-                          COUNT: tl.constexpr, PRECISION: tl.constexpr):
-    """Forward (O, LSE) or, with BACKWARD, dQ for one tile of BM query rows and one head.
-
-    Phase 1 covers segment 2 (clean keys) with BM-row tiles. Noisy tiles then hand their state to phase 2,
-    the diagonal (noisy keys of the query's own block), done in SUB-row sub-tiles through an fp32 scratch:
-    the forward state as (o, lse), which is (acc, m, l) = (o, lse, 1); dQ as its partial sum.
-    """
+def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, COUNTS, L, qk_scale, scale,
+                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DN: tl.constexpr,
+                          BACKWARD: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+    """Forward (O, LSE) or, with BACKWARD, dQ for one tile of BM query rows and one head: the clean keys of
+    segment 2 in chunks of BN (partial, full, partial), then for noisy tiles their own blocks' noisy keys (the
+    diagonal) in partial chunks of DN, all in one online softmax (or one dQ sum) kept in registers."""
     h = tl.program_id(1)
-    half, start, end = _tile(L, BM)
-    d = tl.arange(0, D)
+    tiles_per_half = tl.cdiv(L, BM)
+    half = tl.program_id(0) // tiles_per_half  # noisy tiles first
+    start = half * L + (tl.program_id(0) % tiles_per_half) * BM
+    rows, valid = _rows(start, half * L + L, BM)
     stride = H * D  # (2L, H, D) contiguous
-    rows, valid = _rows(start, end, BM)
-    q = tl.load(Q + rows[:, None] * stride + h * D + d[None, :])  # (BM, D)
-    acc = tl.zeros((BM, D), dtype=tl.float32)  # output accumulator, or dQ
+    cols = h * D + tl.arange(0, D)  # this head's columns
+    offs = rows[:, None] * stride + cols[None, :]
+    q = tl.load(Q + offs)  # (BM, D)
+    acc = tl.zeros((BM, D), dtype=tl.float32)  # the output accumulator, or dQ
     m = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BM,), dtype=tl.float32)
+    entries = tl.program_id(1) * 0  # an int32 scalar the chunk loops carry
+    lo, hi = _bounds(BOUNDS, rows, CLEAN)
+    a, f0, f1, e = _chunk_classes(lo, hi, BN)
     if BACKWARD:
-        do = tl.load(DO + rows[:, None] * stride + h * D + d[None, :])
+        do = tl.load(DO + offs)
         lse = tl.load(LSE + h * 2 * L + rows)
         delta = tl.load(DELTA + h * 2 * L + rows)
-    entries = 0
-    full_entries = 0
-
-    lo = tl.load(BOUNDS + rows * COLUMNS + CLEAN)
-    hi = tl.load(BOUNDS + rows * COLUMNS + CLEAN + 1)
-    lo_max, hi_min, hi_max = tl.max(lo, axis=0), tl.min(hi, axis=0), tl.max(hi, axis=0)
-    for c0 in range(tl.min(lo, axis=0), hi_max, BN):
-        kp = c0 + tl.arange(0, BN)
-        kv_offs = (L + kp)[:, None] * stride + h * D + d[None, :]
-        k = tl.load(K + kv_offs, mask=(kp < hi_max)[:, None], other=0.0)  # (BN, D)
-        v = tl.load(V + kv_offs, mask=(kp < hi_max)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
-        if (c0 < lo_max) | (c0 + BN > hi_min):  # some row may not see some key of this chunk
-            s = tl.where((kp[None, :] >= lo[:, None]) & (kp[None, :] < hi[:, None]), s, float("-inf"))
-        else:
-            full_entries += BM * BN
-        if BACKWARD:
-            acc = _dq_step(acc, s, k, tl.trans(v), do, lse, delta, PRECISION)
-        else:
-            acc, m, l = _softmax_step(acc, m, l, s, v, PRECISION)
-        entries += BM * BN
-
-    offs = rows[:, None] * stride + h * D + d[None, :]
-    if BACKWARD:
-        out = acc
+        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, a, f0, lo, hi, stride, cols, qk_scale,
+                                  BM, BN, True, PRECISION)
+        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, f0, f1, lo, hi, stride, cols, qk_scale,
+                                  BM, BN, False, PRECISION)
+        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, f1, e, lo, hi, stride, cols, qk_scale,
+                                  BM, BN, True, PRECISION)
+        if half == 0:
+            lo, hi = _bounds(BOUNDS, rows, DIAGONAL)
+            acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, 0, tl.min(lo, axis=0),
+                                      tl.max(hi, axis=0), lo, hi, stride, cols, qk_scale, BM, DN, True, PRECISION)
+        tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
     else:
-        out = acc / tl.maximum(l, 1e-30)[:, None]  # l >= 1 once a row saw a key; 0 for a noisy first-block row
-        m = m + tl.log2(tl.maximum(l, 1e-30))  # -inf for a row with no key yet: m is -inf there
-    if half == 1:
-        if BACKWARD:
-            tl.store(DQ + offs, (out * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
-        else:
-            tl.store(O + offs, out.to(O.dtype.element_ty), mask=valid[:, None])
-            tl.store(LSE + h * 2 * L + rows, m, mask=valid)
-    else:
-        tl.store(SCRATCH + offs, out, mask=valid[:, None])
-        if not BACKWARD:
-            tl.store(LSE + h * 2 * L + rows, m, mask=valid)
-        tl.debug_barrier()  # phase 2 reads rows that other threads of this program wrote
-        for i in tl.static_range(BM // SUB):
-            sub, sub_valid = _rows(start + i * SUB, end, SUB)
-            sub_offs = sub[:, None] * stride + h * D + d[None, :]
-            q_i = tl.load(Q + sub_offs)  # (SUB, D)
-            acc_i = tl.load(SCRATCH + sub_offs)
-            m_i = tl.load(LSE + h * 2 * L + sub)  # forward: the lse of phase 1; backward: the final lse
-            l_i = tl.full((SUB,), 1.0, dtype=tl.float32)
-            if BACKWARD:
-                do_i = tl.load(DO + sub_offs)
-                delta_i = tl.load(DELTA + h * 2 * L + sub)
-            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, DIAGONAL)
-            for c0 in range(sub_lo, sub_hi, SUB_N):
-                kp_i = c0 + tl.arange(0, SUB_N)
-                kv_offs_i = kp_i[:, None] * stride + h * D + d[None, :]
-                k_i = tl.load(K + kv_offs_i, mask=(kp_i < sub_hi)[:, None], other=0.0)  # (SUB_N, D)
-                v_i = tl.load(V + kv_offs_i, mask=(kp_i < sub_hi)[:, None], other=0.0)
-                s_i = tl.dot(q_i, tl.trans(k_i), input_precision=PRECISION) * qk_scale  # (SUB, SUB_N)
-                s_i = tl.where((kp_i[None, :] >= lo_i[:, None]) & (kp_i[None, :] < hi_i[:, None]), s_i, float("-inf"))
-                if BACKWARD:
-                    acc_i = _dq_step(acc_i, s_i, k_i, tl.trans(v_i), do_i, m_i, delta_i, PRECISION)
-                else:
-                    acc_i, m_i, l_i = _softmax_step(acc_i, m_i, l_i, s_i, v_i, PRECISION)
-                entries += SUB * SUB_N
-            if BACKWARD:
-                tl.store(DQ + sub_offs, (acc_i * scale).to(DQ.dtype.element_ty), mask=sub_valid[:, None])
-            else:
-                tl.store(O + sub_offs, (acc_i / l_i[:, None]).to(O.dtype.element_ty), mask=sub_valid[:, None])
-                tl.store(LSE + h * 2 * L + sub, m_i + tl.log2(l_i), mask=sub_valid)
-    if COUNT:
+        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, a, f0, lo, hi, stride, cols, qk_scale,
+                                         BM, BN, True, PRECISION)
+        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, f0, f1, lo, hi, stride, cols, qk_scale,
+                                         BM, BN, False, PRECISION)
+        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, f1, e, lo, hi, stride, cols, qk_scale,
+                                         BM, BN, True, PRECISION)
+        if half == 0:
+            lo, hi = _bounds(BOUNDS, rows, DIAGONAL)
+            acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, 0, tl.min(lo, axis=0), tl.max(hi, axis=0),
+                                             lo, hi, stride, cols, qk_scale, BM, DN, True, PRECISION)
+        tl.store(O + offs, (acc / l[:, None]).to(O.dtype.element_ty), mask=valid[:, None])  # l >= 1: a row sees itself
+        tl.store(LSE + h * 2 * L + rows, m + tl.log2(l), mask=valid)
+    if COUNT:  # entries computed, of which in full chunks
         slot = (h * tl.num_programs(0) + tl.program_id(0)) * 2
         tl.store(COUNTS + slot, entries)
-        tl.store(COUNTS + slot + 1, full_entries)
+        tl.store(COUNTS + slot + 1, (f1 - f0) * BM)
 
 
 @triton.jit
-def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, BOUNDS, COUNTS, L, qk_scale, scale,
-                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         SUB: tl.constexpr, SUB_N: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV for one tile of BM key rows and one head, visiting the queries that see those keys.
-    Noisy keys are seen only by the noisy queries of their own block (the diagonal, in SUB-row sub-tiles);
-    clean keys by noisy queries of later blocks (segment 1) and clean queries (segment 2)."""
-    h = tl.program_id(1)
-    half, start, end = _tile(L, BM)
-    d = tl.arange(0, D)
-    stride = H * D
-    entries = 0
-    full_entries = 0
-    if half == 0:
-        for i in tl.static_range(BM // SUB):
-            sub, sub_valid = _rows(start + i * SUB, end, SUB)
-            sub_offs = sub[:, None] * stride + h * D + d[None, :]
-            k_i = tl.load(K + sub_offs)  # (SUB, D)
-            v_i = tl.load(V + sub_offs)
-            dk_i = tl.zeros((SUB, D), dtype=tl.float32)
-            dv_i = tl.zeros((SUB, D), dtype=tl.float32)
-            lo_i, hi_i, sub_lo, sub_hi = _ranges(BOUNDS, sub, DIAGONAL)
-            for c0 in range(sub_lo, sub_hi, SUB_N):
-                qp_i = c0 + tl.arange(0, SUB_N)
-                qmask_i = qp_i < sub_hi
-                offs_i = qp_i[:, None] * stride + h * D + d[None, :]
-                q_i = tl.load(Q + offs_i, mask=qmask_i[:, None], other=0.0)  # (SUB_N, D)
-                do_i = tl.load(DO + offs_i, mask=qmask_i[:, None], other=0.0)
-                lse_i = tl.load(LSE + h * 2 * L + qp_i, mask=qmask_i, other=0.0)
-                delta_i = tl.load(DELTA + h * 2 * L + qp_i, mask=qmask_i, other=0.0)
-                st_i = tl.dot(k_i, tl.trans(q_i), input_precision=PRECISION) * qk_scale  # (SUB, SUB_N)
-                st_i = tl.where((qp_i[None, :] >= lo_i[:, None]) & (qp_i[None, :] < hi_i[:, None]), st_i, float("-inf"))
-                dk_i, dv_i = _dkdv_step(dk_i, dv_i, st_i, v_i, q_i, do_i, tl.trans(do_i), lse_i, delta_i, PRECISION)
-                entries += SUB * SUB_N
-            tl.store(DK + sub_offs, (dk_i * scale).to(DK.dtype.element_ty), mask=sub_valid[:, None])
-            tl.store(DV + sub_offs, dv_i.to(DV.dtype.element_ty), mask=sub_valid[:, None])
+def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, first, end, L, qk_scale, scale, stride, cols, lse_offs,
+               ROWS: tl.constexpr, BN: tl.constexpr, NOISY_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """dK and dV of ROWS key rows from `first`: noisy keys over the noisy queries of their own block (the
+    diagonal, partial chunks of BN), clean keys over segment 1 (noisy queries of later blocks) and segment 2 (clean
+    queries), each in chunks of BN (partial, full, partial). Returns (entries computed, of which in full chunks)."""
+    D: tl.constexpr = cols.shape[0]
+    rows, valid = _rows(first, end, ROWS)
+    offs = rows[:, None] * stride + cols[None, :]
+    k = tl.load(K + offs)  # (ROWS, D)
+    v = tl.load(V + offs)
+    dk = tl.zeros((ROWS, D), dtype=tl.float32)
+    dv = tl.zeros((ROWS, D), dtype=tl.float32)
+    entries = first * 0  # int32 scalars the chunk loops carry
+    full = first * 0
+    if NOISY_KEYS:
+        lo, hi = _bounds(BOUNDS, rows, DIAGONAL)
+        dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, 0, tl.min(lo, axis=0),
+                                       tl.max(hi, axis=0), lo, hi, stride, cols, lse_offs, qk_scale, ROWS, BN, True,
+                                       ATOMIC_DQ, PRECISION)
     else:
-        rows, valid = _rows(start, end, BM)
-        offs_kv = rows[:, None] * stride + h * D + d[None, :]
-        k = tl.load(K + offs_kv)  # (BM, D)
-        v = tl.load(V + offs_kv)
-        dk = tl.zeros((BM, D), dtype=tl.float32)
-        dv = tl.zeros((BM, D), dtype=tl.float32)
-        for seg in tl.static_range(1, 3):
-            base = (seg - 1) * L  # segment 1: noisy queries, segment 2: clean queries
-            lo = tl.load(BOUNDS + rows * COLUMNS + NOISY + 2 * (seg - 1))  # segment 1, then 2 (CLEAN)
-            hi = tl.load(BOUNDS + rows * COLUMNS + NOISY + 2 * (seg - 1) + 1)
-            lo_max, hi_min, hi_max = tl.max(lo, axis=0), tl.min(hi, axis=0), tl.max(hi, axis=0)
-            for c0 in range(tl.min(lo, axis=0), hi_max, BN):
-                qp = c0 + tl.arange(0, BN)
-                qmask = qp < hi_max
-                offs = (base + qp)[:, None] * stride + h * D + d[None, :]
-                q = tl.load(Q + offs, mask=qmask[:, None], other=0.0)  # (BN, D)
-                do = tl.load(DO + offs, mask=qmask[:, None], other=0.0)
-                lse = tl.load(LSE + h * 2 * L + base + qp, mask=qmask, other=0.0)
-                delta = tl.load(DELTA + h * 2 * L + base + qp, mask=qmask, other=0.0)
-                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BM, BN)
-                if (c0 < lo_max) | (c0 + BN > hi_min):
-                    st = tl.where((qp[None, :] >= lo[:, None]) & (qp[None, :] < hi[:, None]), st, float("-inf"))
-                else:
-                    full_entries += BM * BN
-                dk, dv = _dkdv_step(dk, dv, st, v, q, do, tl.trans(do), lse, delta, PRECISION)
-                entries += BM * BN
-        tl.store(DK + offs_kv, (dk * scale).to(DK.dtype.element_ty), mask=valid[:, None])
-        tl.store(DV + offs_kv, dv.to(DV.dtype.element_ty), mask=valid[:, None])
-    if COUNT:
+        for seg in tl.static_range(2):  # segment 1 (noisy queries), then segment 2 (clean queries)
+            lo, hi = _bounds(BOUNDS, rows, NOISY + 2 * seg)
+            a, f0, f1, e = _chunk_classes(lo, hi, BN)
+            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, a, f0, lo,
+                                           hi, stride, cols, lse_offs, qk_scale, ROWS, BN, True, ATOMIC_DQ, PRECISION)
+            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, f0, f1, lo,
+                                           hi, stride, cols, lse_offs, qk_scale, ROWS, BN, False, ATOMIC_DQ, PRECISION)
+            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, f1, e, lo,
+                                           hi, stride, cols, lse_offs, qk_scale, ROWS, BN, True, ATOMIC_DQ, PRECISION)
+            full += (f1 - f0) * ROWS
+    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=valid[:, None])
+    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=valid[:, None])
+    return entries, full
+
+
+@triton.jit
+def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, COUNTS, L, qk_scale, scale,
+                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BMD: tl.constexpr,
+                         DN: tl.constexpr, ATOMIC_DQ: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV for one tile of key rows and one head (`_dkdv_tile`): BM-row tiles of clean keys first (they carry
+    most of the work), then BMD-row tiles of noisy keys, whose queries are their own block's (chunks of DN)."""
+    h = tl.program_id(1)
+    cols = h * D + tl.arange(0, D)
+    clean_tiles = tl.cdiv(L, BM)
+    if tl.program_id(0) < clean_tiles:
+        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, L + tl.program_id(0) * BM, 2 * L, L,
+                                   qk_scale, scale, H * D, cols, h * 2 * L, BM, BN, False, ATOMIC_DQ, PRECISION)
+    else:
+        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, (tl.program_id(0) - clean_tiles) * BMD,
+                                   L, L, qk_scale, scale, H * D, cols, h * 2 * L, BMD, DN, True, ATOMIC_DQ, PRECISION)
+    if COUNT:  # entries computed, of which in full chunks
         slot = (h * tl.num_programs(0) + tl.program_id(0)) * 2
         tl.store(COUNTS + slot, entries)
-        tl.store(COUNTS + slot + 1, full_entries)
+        tl.store(COUNTS + slot + 1, full)
 
 
 @triton.jit
@@ -299,77 +309,102 @@ def _bd_attn_delta_kernel(O, DO, DELTA, L, H: tl.constexpr, D: tl.constexpr, BM:
 # Host side
 # ---------------------------------------------------------------------------------------------------
 
-def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> TileConfig:
-    """Tiles, warps and pipeline stages of one kernel ("forward", "dq" or "dkdv"), chosen so that every
-    target (sm_80/86/89/90) compiles without register spills (kernels/compile_check.py checks each).
+def precision(dtype: torch.dtype) -> str:
+    """The dots' input precision for fp32 operands, as PyTorch's own matmuls are told
+    (`torch.backends.cuda.matmul.allow_tf32`, or `torch.set_float32_matmul_precision("high")`): TF32 tensor cores
+    only where the user allowed them, IEEE fp32 otherwise. 16-bit operands ignore it; the interpreter computes
+    every dot in full fp32."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
-    Query tiles are 64 rows: the M of one Hopper warpgroup MMA, and small enough to keep the work ratio
-    low (bigger tiles compute more masked entries at document and block edges); 32-key chunks likewise.
-    The forward fits one warpgroup (4 warps) at both head dims; dQ at D=128 takes 8. dK/dV holds two (BM, D) fp32
-    accumulators plus K and V: at D=64 it keeps 64 key rows with 16-query chunks; at D=128 Hopper keeps 64 rows (the
-    warpgroup MMA needs them) and the others drop to 32 rows, whose registers would spill at 64.
-    fp32 operands are twice the bytes: 8 warps, one pipeline stage and 16-row chunks.
+
+def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, precision: str = "tf32") -> TileConfig:
+    """The heuristic default of one kernel ("forward", "dq" or "dkdv"): what runs where the committed table
+    (kernels/bd_attention_tiles.json) has no entry, and the first configuration a one-time autotune tries. Every
+    target (sm_80/86/89/90) compiles it without register spills (kernels/compile_check.py checks each).
+
+    16-bit operands take FlashAttention's shapes: 128 query rows by 64 keys in the forward (FlexAttention's H100
+    tiles at head dim 128), 128 rows by 32 keys for dQ and 128 keys by 32 queries for dK/dV (the Triton tutorial's
+    backward), whose two fp32 (128, D) accumulators leave no room for wider chunks. Diagonal chunks of 32 rows and
+    noisy key tiles of 32 rows keep the one-block-wide range from costing a full tile's width
+    (bench/bench_bd_attention.py --configs). 128-row tiles take 8 warps (one Hopper warpgroup per 64 rows) where
+    4 would spill: at head dim 128, and at 64 before Hopper; there, at head dim 128, the forward keeps 32-key chunks
+    and dK/dV 64-key tiles, the shapes that fit without spilling. Pipelines are 3 stages deep on Hopper, 2 on the
+    others, whose shared memory is smaller (100 KiB on sm_86/89).
+    fp32 operands are twice the bytes: 16-key chunks; TF32 dots keep 64-row tiles (dK/dV at head dim 128: 32 rows and
+    a 2-stage pipeline, the one shape found without spills on sm_90), IEEE fp32 dots run on the CUDA cores with their
+    operands in registers and take 32-row tiles (16 for dQ at head dim 128).
     """
     wide = D >= 128
-    fp32 = dtype == torch.float32
-    if kernel == "dkdv":
-        if wide and fp32:
-            cfg = dict(BM=32, BN=16, num_warps=8)
-        elif wide:
-            cfg = dict(BM=64, BN=16, num_warps=8) if arch >= 90 else dict(BM=32, BN=32, num_warps=8)
-        else:
-            cfg = dict(BM=64, BN=16, num_warps=4)
-    elif kernel == "dq":
-        cfg = dict(BM=64, BN=16 if fp32 else 32, num_warps=8 if wide or fp32 else 4)
-    else:  # forward: one warpgroup per 64-row tile, FlashAttention-3 style
-        cfg = dict(BM=64, BN=16 if fp32 else 32, num_warps=8 if fp32 else 4)
-    cfg["num_stages"] = 1 if fp32 else 2
+    if dtype == torch.float32:
+        cfg = dict(BM=64, BN=16, BMD=16, DN=16, num_warps=8 if wide else 4, num_stages=1)
+        if precision == "ieee":
+            cfg.update(BM=16 if wide and kernel == "dq" else 32, num_warps=8 if wide and kernel != "dq" else 4)
+        elif wide and kernel == "dkdv":
+            cfg.update(BM=32, num_stages=2)
+    else:
+        hopper = arch >= 90
+        cfg = dict(BM=128, BN=64 if kernel == "forward" else 32, BMD=32, DN=32,
+                   num_warps=8 if wide or not hopper else 4, num_stages=3 if hopper else 2)
+        if wide and not hopper:  # what fits 255 registers a thread without spilling there
+            cfg.update({"forward": dict(BN=32), "dq": {}, "dkdv": dict(BM=64)}[kernel])
+    if kernel != "dkdv":
+        del cfg["BMD"]
     return cfg
 
 
-# Larger tiles than the defaults, tried by the autotuner on a GPU for bf16 (what training runs; fp16 and fp32 keep
-# their one configuration): 128-row tiles and 64-key chunks are FlexAttention's and the Triton tutorial's shapes,
-# better tensor-core use per instruction at the price of more masked work at document and block edges. Each
-# entry names the GPUs on which it compiles without register spills (kernels/compile_check.py compiles every
-# one of them; 128x32 tiles spill on sm_80/86/89, the 64x32 dK/dV at D=64 on sm_80).
-# bench/bench_bd_attention.py --configs reports each one's work ratio.
-ALL_ARCHS = (80, 86, 89, 90)
-AUTOTUNE_EXTRA = {  # kernel: [(configuration, archs)]
-    "forward": [(dict(BM=128, BN=32, num_warps=8), (90,)), (dict(BM=64, BN=64, num_warps=4), ALL_ARCHS),
-                (dict(BM=128, BN=64, num_warps=8), ALL_ARCHS)],
-    "dq": [(dict(BM=128, BN=32, num_warps=8), (90,)), (dict(BM=64, BN=64, num_warps=8), ALL_ARCHS)],
-    "dkdv": [(dict(BM=64, BN=32, num_warps=8), (86, 89, 90))],
+# What bench/tune_attention.py sweeps on a GPU for 16-bit operands (each kernel on its own: forward, dQ, dK/dV
+# with dQ apart, dK/dV with an atomic dQ): FlashAttention's and FlexAttention's tile shapes and their neighbours.
+# Configurations that spill or do not fit a GPU's shared memory are measured as such and never win.
+TUNING_SPACE = {
+    "forward": [dict(BM=bm, BN=bn, DN=dn, num_warps=bm // 16, num_stages=s)  # one warpgroup per 64 rows
+                for bm, bn, dn, s in itertools.product((64, 128), (32, 64, 128), (16, 32), (2, 3, 4))
+                if not (bm == bn == 128 and s == 4)],  # 4 stages of 128x128 exceed Hopper's shared memory
+    "dq": [dict(BM=bm, BN=bn, DN=dn, num_warps=bm // 16, num_stages=s)
+           for bm, bn, dn, s in itertools.product((64, 128), (16, 32, 64), (16, 32), (2, 3))],
+    "dkdv": [dict(BM=bm, BN=bn, BMD=bmd, DN=32, num_warps=w, num_stages=s, ATOMIC_DQ=atomic)
+             for bm, bn, bmd, w, s, atomic in itertools.product((64, 128), (16, 32, 64), (16, 32), (4, 8), (2, 3),
+                                                                (False, True))
+             if not (bm == 128 and w == 4)],  # two fp32 (128, D) accumulators need 8 warps' registers
+}
+# What a one-time autotune times on a GPU the table lacks (tiles.choose), after the default: a few shapes that
+# compile everywhere, so that first run costs seconds, not the sweep's minutes.
+RUNTIME_SPACE = {
+    "forward": [dict(BM=64, BN=64, DN=32, num_warps=4), dict(BM=128, BN=32, DN=32, num_warps=8)],
+    "dq": [dict(BM=64, BN=32, DN=32, num_warps=4), dict(BM=64, BN=64, DN=32, num_warps=8)],
+    "dkdv": [dict(BM=64, BN=32, BMD=32, DN=32, num_warps=8), dict(BM=64, BN=16, BMD=16, DN=16, num_warps=8)],
 }
 
 
-def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90) -> list[TileConfig]:
-    """The autotune space of one kernel on one GPU: the default configuration first, then the larger tiles."""
-    default = kernel_config(kernel, D, dtype, arch)
-    if dtype != torch.bfloat16:
+def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, precision: str = "tf32"
+                   ) -> list[TileConfig]:
+    """A one-time autotune's space for one kernel on one GPU: the default first, then RUNTIME_SPACE (16-bit only:
+    fp32 keeps its one configuration)."""
+    default = kernel_config(kernel, D, dtype, arch, precision)
+    if dtype == torch.float32:
         return [default]
-    extra = [dict(cfg, num_stages=default["num_stages"]) for cfg, archs in AUTOTUNE_EXTRA[kernel] if arch in archs]
+    extra = [dict(cfg, num_stages=default["num_stages"]) for cfg in RUNTIME_SPACE[kernel]]
     return [default] + [cfg for cfg in extra if cfg != default]
 
 
-_TUNED: dict[tuple, dict] = {}  # (kernel, D, dtype, arch, log2 L) -> the fastest configuration measured
+def dtype_class(dtype: torch.dtype, precision: str) -> str:
+    """The dtype part of a shape class: fp32 configurations differ by the dots' precision."""
+    name = str(dtype).removeprefix("torch.")
+    return f"{name}-{precision}" if dtype == torch.float32 else name
 
 
-def _pick(kernel: str, q: torch.Tensor, launch) -> TileConfig:
-    """The configuration for this call. On a GPU the first call of each (kernel, head dim, dtype, GPU, size
-    class) times every configuration of the space on the real inputs (triton.testing.do_bench) and keeps the
-    fastest; the kernels write their outputs without accumulating, so the trial runs leave no trace. The
-    interpreter always takes the default."""
+def _pick(kernel: str, q: torch.Tensor, precision: str, launch) -> TileConfig:
+    """The configuration for this call (kernels/tiles.py: the committed table, the tile cache, or a one-time
+    autotune that times each configuration of `kernel_configs` on the real inputs; the kernels write their outputs
+    without accumulating, so trial runs leave no trace). The interpreter always takes the default."""
     D, L = q.shape[-1], q.shape[0] // 2
-    space = kernel_configs(kernel, D, q.dtype, _arch(q))
-    if not q.is_cuda or len(space) == 1:
+    space = kernel_configs(kernel, D, q.dtype, _arch(q), precision)
+    if not q.is_cuda:
         return space[0]
-    key = (kernel, D, q.dtype, _arch(q), L.bit_length())
-    if key not in _TUNED:
-        import triton.testing
+    import triton.testing
 
-        times = [triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in space]
-        _TUNED[key] = space[min(range(len(space)), key=times.__getitem__)]
-    return _TUNED[key]
+    key = tiles.shape_class(kernel, dtype_class(q.dtype, precision), D, L)
+    return tiles.choose("bd_attention", _arch(q), key, space,
+                        lambda cfg: triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20))
 
 
 def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.Tensor:
@@ -409,7 +444,7 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, L: int) -> None:
                          f"to L={L}, with cu_seqlens[1] > 0, got {c.tolist()[:8]}...")
 
 
-def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True):
+def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True, scale=None):
     """Shapes, dtypes and devices; with `values`, also cu_seqlens' boundaries, on every path alike (the reference,
     the interpreter, the GPU) whenever no `schedule` is given, and for CPU tensors always. On a GPU, reading them
     is a host sync: a caller that passes the schedule (the model does, built and checked on the host from the
@@ -423,6 +458,9 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True):
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number (the scores' factor, head_dim ** -0.5 by default), "
+                         f"got {scale!r}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     R, _, D = q.shape
@@ -445,49 +483,77 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True):
         validate_cu_seqlens(cu_seqlens, R // 2)
 
 
-def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None):
-    """O and LSE (log2 units). `cfg`: one configuration of the autotune space (None: picked by `_pick`)."""
+def _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, do=None, delta=None, dq=None, count=None):
+    """One launch of `_bd_attn_query_kernel`: the forward into (o, lse), or, given dq, dQ from (lse, do, delta).
+    Returns Triton's compiled kernel (registers, spills: bench/tune_attention.py reads them)."""
+    R, H, D = q.shape
+    return _bd_attn_query_kernel[(2 * triton.cdiv(R // 2, cfg["BM"]), H)](  # unused pointers: any valid one serves
+        Q=q, K=k, V=v, O=o, LSE=lse, DO=q if do is None else do, DELTA=lse if delta is None else delta,
+        DQ=o if dq is None else dq, BOUNDS=bounds, COUNTS=lse if count is None else count, L=R // 2,
+        qk_scale=scale * LOG2E, scale=scale, H=H, D=D, BACKWARD=dq is not None, COUNT=count is not None,
+        PRECISION=prec, **cfg)
+
+
+def _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, bounds, scale, cfg, prec, count=None):
+    """One launch of `_bd_attn_dkdv_kernel`. With cfg["ATOMIC_DQ"], dq is the fp32 buffer its dQ adds into (zeroed
+    by the caller, unscaled); otherwise it is not touched. Returns Triton's compiled kernel."""
     R, H, D = q.shape
     L = R // 2
+    cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False))
+    return _bd_attn_dkdv_kernel[(triton.cdiv(L, cfg["BM"]) + triton.cdiv(L, cfg["BMD"]), H)](
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, DQ=dq, BOUNDS=bounds,
+        COUNTS=lse if count is None else count, L=L, qk_scale=scale * LOG2E, scale=scale, H=H, D=D,
+        COUNT=count is not None, PRECISION=prec, **cfg)
+
+
+def _delta_kernel(o, do):
+    """rowsum(dO * O) per row and head, (H, 2L) fp32."""
+    R, H, D = o.shape
+    delta = _empty((H, R), torch.float32, o.device)
+    _bd_attn_delta_kernel[(triton.cdiv(R, 64), H)](O=o, DO=do, DELTA=delta, L=R // 2, H=H, D=D, BM=64)
+    return delta
+
+
+def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None):
+    """O and LSE (log2 units). `cfg`: a configuration to run (None: `_pick`'s)."""
+    H = q.shape[1]
     o = _empty(q.shape, q.dtype, q.device)
-    lse = _empty((H, R), torch.float32, q.device)
-    counts = count if count is not None else lse  # a valid pointer; written only with COUNT
-    scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' phase-1 state
+    lse = _empty((H, q.shape[0]), torch.float32, q.device)
+    prec = precision(q.dtype)
 
-    def launch(cfg):  # DO, DELTA and DQ are read only with BACKWARD: any valid pointer serves
-        _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-            Q=q, K=k, V=v, O=o, LSE=lse, DO=q, DELTA=lse, DQ=o, SCRATCH=scratch, BOUNDS=bounds, COUNTS=counts, L=L,
-            qk_scale=scale * LOG2E, scale=scale, H=H, D=D, SUB=SUB, SUB_N=SUB_N, BACKWARD=False,
-            COUNT=count is not None, PRECISION=PRECISION, **cfg)
+    def launch(cfg):
+        return _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, count=count)
 
-    launch(cfg or _pick("forward", q, launch))
+    launch(cfg or _pick("forward", q, prec, launch))
     return o, lse
 
 
 def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None, cfgs=None):
-    """dQ, dK, dV. `cfgs`: (dQ configuration, dK/dV configuration), or None to pick them (`_pick`)."""
-    R, H, D = q.shape
-    L = R // 2
-    delta = _empty(lse.shape, torch.float32, q.device)
-    _bd_attn_delta_kernel[(triton.cdiv(R, 64), H)](O=o, DO=do, DELTA=delta, L=L, H=H, D=D, BM=64)
+    """dQ, dK, dV. `cfgs`: (dQ configuration, dK/dV configuration) to run, or None to pick them (`_pick`). A dK/dV
+    configuration with ATOMIC_DQ computes dQ too (the dQ kernel does not run), unless PyTorch is asked for
+    deterministic algorithms (`torch.use_deterministic_algorithms`): atomic adds sum in a varying order."""
+    prec = precision(q.dtype)
+    delta = _delta_kernel(o, do)
     dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
-    dq_count, dkdv_count = (lse, lse) if count is None else count  # valid pointers; written only with COUNT
-    common = dict(H=H, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=count is not None, PRECISION=PRECISION)
-    scratch = _empty((L, H, D), torch.float32, q.device)  # noisy rows' partial dQ
+    dq_count, dkdv_count = (None, None) if count is None else count
 
-    def launch_dq(cfg):  # O is not read with BACKWARD
-        _bd_attn_query_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-            Q=q, K=k, V=v, O=o, LSE=lse, DO=do, DELTA=delta, DQ=dq, SCRATCH=scratch, BOUNDS=q_bounds,
-            COUNTS=dq_count, L=L, qk_scale=scale * LOG2E, scale=scale, BACKWARD=True, **common, **cfg)
+    def launch_dq(cfg):
+        return _query_kernel(q, k, v, q_bounds, scale, cfg, prec, o, lse, do, delta, dq, count=dq_count)
 
     def launch_dkdv(cfg):
-        _bd_attn_dkdv_kernel[(2 * triton.cdiv(L, cfg["BM"]), H)](
-            Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, BOUNDS=k_bounds, COUNTS=dkdv_count, L=L,
-            qk_scale=scale * LOG2E, scale=scale, **common, **cfg)
+        return _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, k_bounds, scale, cfg, prec, count=dkdv_count)
 
     dq_cfg, dkdv_cfg = cfgs or (None, None)
-    launch_dq(dq_cfg or _pick("dq", q, launch_dq))
-    launch_dkdv(dkdv_cfg or _pick("dkdv", q, launch_dkdv))
+    dkdv_cfg = dkdv_cfg or _pick("dkdv", q, prec, launch_dkdv)
+    if dkdv_cfg.get("ATOMIC_DQ") and torch.are_deterministic_algorithms_enabled():
+        dkdv_cfg = dict(dkdv_cfg, ATOMIC_DQ=False)
+    if dkdv_cfg.get("ATOMIC_DQ"):
+        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq_sum, k_bounds, scale, dkdv_cfg, prec, count=dkdv_count)
+        dq.copy_(dq_sum * scale)
+    else:
+        launch_dq(dq_cfg or _pick("dq", q, prec, launch_dq))
+        launch_dkdv(dkdv_cfg)
     return dq, dk, dv
 
 
@@ -587,7 +653,7 @@ def _bd_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (2L, H, D) in q's dtype, lse (H, 2L) float32: log2 of each row's softmax denominator over
     the scaled scores, saved for the backward; not differentiable)."""
-    _validate(q, k, v, cu_seqlens, block_size, schedule)
+    _validate(q, k, v, cu_seqlens, block_size, schedule, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton(q):
         return _cpu_forward(q, k, v, cu_seqlens, block_size, scale)
@@ -599,7 +665,7 @@ def _bd_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 @_bd_attention_op.register_fake
 def _(q, k, v, cu_seqlens, block_size, scale=None, schedule=None):
-    _validate(q, k, v, cu_seqlens, block_size, schedule, values=False)
+    _validate(q, k, v, cu_seqlens, block_size, schedule, values=False, scale=scale)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -645,8 +711,17 @@ _bd_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 # FLOPs for torch.utils.flop_counter: entries the kernels compute (computed_entries, from the schedule's values, so
 # the counter must see real index tensors) times 2·D per dot: forward QKᵀ and PV (4D); dQ recomputes S and
-# forms dP and dS·K (6D); dK/dV recomputes Sᵀ and forms Pᵀ·dO, V·dOᵀ and dSᵀ·Q (8D).
-FLOPS_PER_ENTRY = {"forward": 4, "dq": 6, "dkdv": 8}  # times the head dim
+# forms dP and dS·K (6D); dK/dV recomputes Sᵀ and forms Pᵀ·dO, V·dOᵀ and dSᵀ·Q (8D), and dS·K with an atomic dQ
+# (10D, and no dQ kernel).
+FLOPS_PER_ENTRY = {"forward": 4, "dq": 6, "dkdv": 8, "dkdv+dq": 10}  # times the head dim
+
+
+def configured(kernel: str, D: int, dtype: torch.dtype, arch: int, L: int) -> TileConfig:
+    """The configuration a call would run, without timing anything: the committed table's or the tile cache's,
+    else the default."""
+    prec = precision(dtype)
+    found = tiles.lookup("bd_attention", arch, tiles.shape_class(kernel, dtype_class(dtype, prec), D, L))
+    return (found and found[0]) or kernel_config(kernel, D, dtype, arch, prec)
 
 
 def _flops(q, kernels, cu_seqlens, block_size, schedule):
@@ -656,8 +731,12 @@ def _flops(q, kernels, cu_seqlens, block_size, schedule):
             raise ValueError("counting bd_attention FLOPs needs the real layout: pass real cu_seqlens/schedule "
                              "tensors (the FLOPs depend on the documents)")
         schedule = schedule_bounds(cu_seqlens.cpu(), R // 2, block_size) if schedule is None else schedule
-        return sum(FLOPS_PER_ENTRY[kn] * D * H * computed_entries(schedule, kn, kernel_config(kn, D, q.dtype, _arch(q)))
-                   for kn in kernels)
+        cfgs = {kn: configured(kn, D, q.dtype, _arch(q), R // 2) for kn in ("forward", "dq", "dkdv")}
+        atomic = cfgs["dkdv"].get("ATOMIC_DQ") and not torch.are_deterministic_algorithms_enabled()
+        if atomic and "dq" in kernels:
+            kernels = ("dkdv+dq",)
+        return sum(FLOPS_PER_ENTRY[kn] * D * H * computed_entries(schedule, kn.split("+")[0],
+                                                                  cfgs[kn.split("+")[0]]) for kn in kernels)
 
 
 @register_flop_formula(torch.ops.bdiff.bd_attention, get_raw=True)
@@ -678,31 +757,33 @@ def bd_attention(q, k, v, cu_seqlens, block_size, scale=None, schedule=None):
 
 
 def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, configs=None):
-    """Run the kernels in counting mode. Returns {kernel: (entries computed, entries computed unmasked)}
+    """Run the kernels in counting mode. Returns {kernel: (entries computed, entries computed in full chunks)}
     for forward, and with backward=True for the dQ and dK/dV kernels too. `configs`: {kernel: configuration}
-    to count other tiles than the defaults."""
-    _validate(q, k, v, cu_seqlens, block_size, None)
+    to count other tiles than the defaults (a dK/dV configuration with ATOMIC_DQ counts dQ's entries in its own)."""
+    _validate(q, k, v, cu_seqlens, block_size, None, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     R, H, D = q.shape
     q_bounds, k_bounds = schedule_bounds(cu_seqlens, R // 2, block_size)
-    cfg = {kernel: (configs or {}).get(kernel) or kernel_config(kernel, D, q.dtype, _arch(q))
+    cfg = {kernel: (configs or {}).get(kernel) or kernel_config(kernel, D, q.dtype, _arch(q), precision(q.dtype))
            for kernel in ("forward", "dq", "dkdv")}
 
-    def counters(kernel):  # two int32 per program: entries computed, of which unmasked
-        tiles = 2 * triton.cdiv(R // 2, cfg[kernel]["BM"])
-        return torch.zeros(2 * tiles * H, dtype=torch.int32, device=q.device)
+    def counters(programs):  # two int32 per program: entries computed, of which in full chunks
+        return torch.zeros(2 * programs * H, dtype=torch.int32, device=q.device)
 
-    fwd = counters("forward")
+    L = R // 2
+    fwd = counters(2 * triton.cdiv(L, cfg["forward"]["BM"]))
     with on_device(q):
         o, lse = _launch_forward(q, k, v, q_bounds, scale, count=fwd, cfg=cfg["forward"])
     result = {"forward": tuple(fwd.view(-1, 2).long().sum(0).tolist())}
     if backward:
-        dq_c, dkv_c = counters("dq"), counters("dkdv")
+        dq_c = counters(2 * triton.cdiv(L, cfg["dq"]["BM"]))
+        dkv_c = counters(triton.cdiv(L, cfg["dkdv"]["BM"]) + triton.cdiv(L, cfg["dkdv"]["BMD"]))
         with on_device(q):
             _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c),
                              cfgs=(cfg["dq"], cfg["dkdv"]))
-        result["dq"] = tuple(dq_c.view(-1, 2).long().sum(0).tolist())
+        if not cfg["dkdv"].get("ATOMIC_DQ"):
+            result["dq"] = tuple(dq_c.view(-1, 2).long().sum(0).tolist())
         result["dkdv"] = tuple(dkv_c.view(-1, 2).long().sum(0).tolist())
     return result
 
@@ -710,53 +791,64 @@ def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, conf
 def computed_entries(schedule: torch.Tensor, kernel: str, cfg: dict) -> int:
     """Entries (query, key pairs) one head of `kernel` computes under configuration `cfg`, from the schedule
     alone: the kernels' loop bounds replayed on the host, no kernel run (tests check it against count_work).
-    It gives the FLOP counts (torch.utils.flop_counter) and the work ratio of every autotune configuration."""
+    It gives the FLOP counts (torch.utils.flop_counter) and the work ratio of every configuration."""
     L = schedule.shape[1] // 2
     # numpy, not torch: flop counters call this while a fake-tensor mode may be active
     table = schedule[1 if kernel == "dkdv" else 0].cpu().numpy().astype(np.int64)  # (2L, 6)
-    BM, BN = cfg["BM"], cfg["BN"]
-    T = -(-L // BM)
 
-    def rows(half, offset, n):  # (T, n): each tile's rows from `offset`, clamped like _rows in the kernels
-        first = half * L + np.arange(T)[:, None] * BM + offset
-        return np.minimum(first + np.arange(n), half * L + L - 1)
-
-    def chunks(r, col, n):  # chunks of n visited by each tile for the range in columns (col, col + 1)
-        span = table[r, col + 1].max(-1) - table[r, col].min(-1)
-        return int(((np.maximum(span, 0) + n - 1) // n).sum())
+    def visited(half, n, col, chunk):  # entries of the tiles of n rows of one half over the range in (col, col + 1)
+        first = half * L + np.arange(-(-L // n))[:, None] * n
+        rows = np.minimum(first + np.arange(n), half * L + L - 1)  # clamped like _rows in the kernels
+        span = np.maximum(table[rows, col + 1].max(-1) - table[rows, col].min(-1), 0)
+        return int(((span + chunk - 1) // chunk).sum()) * n * chunk
 
     diag, noisy, clean = DIAGONAL.value, NOISY.value, CLEAN.value
-    diagonal = sum(chunks(rows(0, i * SUB, SUB), diag, SUB_N) for i in range(BM // SUB)) * SUB * SUB_N
-    if kernel == "dkdv":  # noisy keys: the diagonal; clean keys: segments 1 and 2
-        return diagonal + (chunks(rows(1, 0, BM), noisy, BN) + chunks(rows(1, 0, BM), clean, BN)) * BM * BN
+    if kernel == "dkdv":  # clean keys: segments 1 and 2; noisy keys: the diagonal
+        return (visited(1, cfg["BM"], noisy, cfg["BN"]) + visited(1, cfg["BM"], clean, cfg["BN"])
+                + visited(0, cfg["BMD"], diag, cfg["DN"]))
     # queries: segment 2 for both halves, then the diagonal for noisy tiles
-    return diagonal + (chunks(rows(0, 0, BM), clean, BN) + chunks(rows(1, 0, BM), clean, BN)) * BM * BN
+    return (visited(0, cfg["BM"], clean, cfg["BN"]) + visited(1, cfg["BM"], clean, cfg["BN"])
+            + visited(0, cfg["BM"], diag, cfg["DN"]))
 
 
-def compile_configs(arch: int) -> list[dict]:
-    """Every configuration the launchers above may pick on a GPU of compute capability `arch` (80, 86, 89, 90),
-    the whole autotune space included, for kernels/compile_check.py."""
+def compile_configs(arch: int, space: bool = False) -> list[dict]:
+    """Every configuration the launchers may run on a GPU of compute capability `arch` (80, 86, 89, 90), for
+    kernels/compile_check.py: per dtype (fp32 with both dot precisions) and head dim, the default, the one-time
+    autotune's space and the committed table's entries for `arch`; with `space`, TUNING_SPACE too (16-bit)."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    table = tiles.table("bd_attention").get(f"sm_{arch}", {})
     configs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        t, name = ptr[dtype], str(dtype).removeprefix("torch.")
-        for D in (64, 128):
-            common = dict(H=6, D=D, SUB=SUB, SUB_N=SUB_N, COUNT=False, PRECISION=PRECISION)
-            types = dict(LSE="*fp32", DELTA="*fp32", SCRATCH="*fp32", BOUNDS="*i32", COUNTS="*i32", L="i32",
-                         qk_scale="fp32", scale="fp32")  # other pointers: the operands' dtype
+    for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                        (torch.float32, "ieee")):
+        t, name = ptr[dtype], dtype_class(dtype, prec)
+        for D in (32, 64, 128):
+            types = dict(LSE="*fp32", DELTA="*fp32", BOUNDS="*i32", COUNTS="*i32", L="i32", qk_scale="fp32",
+                         scale="fp32")  # other pointers: the operands' dtype
             for kernel in ("forward", "dq", "dkdv"):
-                for i, cfg in enumerate(kernel_configs(kernel, D, dtype, arch)):
-                    constexprs = dict(common, BM=cfg["BM"], BN=cfg["BN"])
+                found = [(f" (autotune {i})" if i else "", cfg)
+                         for i, cfg in enumerate(kernel_configs(kernel, D, dtype, arch, prec))]
+                found += [(f" (table {key.rsplit(' ', 1)[1]})", tiles.strip(entry)) for key, entry in table.items()
+                          if key.startswith(f"{kernel} {name} D={D} ")]  # named apart even where one is the default
+                if space and dtype != torch.float32:
+                    found += [(f" (space {i})", cfg) for i, cfg in enumerate(TUNING_SPACE[kernel])]
+                seen = []
+                for label, cfg in found:
+                    cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False)) if kernel == "dkdv" else cfg
+                    if cfg in seen and "table" not in label:
+                        continue
+                    seen.append(cfg)
+                    constexprs = dict(H=6, D=D, COUNT=False, PRECISION=prec,
+                                      **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
                     if kernel != "dkdv":
                         constexprs["BACKWARD"] = kernel == "dq"
                     configs.append(dict(
-                        name=f"bd_attention {kernel} {name} D={D}" + (f" (autotune {i})" if i else ""),
-                        fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel,
-                        pointer=t, types=types, constexprs=constexprs,
+                        name=f"bd_attention {kernel} {name} D={D}{label}",
+                        fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel, pointer=t,
+                        types=dict(types, DQ="*fp32") if cfg.get("ATOMIC_DQ") else types, constexprs=constexprs,
                         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
                         hgmma=dtype != torch.float32))
-            configs.append(dict(
-                name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel,
-                pointer=t, types=types, constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1),
-                hgmma=False))
+            if prec == "tf32":  # delta has no dot: one configuration per dtype
+                configs.append(dict(
+                    name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel, pointer=t, types=types,
+                    constexprs=dict(H=6, D=D, BM=64), options=dict(num_warps=4, num_stages=1), hgmma=False))
     return configs

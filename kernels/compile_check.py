@@ -4,6 +4,7 @@ that Triton's wheel ships.
 
     python -m bdiff.kernels.compile_check            # table: registers, shared memory, spills, HGMMA
     python -m bdiff.kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)
+    python -m bdiff.kernels.compile_check --space    # also every configuration bench/tune_attention.py sweeps
 
 Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import re
@@ -33,11 +35,16 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 MODULES = ["bdiff.kernels.bd_attention", "bdiff.kernels.masked_ce", "bdiff.kernels.newton_schulz"]
 
 
-def shipped_configs(arch: int) -> list[dict]:
+def shipped_configs(arch: int, space: bool = False) -> list[dict]:
     """Each kernel module's `compile_configs(arch)`: dicts of name, fn, pointer and types (see `signature`),
     constexprs, options, hgmma, and optionally `divisible`, the int arguments that are multiples of 16 where the
-    configuration is used."""
-    return [cfg for name in MODULES for cfg in importlib.import_module(name).compile_configs(arch)]
+    configuration is used. `space`: with the tuning spaces of the modules that have one."""
+    found = []
+    for name in MODULES:
+        configs = importlib.import_module(name).compile_configs
+        with_space = space and "space" in inspect.signature(configs).parameters
+        found += configs(arch, space=True) if with_space else configs(arch)
+    return found
 
 
 def signature(cfg: dict) -> dict:
@@ -49,8 +56,8 @@ def signature(cfg: dict) -> dict:
 
 
 def _compile(args) -> dict:
-    index, cc = args
-    cfg = shipped_configs(cc)[index]
+    index, cc, space = args
+    cfg = shipped_configs(cc, space)[index]
     sig = signature(cfg)
     # What Triton's launcher tells the compiler: torch allocations are 16-byte aligned, and the int arguments
     # a configuration names are multiples of 16 (the shapes it is shipped for).
@@ -73,10 +80,10 @@ def _compile(args) -> dict:
                 shared_limit=TARGETS[cc], hgmma="HGMMA" in sass, wants_hgmma=cfg["hgmma"] and cc == 90)
 
 
-def check_all(jobs: int = os.cpu_count() or 1) -> list[dict]:
+def check_all(jobs: int = os.cpu_count() or 1, space: bool = False) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
-    work = [(i, cc) for cc in TARGETS for i in range(len(shipped_configs(cc)))]
+    work = [(i, cc, space) for cc in TARGETS for i in range(len(shipped_configs(cc, space)))]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(_compile, work))
 
@@ -95,8 +102,9 @@ def problems(row: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--space", action="store_true", help="also the tuning spaces (minutes more)")
     args = parser.parse_args()
-    rows = check_all()
+    rows = check_all(space=args.space)
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -60,15 +60,102 @@ def test_the_interpreter_is_never_timed():
     assert "4 skipped" in result.stdout and "interpreter runs are never timed" in result.stdout, result.stdout[-2000:]
 
 
-def test_gpu_report_plan_fits_ten_minutes_in_order_of_value():
-    """`python bench/gpu_report.py --plan` (no GPU needed): the ops against their references come first, the
-    compile check (which needs no GPU) last, and what is planned fits the default budget of ten minutes."""
-    result = subprocess.run([sys.executable, "bench/gpu_report.py", "--plan", "--compile_check"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+def gpu_report_plan(*args):
+    result = subprocess.run([sys.executable, "bench/gpu_report.py", "--plan", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
     parts = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("runs", "skipped"))]
+    return result, parts
+
+
+def test_gpu_report_plan_fits_ten_minutes_in_order_of_value():
+    """`python bench/gpu_report.py --plan` (no GPU needed): the attention's tuning comes first (the parts after it run
+    its winners), then the attention against FlexAttention and the ops against their references; the compile check
+    (which needs no GPU) is last, and what is planned fits the default budget of ten minutes."""
+    result, parts = gpu_report_plan("--compile_check")
+    assert result.returncode == 0, result.stderr[-2000:]
     planned = sum(int(p[1]) for p in parts if p[0] == "runs")
-    assert parts[0][0] == "runs" and "reference" in result.stdout.splitlines()[1], result.stdout
-    assert "compile check" in result.stdout.splitlines()[len(parts)], "the compile check is the last part"
+    assert [p[6] for p in parts[:3]] == ["tune", "attention", "tests"] and parts[0][0] == "runs", result.stdout
+    assert parts[-1][6] == "compile", "the compile check is the last part"
     assert planned <= 600, f"{planned} s planned in a 600 s budget"
     assert f"{planned} s planned of 600 s" in result.stdout
+
+
+def test_gpu_report_runs_the_parts_asked_for_in_their_order():
+    result, parts = gpu_report_plan("--parts", "sampling,tune", "--budget_s", "250")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [(p[0], p[6]) for p in parts] == [("runs", "sampling"), ("skipped", "tune")], result.stdout
+    result, _ = gpu_report_plan("--parts", "tune,nothing")
+    assert result.returncode != 0 and "no part nothing" in result.stderr, result.stderr
+
+
+def test_tune_attention_plan_lists_every_candidate_with_its_work():
+    """`python bench/tune_attention.py --plan` (no GPU needed): the tuning space of each kernel at the record's shape,
+    the default first, with work ratios from the kernels' loop bounds."""
+    result = subprocess.run([sys.executable, "bench/tune_attention.py", "--plan", "--workers", "8"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    kernels = [r[0] for r in rows]
+    assert kernels.count("forward") > 10 and kernels.count("dkdv+dq") == kernels.count("dkdv"), result.stdout[:2000]
+    assert all(1.0 <= float(r[r.index("300:") + 1]) < 2.5 for r in rows), "work ratios out of range"
+    assert sum("(default)" in line for line in result.stdout.splitlines()) == 4, "one default per kernel"
+
+
+def tune_attention():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import tune_attention as module
+
+    return module
+
+
+def test_tune_attention_winners_and_the_table_they_go_into(tmp_path, monkeypatch):
+    """The winner of a kernel has the least time over both document mixes; dK/dV with an atomic dQ replaces dQ plus
+    dK/dV only when it beats both together; --apply merges the winners, with what measured them, into the table."""
+    ta = tune_attention()
+    from bdiff.kernels import tiles
+
+    def row(kernel, bm, ms):
+        return dict(kernel=kernel, config=dict(BM=bm, BN=32, num_warps=8, num_stages=3), ms=dict(zip(ta.MEANS, ms)),
+                    tflops=dict(zip(ta.MEANS, (400.0, 410.0))))
+
+    rows = [row("forward", 64, (0.30, 0.40)), row("forward", 128, (0.25, 0.50)), row("dq", 128, (0.5, 0.6)),
+            row("dkdv", 128, (0.7, 0.8)), row("dkdv+dq", 64, (1.2, 1.3))]
+    versions = dict(torch="2.11", triton="3.6")
+    found = ta.winners(rows, "NVIDIA H200", versions)
+    key = tiles.shape_class("forward", "bfloat16", 128, 16384)
+    assert found[key]["BM"] == 64, "0.70 ms in all beats 0.75"
+    assert found[key]["measured"]["gpu"] == "NVIDIA H200" and found[key]["measured"]["ms"] == {"300": 0.3, "1000": 0.4}
+    assert found[key.replace("forward", "dkdv")]["BM"] == 64, "2.5 ms atomic against 2.6 ms split: the atomic wins"
+    assert found[key.replace("forward", "dq")]["BM"] == 128, "dQ's entry stays (deterministic runs use it)"
+    rows[-1]["ms"] = dict(zip(ta.MEANS, (1.4, 1.3)))
+    assert ta.winners(rows, "NVIDIA H200", versions)[key.replace("forward", "dkdv")]["BM"] == 128, "2.7 > 2.6: split"
+
+    (tmp_path / "bd_attention_tiles.json").write_text(json.dumps({"about": "x", "archs": {"sm_90": {}}}))
+    monkeypatch.setattr(tiles, "TABLE_DIR", str(tmp_path))
+    run = tmp_path / "tune_attention.json"
+    run.write_text(json.dumps(dict(arch="sm_90", gpu="NVIDIA H200", winners=found)))
+    assert ta.apply(str(run)) == 0
+    table = json.loads((tmp_path / "bd_attention_tiles.json").read_text())
+    assert table["archs"]["sm_90"][key]["BM"] == 64 and table["about"] == "x"
+
+
+def test_tune_attention_refuses_a_candidate_that_disagrees_with_the_reference(monkeypatch):
+    """Phase 2 on the interpreter: the default tiles agree with the float32 reference; a candidate that leaves its
+    output unwritten (NaN) is refused, naming the output."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        import pytest
+
+        pytest.skip("needs the interpreter")
+    import torch
+
+    ta = tune_attention()
+    from bdiff.kernels import bd_attention as bda
+
+    case = ta.Case(torch.tensor([-2, 1, 40, 70], dtype=torch.int32), 70, heads=1, dim=16, block=5, device="cpu",
+                   dtype=torch.float16)
+    ref = ta.reference(case)
+    for kernel in ta.KERNELS:
+        cfg = [c for k, c in ta.candidates() if k == kernel][0]
+        assert ta.check(case, ref, kernel, cfg) is None, kernel
+    monkeypatch.setattr(bda, "_query_kernel", lambda *args, **kwargs: None)
+    assert "o: max error nan" in ta.check(case, ref, "forward", dict(BM=64, BN=32, DN=16))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bdiff.kernels import tiles
 from bdiff.kernels.compile_check import TARGETS, problems
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,12 +29,19 @@ def test_every_configuration_is_clean(report):
 
 
 def test_every_target_and_kernel_is_covered(report):
+    """Each attention kernel's default at each head dim the kernels ship for, in 16-bit and in fp32 with both dot
+    precisions (PyTorch's TF32 setting decides which runs), and each entry of the committed tile table."""
     for sm in TARGETS:
         names = {r["name"] for r in report if r["sm"] == sm}
-        for kernel in ("forward", "dq", "dkdv", "delta"):
-            for dtype in ("bfloat16", "float16", "float32"):
-                for D in (64, 128):
+        for D in (32, 64, 128):
+            for dtype in ("bfloat16", "float16", "float32-tf32"):
+                assert f"bd_attention delta {dtype} D={D}" in names, f"sm_{sm} misses delta {dtype} D={D}"
+            for kernel in ("forward", "dq", "dkdv"):
+                for dtype in ("bfloat16", "float16", "float32-tf32", "float32-ieee"):
                     assert f"bd_attention {kernel} {dtype} D={D}" in names, f"sm_{sm} misses {kernel} {dtype} D={D}"
+        for key in tiles.table("bd_attention").get(f"sm_{sm}", {}):
+            kernel, dtype, D, size = key.split()
+            assert f"bd_attention {kernel} {dtype} {D} (table {size})" in names, f"sm_{sm} misses the table's {key}"
 
 
 def test_every_kernel_module_is_covered(report):

@@ -49,6 +49,46 @@ def test_bd_attention_on_gpu(dtype, atol, rtol, lengths, block_size, heads, dim)
         torch.testing.assert_close(g.float(), w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def norm_error(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
+# (dtype, allow TF32, limit) on the error relative to the float64 reference, in norm. bf16: the inputs' own rounding
+# aside, P and dS are rounded to bf16 before their second dot and the results at the end (2.0-2.8e-3 measured before
+# the tile classes). fp32: IEEE dots sum in fp32 (about 1e-7); TF32 dots keep 10 bits of each operand (1e-3).
+PRECISION_LIMITS = [(torch.bfloat16, False, 3e-3), (torch.float32, False, 1e-5), (torch.float32, True, 3e-3)]
+
+
+@pytest.mark.parametrize("dtype,allow_tf32,limit", PRECISION_LIMITS)
+def test_bd_attention_precision_against_float64(monkeypatch, dtype, allow_tf32, limit):
+    """The record's heads on ~1000-token documents against the float64 reference on the same rounded inputs: fp32 runs
+    IEEE fp32 dots unless PyTorch allows TF32 (torch.backends.cuda.matmul.allow_tf32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    cu = documents([900, 2100, 96, 1000])
+    q, k, v = (torch.randn(8192, 6, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn(8192, 6, 128, device="cuda", dtype=dtype)
+    out = bd_attention(q, k, v, cu, 16)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = bd_attention_ref(*exact, cu, 16)
+    want_grads = torch.autograd.grad(want, exact, do.double())
+    for name, got, w in zip(("out", "dq", "dk", "dv"), (out, *grads), (want, *want_grads)):
+        assert norm_error(got, w) <= limit, f"{name}: {norm_error(got, w):.2e} relative error (limit {limit:.0e})"
+
+
+def test_bd_attention_backward_is_deterministic_when_asked(monkeypatch):
+    """torch.use_deterministic_algorithms(True): two backward passes give the same bits (an atomic dQ, whose sum order
+    varies, is turned off)."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    cu = documents([300, 700, 24])
+    q, k, v = (torch.randn(2048, 6, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn(2048, 6, 128, device="cuda", dtype=torch.bfloat16)
+    first = torch.autograd.grad(bd_attention(q, k, v, cu, 16), (q, k, v), do)
+    second = torch.autograd.grad(bd_attention(q, k, v, cu, 16), (q, k, v), do)
+    for name, a, b in zip("qkv", first, second):
+        assert torch.equal(a, b), f"d{name} differs between two runs"
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
 def test_masked_linear_cross_entropy_on_gpu(dtype, atol, rtol):
     N, D, V, vocab = 3000, 768, 50304, 50258  # record head; N spans several chunks
