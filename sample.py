@@ -4,7 +4,6 @@
     python sample.py --ckpt logs/RUN/model --prompt "def main():"        # a model directory (or user/name on the Hub)
     python sample.py --ckpt logs/RUN/final.pt --prompt "The ocean" --max_new_tokens 256 --strategy threshold
 """
-import argparse
 import sys
 
 from bdiff.config import (
@@ -24,7 +23,7 @@ from bdiff.tokenizer import decode, load_tokenizer
 
 @command
 def main(argv=None) -> int:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--ckpt", required=True, help="final.pt, a model or run directory (logs/RUN/model, "
                                                       "logs/RUN) or a Hub id (user/name)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
@@ -50,6 +49,9 @@ def main(argv=None) -> int:
         raise SamplingError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
                             f"({sampling.max_new_tokens}) exceeds the {limit}-token sequences the model was trained on")
     out = generate(model, prompts, sampling)
+    if out.compile_seconds:
+        print(f"--- compiling and capturing the model call took {out.compile_seconds:.1f} s of that, once per batch "
+              f"and length (--compile none: eager)", file=sys.stderr)
     for text, tokens in zip(args.prompt, out.tokens):
         print(f"--- {text!r}\n{text}{decode(tokens, tokenizer)}")
     print(f"--- {out.new_tokens} tokens in {out.seconds:.2f}s ({out.new_tokens / out.seconds:,.0f} tok/s), "

@@ -1,6 +1,6 @@
 """Train a block-diffusion LM (BD3-LM objective, nano-block-diffusion architecture).
 
-    python train.py                                   # CPU: the `cpu` preset on the embedded corpus
+    python train.py                                   # the `demo` preset on the embedded corpus (CPU or GPU)
     torchrun --standalone --nproc_per_node=8 train.py --preset record
     python train.py --preset record --dry_run         # parameter count and config, no training
     python train.py --run_name r1 --ckpt_every 100 ... then, after a crash:  --run_name r1 --resume auto
@@ -49,6 +49,7 @@ from bdiff.config import (
     default_dtype,
     get_preset,
     parse_device,
+    preset_note,
 )
 from bdiff.data import (
     DistributedLoader,
@@ -62,6 +63,7 @@ from bdiff.data import (
 from bdiff.ema import WeightAverage
 from bdiff.errors import BdiffError
 from bdiff.eval import validation_total
+from bdiff.formats import DataError, read_shard
 from bdiff.judge import corpus_words, known_word_fraction
 from bdiff.model import BlockDiffusionLM
 from bdiff.muon import Muon
@@ -74,9 +76,9 @@ PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpo
 
 
 def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: record on a "
-                                                        "GPU, cpu otherwise)")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: demo, on the GPU where "
+                                                        "there is one)")
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the parameter count and config, "
                                                                              "then exit")
     parser.add_argument("--run_name", "--run-name", default=None, help="name of the log and checkpoints "
@@ -92,17 +94,22 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                                                                            "DIR/RUN_NAME (pip install -e "
                                                                            "\".[tensorboard]\")")
     add_device_flags(parser)
-    add_flags(parser, ModelConfig, "model.")
-    add_flags(parser, TrainConfig, "train.")
+    preset = ArgumentParser(add_help=False)
+    preset.add_argument("--preset")
+    defaults = get_preset(preset.parse_known_args(argv)[0].preset or "demo")  # what --help shows for each field
+    add_flags(parser.add_argument_group("model (the preset's value as default)"), ModelConfig, defaults.model)
+    add_flags(parser.add_argument_group("training (the preset's value as default)"), TrainConfig, defaults.train)
     args = parser.parse_args(argv)
     tracking.require(args.wandb, args.tensorboard)
     args.device = args.device or default_device()
-    cfg = get_preset(args.preset or ("record" if args.device.startswith("cuda") else "cpu"))
+    cfg = get_preset(args.preset or "demo")
     apply_flags(args, cfg.model)
     apply_flags(args, cfg.train)
     use_dataset(cfg, args)
     cfg.code = code_version()
     cfg.validate()
+    check_model_fits_data(find_dataset(cfg.train.data, cfg.train.data_dir)[0], cfg.model.vocab_size, cfg.model.bos_id,
+                          cfg.model.mask_id)  # before anything else runs
     return cfg, args
 
 
@@ -197,15 +204,47 @@ def setup_process(timeout_s: int, device_name: str, dtype: str | None) -> Proces
     return Process(rank, world, local_rank, ddp, device, dtype or default_dtype(device))
 
 
-def steps_per_rank(train_cfg, proc: Process) -> tuple[int, int]:
-    """(micro-steps per rank per optimizer step, validation steps per rank)."""
-    if train_cfg.micro_steps % proc.world:
-        raise ConfigError(f"micro_steps={train_cfg.micro_steps} must be divisible by the world size {proc.world}")
-    val_steps = train_cfg.val_tokens // (proc.world * train_cfg.val_seq_len)
-    if val_steps < 1:
-        raise ConfigError(f"val_tokens={train_cfg.val_tokens} is less than one validation step "
-                          f"(world {proc.world} x val_seq_len {train_cfg.val_seq_len})")
-    return train_cfg.micro_steps // proc.world, val_steps
+@dataclasses.dataclass
+class Data:
+    """What the run reads: the training sequences (epoch after epoch) and the validation plan."""
+    loader: DistributedLoader  # this rank's training sequences
+    train_files: list[str]
+    val_files: list[str]
+    val_seq_len: int  # tokens per validation sequence: val_seq_len, or all a small split holds
+    val_steps: int  # validation sequences per rank
+    accum: int  # micro-steps per rank per optimizer step
+    epochs: float  # epochs of the training split the run's steps read
+
+
+def open_data(cfg: Config, proc: Process) -> Data:
+    """The data, checked before the first step. A training split smaller than the run is read again, epoch after
+    epoch (DistributedLoader); one too small for a single step stops the run here. A validation split smaller than
+    val_tokens is read whole, in shorter sequences where it holds less than one of val_seq_len per rank. Logs the
+    data set, how many epochs the steps make and what validation reads."""
+    t = cfg.train
+    if t.micro_steps % proc.world:
+        raise ConfigError(f"micro_steps={t.micro_steps} must be divisible by the world size {proc.world}")
+    train_files, val_files = (shard_files(t.data, t.data_dir, split) for split in ("train", "val"))
+    loader = DistributedLoader(train_files, t.seq_len, proc.rank, proc.world, seed=t.seed, epochs=True)
+    held = [len(read_shard(f)) for f in val_files]
+    val_seq_len = min(t.val_seq_len, max(held) // proc.world)
+    if val_seq_len < 1:
+        raise DataError(f"{t.data_dir}: the validation split holds {sum(held)} tokens, fewer than one per rank")
+    wanted = max(1, t.val_tokens // (proc.world * val_seq_len))
+    val_steps = min(wanted, DistributedLoader(val_files, val_seq_len, proc.rank, proc.world).steps_per_epoch())
+    accum = t.micro_steps // proc.world
+    epochs = t.steps * accum / loader.steps_per_epoch()
+    proc.log(f"data: {t.data} ({t.data_dir}; {cfg.dataset['description']}; tokenizer {cfg.dataset['tokenizer']}): "
+             f"{loader.steps_per_epoch() * proc.world * t.seq_len:,} training tokens in sequences of {t.seq_len}, "
+             f"which {t.steps} steps read {epochs:.2f} times" + (" (each epoch after the first in an order of its "
+                                                                  "own)" if epochs > 1 else ""))
+    if val_steps * val_seq_len < t.val_tokens // proc.world:
+        proc.log(f"validation: the split holds {sum(held):,} tokens, fewer than val_tokens={t.val_tokens:,}: each "
+                 f"validation reads {val_steps * proc.world} sequence(s) of {val_seq_len} tokens, all it holds")
+    if t.data != "finewebedu":
+        proc.log(f"unigram entropy of the training corpus: {unigram_entropy(train_files, cfg.model.vocab_size):.4f} "
+                 "nats")
+    return Data(loader, train_files, val_files, val_seq_len, val_steps, accum, epochs)
 
 
 # ---- model --------------------------------------------------------------------------------------------------
@@ -235,7 +274,7 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionL
     return model, rules
 
 
-def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | None):
+def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | None, ema: float):
     """The activation dtype (the embedding's, as the seed keeps it in bf16), compilation on a GPU, DDP across
     ranks. Returns the model to call."""
     model.set_dtype(proc.dtype)
@@ -243,6 +282,8 @@ def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | N
     if compile_model:
         model.compile_objective()
     proc.log(f"compile: {'on (torch.compile, fullgraph)' if compile_model else 'off (eager)'}")
+    if ema:
+        proc.log(f"weights: validation, the saved model and its sample use their average (decay {ema})")
     if proc.ddp:
         return DDP(model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
     return model
@@ -303,9 +344,15 @@ def open_run(args, cfg: Config, proc: Process) -> tuple[str, str]:
     return os.path.join(cfg.train.out_dir, names[0]), os.path.join(cfg.train.out_dir, f"{names[0]}.jsonl")
 
 
-def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, resumed_at: int | None, trackers):
-    """Open the run's JSONL log (appended to on resume) with a header line; returns record(entry), which also
-    sends the entry to `trackers` (bdiff/tracking.py: --wandb, --tensorboard; None without them)."""
+def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, resumed_at: int | None, args):
+    """Open the run's JSONL log (appended to on resume) with a header line. Returns record(entry), which also sends
+    the entry to the trackers --wandb and --tensorboard ask for (bdiff/tracking.py), and those trackers (None
+    without them)."""
+    trackers = None
+    if proc.master and (args.wandb is not None or args.tensorboard is not None):
+        os.makedirs(run_dir, exist_ok=True)
+        trackers = tracking.Trackers(args.wandb, args.tensorboard, run_dir, cfg.to_dict(), resumed_at, log_path,
+                                     proc.log)
     if proc.master:
         os.makedirs(run_dir, exist_ok=True)
         with open(log_path, "a" if resumed_at is not None else "w") as f:
@@ -320,7 +367,7 @@ def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, re
             if trackers is not None:
                 trackers.log(entry)
 
-    return record
+    return record, trackers
 
 
 def resume(path: str, state: checkpoint.TrainState, cfg: Config, proc: Process) -> None:
@@ -342,29 +389,32 @@ def averaged(ema: WeightAverage | None, model: BlockDiffusionLM):
 
 
 @torch.no_grad()
-def evaluate(model, raw_model: BlockDiffusionLM, val_files, cfg: Config, proc: Process, val_steps) -> float:
+def evaluate(model, raw_model: BlockDiffusionLM, data: Data, cfg: Config, proc: Process) -> float:
     """The record's validation loss: t ~ U[0, 1], the same noise draw at every evaluation."""
     train_cfg = cfg.train
     model.eval()
-    loader = DistributedLoader(val_files, train_cfg.val_seq_len, proc.rank, proc.world)
+    loader = DistributedLoader(data.val_files, data.val_seq_len, proc.rank, proc.world)
     gen = torch.Generator(proc.device).manual_seed(noise_seed(train_cfg.seed, proc.rank, validation=True))
-    batches = (batch(loader, cfg.model, proc.device) for _ in range(val_steps))
+    batches = (batch(loader, cfg.model, proc.device) for _ in range(data.val_steps))
     total = validation_total(raw_model, batches, (0.0, 1.0), gen, proc.device)
     if proc.ddp:
         dist.all_reduce(total)
     model.train()
-    return total.item() / (val_steps * proc.world)
+    return total.item() / (data.val_steps * proc.world)
 
 
-def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, accum: int):
+def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, accum: int, step: int):
     """Forward and backward of this rank's micro-steps (gradients all-reduced on the last). Returns the summed
-    loss over all ranks and the (shard, start, end) token ranges consumed."""
+    loss over all ranks and the (epoch, shard, start, end) token ranges consumed; says when an epoch begins."""
     train_cfg = cfg.train
     loss_sum = torch.zeros((), device=proc.device)
     consumed = []
     for micro in range(accum):
+        epoch = loader.epoch
         tokens, layout = batch(loader, cfg.model, proc.device)
-        consumed.append(loader.last_step)
+        consumed += loader.last_step
+        if loader.epoch > epoch:
+            proc.log(f"epoch {loader.epoch + 1} begins at step {step + 1}: the training data again, in another order")
         sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
         with sync:
             loss = model(tokens, noise_range=(train_cfg.noise_low, train_cfg.noise_high), generator=noise_gen,
@@ -376,10 +426,10 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
     return loss_sum, consumed
 
 
-def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, train_cfg, last_checkpoint):
+def optimizer_step(model: BlockDiffusionLM, adam, muon, ema, loss_sum, step: int, train_cfg, last_checkpoint):
     """Check the loss and gradient norm (a non-finite one stops the run before the step, naming the last good
-    checkpoint), set the schedules, step both optimizers, clear the gradients. Returns (gradient norm, LR
-    multiplier)."""
+    checkpoint), set the schedules, step both optimizers (and the weights' average), clear the gradients. Returns
+    (gradient norm, LR multiplier)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the norm; no clipping
     for what, value in (("loss", loss_sum), ("gradient", grad_norm)):
         if not torch.isfinite(value):
@@ -388,6 +438,8 @@ def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, tra
     mult = set_schedules(adam, muon, step, train_cfg)
     adam.step()
     muon.step()
+    if ema is not None:
+        ema.update(model)
     model.zero_grad(set_to_none=True)
     return grad_norm, mult
 
@@ -397,77 +449,59 @@ def optimizer_step(model: BlockDiffusionLM, adam, muon, loss_sum, step: int, tra
 def main(argv=None) -> BlockDiffusionLM | None:
     """Train; returns the trained model (None for --dry_run)."""
     cfg, args = parse_args(argv)
-    dataset = find_dataset(cfg.train.data, cfg.train.data_dir)[0]
-    check_model_fits_data(dataset, cfg.model.vocab_size, cfg.model.bos_id, cfg.model.mask_id)  # before anything else
     proc = setup_process(cfg.train.collective_timeout_s, args.device, args.dtype)
-    accum, val_steps = steps_per_rank(cfg.train, proc)
+    proc.log(preset_note(args.preset))
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
     if args.dry_run:
         return None
-    model = prepare_model(raw_model, proc, args.compile)
-    ema = WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None
-    if ema is not None:
-        proc.log(f"weights: validation, the saved model and its sample use their average (decay {cfg.train.ema})")
-    train_files, val_files = (shard_files(cfg.train.data, cfg.train.data_dir, split) for split in ("train", "val"))
-    log_data(cfg, dataset, train_files, proc)
+    model = prepare_model(raw_model, proc, args.compile, cfg.train.ema)
+    data = open_data(cfg, proc)
+    rules[f"each training token read once ({data.epochs:.2f} epochs)"] = data.epochs <= 1
     noise = torch.Generator(proc.device).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # a stream per rank
-    state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train),
-                                  DistributedLoader(train_files, cfg.train.seq_len, proc.rank, proc.world), noise,
-                                  ema=ema)
+    state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train), data.loader, noise,
+                                  ema=WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None)
     run_dir, log_path = open_run(args, cfg, proc)
     last_checkpoint = checkpoint.resolve(args.resume, run_dir, log=proc.log) if args.resume else None
     if last_checkpoint:
         resume(last_checkpoint, state, cfg, proc)
-    start_step = state.step
-    resumed_at = start_step if args.resume else None
-    trackers = None
-    if proc.master and (args.wandb is not None or args.tensorboard is not None):  # after the log's directory exists
-        os.makedirs(run_dir, exist_ok=True)
-        trackers = tracking.Trackers(args.wandb, args.tensorboard, run_dir, cfg.to_dict(), resumed_at, log_path,
-                                     proc.log)
-    record = start_log(log_path, run_dir, cfg, proc, raw_model, resumed_at, trackers)
+    record, trackers = start_log(log_path, run_dir, cfg, proc, raw_model, state.step if args.resume else None, args)
 
     def save(step: int) -> str:
         state.step = step
         return checkpoint.save(run_dir, state, proc.rank, proc.world, cfg.train.ckpt_keep, cfg.to_dict(),
                                all_ok=lambda ok: agree(proc, ok, every=True))
 
-    clock = Clock(cfg.train, start_step)
-    val_loss = float("nan")
+    def validate(step: int) -> float:
+        clock.pause()
+        with averaged(state.ema, raw_model):
+            val_loss = evaluate(model, raw_model, data, cfg, proc)
+        log_validation(step, val_loss, clock, cfg.train, proc, record)
+        clock.resume()
+        return val_loss
+
+    clock = Clock(cfg.train, state.step)
     with stop_signals() as stopped:  # SIGTERM/SIGINT: finish the step, checkpoint, exit
-        for step in range(start_step, cfg.train.steps + 1):
-            if step == cfg.train.steps or (cfg.train.val_every and step > 0 and step % cfg.train.val_every == 0):
-                clock.pause()
-                with averaged(state.ema, raw_model):
-                    val_loss = evaluate(model, raw_model, val_files, cfg, proc, val_steps)
-                log_validation(step, val_loss, clock, cfg.train, proc, record)
-                clock.resume()
-            if step == cfg.train.steps:
-                break
-            loss_sum, consumed = accumulate_gradients(model, state.loader, cfg, proc, state.noise, accum)
-            grad_norm, mult = optimizer_step(raw_model, state.adam, state.muon, loss_sum, step, cfg.train,
+        for step in range(state.step, cfg.train.steps):
+            if cfg.train.val_every and step > 0 and step % cfg.train.val_every == 0:
+                validate(step)
+            loss_sum, consumed = accumulate_gradients(model, state.loader, cfg, proc, noise, data.accum, step)
+            grad_norm, mult = optimizer_step(raw_model, state.adam, state.muon, state.ema, loss_sum, step, cfg.train,
                                              last_checkpoint)
-            if state.ema is not None:
-                state.ema.update(raw_model)
-            step_s = clock.lap(proc.device)
-            log_step(step, loss_sum.item() / cfg.train.micro_steps, grad_norm.item(), mult, consumed, step_s, clock,
-                     cfg.train, proc, record)
+            log_step(step, loss_sum.item() / cfg.train.micro_steps, grad_norm.item(), mult, consumed,
+                     clock.lap(proc.device), clock, cfg.train, proc, record)
             if cfg.train.ckpt_every and (step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps:
                 last_checkpoint = save(step + 1)
             if agree(proc, bool(stopped), every=False) and step + 1 < cfg.train.steps:  # every rank stops here
                 if last_checkpoint != checkpoint.checkpoint_dir(run_dir, step + 1):
                     last_checkpoint = save(step + 1)
                 stop(stopped, step + 1, last_checkpoint, run_dir, cfg.train, proc)
-
-    save(cfg.train.steps)  # the model on disk first, then the extras, none of which can lose it
+    save(cfg.train.steps)  # the trained model on disk first: nothing after the last step can lose it
+    val_loss = validate(cfg.train.steps)
     if proc.master:
         with averaged(state.ema, raw_model):  # the saved model and its sample: what validation measured
-            end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, train_files, run_dir, log_path, proc, argv)
-    if trackers is not None:
-        trackers.close()
-    if proc.ddp:  # the ranks leave together, once rank 0's extras are written: none tears down while another works
-        dist.barrier()
-        dist.destroy_process_group()
+            end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, data.train_files, run_dir, log_path, proc,
+                       argv)
+    leave(proc, trackers)
     return raw_model
 
 
@@ -520,22 +554,23 @@ def log_step(step: int, train_loss: float, grad_norm: float, mult: float, consum
             "tokens_per_s": tokens_per_step / step_s, "lr_mult": mult, "grad_norm": grad_norm, "data": consumed})
 
 
+def leave(proc: Process, trackers=None) -> None:
+    """The run's end: trackers closed; the ranks leave together, once rank 0's work is written (none tears its
+    group down while another still works)."""
+    if trackers is not None:
+        trackers.close()
+    if proc.ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def stop(stopped: list, step: int, last_checkpoint: str, run_dir: str, train_cfg: TrainConfig, proc: Process):
     """After SIGTERM/SIGINT, once the checkpoint of `step` is written: say how to continue, leave the job."""
     proc.log(f"stopped by {stopped[0] if stopped else 'a signal'} after step {step}/{train_cfg.steps}: "
              f"checkpoint {last_checkpoint}; to continue, run the same command with --run_name "
              f"{os.path.basename(run_dir)} --resume auto")
-    if proc.ddp:  # the ranks leave together, as at the end of a run
-        dist.barrier()
-        dist.destroy_process_group()
+    leave(proc)  # as at the end of a run
     raise Preempted(last_checkpoint)
-
-
-def log_data(cfg: Config, dataset, train_files, proc: Process) -> None:
-    proc.log(f"data: {cfg.train.data} ({cfg.train.data_dir}; {dataset.description}; tokenizer {dataset.tokenizer})")
-    if cfg.train.data != "finewebedu":
-        entropy = unigram_entropy(train_files, cfg.model.vocab_size)
-        proc.log(f"unigram entropy of the training corpus: {entropy:.4f} nats")
 
 
 # ---- the end ----------------------------------------------------------------------------------------------
@@ -548,6 +583,7 @@ def end_of_run(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: floa
     tokens = steps * cfg.train.micro_steps * cfg.train.seq_len
     checkpoint.save_model(os.path.join(run_dir, "final.pt"), model, cfg.to_dict(), steps, val_loss)
     model_dir = hub.save_pretrained(model, os.path.join(run_dir, "model"), cfg.to_dict(), steps, tokens, val_loss)
+    model.run_config = dict(cfg.to_dict(), step=steps, tokens=tokens, val_loss=val_loss)  # model.save_pretrained's
     proc.log(f"checkpoint: {os.path.join(run_dir, 'final.pt')} | model: {model_dir} | total train time "
              f"{train_time:.1f}s")
     sample = finish(model, cfg, rules, val_loss, train_files, tokens, proc.log)
@@ -582,7 +618,8 @@ def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, train_files, log) ->
     new = decode(out.tokens[0], tokenizer)
     known = known_word_fraction(new, corpus_words(train_files, tokenizer))
     words = "no words" if known is None else f"{known:.0%} of its words occur in the training text"
-    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache; {words}):\n{prompt + new}")
+    graphs = f", {out.compile_seconds:.1f} s of it compiling the model call" if out.compile_seconds else ""
+    log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache{graphs}; {words}):\n{prompt + new}")
     return prompt + new
 
 

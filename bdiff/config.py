@@ -1,14 +1,17 @@
 """Typed configuration: the model, the training run, and named presets.
 
-`record` is the nano-block-diffusion v0 recipe exactly (162,166,314 parameters); `cpu` is a small model on the
-embedded byte-level corpus that trains on two CPU cores in a few minutes. `train.py` picks `cpu` when
-no GPU is present and no preset is named.
+`demo` (the default everywhere) is a small model on the embedded byte-level corpus that trains in a few minutes on two
+CPU cores, or in seconds on a GPU; `record` is the nano-block-diffusion v0 recipe exactly (162,166,314 parameters,
+FineWeb-Edu, GPUs); `tiny` is the smallest useful run, for tests.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 
@@ -67,19 +70,19 @@ class TrainConfig:
     micro_steps: int = 8  # micro-steps per optimizer step across ALL ranks; divisible by world size
     steps: int = 10000  # optimizer steps
     noise_low: float = 0.3  # training noise t ~ U[noise_low, noise_high] per block (BD3-LM clipped schedule)
-    noise_high: float = 0.8
+    noise_high: float = 0.8  # the upper end of the training noise range
     noise_stratified: bool = False  # the blocks' levels of a sequence as one stratified draw: the same objective,
     # estimated with less variance (bdiff/noise.py, noise_blocks); validation always draws independently
     ema: float = 0.0  # decay of an average of the weights that validation, the saved model and its sample use
     # (bdiff/ema.py; BD3-LM evaluates with 0.9999); 0: off, the trained weights themselves
     val_every: int = 125  # validate every N steps (and at the end); 0 = only at the end
-    val_tokens: int = 10_485_760  # validation tokens across all ranks
+    val_tokens: int = 10_485_760  # validation tokens across all ranks (a smaller validation split is read whole)
     val_seq_len: int = 65536  # tokens per validation sequence per rank
     lr_head: float = 0.0011  # Adam lr for lm_head
     lr_embed: float = 0.06  # Adam lr for the embedding
     lr_scalar: float = 0.04  # Adam lr for the scalar parameters (mixing weights, skip weights)
-    adam_betas: tuple[float, float] = (0.8, 0.95)
-    adam_eps: float = 1e-10
+    adam_betas: tuple[float, float] = (0.8, 0.95)  # Adam's betas (the seed's)
+    adam_eps: float = 1e-10  # Adam's epsilon
     lr_muon: float = 0.025  # Muon lr for every hidden matrix
     muon_momentum_start: float = 0.85  # Muon momentum warms linearly from this ...
     muon_momentum_end: float = 0.95  # ... to this ...
@@ -161,10 +164,11 @@ class SamplingConfig:
     # than this: degenerate repetition (BD3-LM stops at 4 over 256 GPT-2 tokens); None never does. It depends on
     # the tokenizer: text read as bytes has about 3 nats
     entropy_window: int = 256  # new tokens the entropy stop reads (checked once per block, from this many on)
-    compile: str | None = None  # torch.compile mode of the model call of each step: "default", or "reduce-overhead"
-    # (CUDA graphs on a GPU); None runs eagerly
+    compile: str = "auto"  # the model call of each step: "auto" (CUDA graphs on a GPU, eager on a CPU), "none"
+    # (eager), or a torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune"
 
 
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")  # SamplingConfig.compile's choices
 DTYPES = ("bfloat16", "float32")  # --dtype choices: the activation dtype (bdiff/model.py, BlockDiffusionLM.set_dtype)
 
 
@@ -209,29 +213,78 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, str]:
     return device, args.dtype or default_dtype(device)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default after its help where the help does not say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with bdiff's error convention: a bad command line ends in one stderr line and exit code 2."""
+    """argparse with bdiff's error convention: a bad command line ends in one stderr line and exit code 2; help
+    formatted by HelpFormatter unless told otherwise."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+@functools.lru_cache(maxsize=None)
+def field_comments(cls) -> dict[str, str]:
+    """Each field's comment in the dataclass's source: what --help says of it. Comment lines between two fields
+    continue the first one's comment, or, where the second field has none of its own, are the second's."""
+    comments, previous, pending = {}, None, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        declared = re.match(r"\s+(\w+): [^#]*?(?:#\s*(.*))?$", line)
+        comment = re.match(r"\s+#\s*(.*)$", line)
+        if comment:
+            pending.append(comment.group(1))
+            continue
+        if declared and not line.strip().startswith(("def ", "@", '"')):
+            name, own = declared.groups()
+            if pending and own is None:
+                comments[name] = " ".join(pending)
+            elif pending and previous:
+                comments[previous] = " ".join([comments.get(previous, ""), *pending]).strip()
+            if own is not None:
+                comments[name] = own
+            previous, pending = name, []
+        else:
+            if pending and previous:
+                comments[previous] = " ".join([comments.get(previous, ""), *pending]).strip()
+            previous, pending = None, []
+    if pending and previous:
+        comments[previous] = " ".join([comments.get(previous, ""), *pending]).strip()
+    return comments
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
     """One --flag per field of the dataclass `cls`, defaulting to None (unset); a boolean field gives the flag that
-    changes it: --no_<name> where it defaults to True, --<name> where it defaults to False. The field's comment is
-    not at hand here, so the help names the field."""
+    changes it: --no_<name> where it defaults to True, --<name> where it defaults to False. The help is the field's
+    comment and its value in `defaults` (an instance: the chosen preset's), or the class's default."""
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, type) else eval(f.type)  # "from __future__" annotations are strings
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = ("on" if default else "off") if kind is bool else shown
+        text = f"{comments.get(f.name, f.name).replace('%', '%%')} (default: {shown})"
         if kind is bool and f.default is True:
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=None,
-                                help=f"{prefix}{f.name} = False")
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=None, help=text)
         elif kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", default=None, help=f"{prefix}{f.name} = True")
+            parser.add_argument(f"--{f.name}", action="store_true", default=None, help=text)
         elif getattr(kind, "__origin__", None) is tuple:
-            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=f"{prefix}{f.name}")
+            parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=text)
         else:
             kind = next((k for k in getattr(kind, "__args__", ()) if k is not type(None)), kind)  # int | None -> int
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{prefix}{f.name}")
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=text)
 
 
 def apply_flags(args: argparse.Namespace, instance) -> None:
@@ -247,7 +300,7 @@ def record() -> Config:
     return Config(ModelConfig(), TrainConfig(log_every=1))  # a line a step, as the record runs log
 
 
-def cpu() -> Config:
+def demo() -> Config:
     """Byte-level model on the embedded Python-stdlib corpus; about 4 minutes of training on 2 CPU cores. Tuned with
     bench/bench_training.py over seeds 0-2 (README): many small steps (one 512-token sequence each) beat fewer
     steps of two at the same training time; Muon's rate for such small steps is 0.01 (0.04 lands runs 0.1 apart,
@@ -262,17 +315,28 @@ def cpu() -> Config:
 
 def tiny() -> Config:
     """Smallest useful run: for tests and smoke checks (seconds on a CPU)."""
-    cfg = cpu()
+    cfg = demo()
     cfg.model = dataclasses.replace(cfg.model, num_layers=2, model_dim=64, num_heads=2, head_dim=32)
     cfg.train = dataclasses.replace(cfg.train, seq_len=128, micro_steps=2, steps=4, val_every=0, val_tokens=1024,
                                     val_seq_len=256, muon_momentum_warmup=2, lr_muon=0.05, ema=0.0)
     return cfg
 
 
-PRESETS = {"record": record, "cpu": cpu, "tiny": tiny}
+PRESETS = {"demo": demo, "record": record, "tiny": tiny}
+RENAMED = {"cpu": "demo"}  # presets' former names, still understood
 
 
 def get_preset(name: str) -> Config:
-    if name not in PRESETS:
+    if name not in PRESETS and name not in RENAMED:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return PRESETS[RENAMED.get(name, name)]()
+
+
+def preset_note(name: str | None) -> str:
+    """The line a run starts with: which preset it took, and why."""
+    if name is None:
+        return ("preset: demo (the default: a small byte-level model on the embedded Python corpus; "
+                "--preset record for the nano-block-diffusion record on FineWeb-Edu)")
+    if name in RENAMED:
+        return f"preset: {RENAMED[name]} (--preset {name}: its former name)"
+    return f"preset: {name} (--preset {name})"

@@ -2,7 +2,8 @@
 
 Shards and a data set's record: bdiff/formats.py.
 Loader: each step takes the next world_size * seq_len tokens in file order; rank r takes slice r. A shard's
-tail too short for a whole step is skipped, so no token is ever used twice.
+tail too short for a whole step is skipped, so no token is used twice in an epoch; a run longer than its data
+reads it again, each later epoch in an order of its own (DistributedLoader).
 
     python -m bdiff.data finewebedu 10      # FineWeb-Edu val shard + 10 train shards (100M tokens each)
     python -m bdiff.data stdlib             # build the embedded byte-level corpus
@@ -80,7 +81,10 @@ def tokenizer_of(config: dict, directory: str | None = None) -> str:
 def default_prompt(config: dict) -> str:
     """The data set's default prompt: code for the byte-level corpus, prose for FineWeb-Edu, a prepared set's own."""
     data = config.get("dataset") or {}
-    return data.get("prompt") if data.get("prompt") is not None else DATASETS[config["train"]["data"]].prompt
+    if data.get("prompt") is not None:
+        return data["prompt"]
+    name = config["train"].get("data")
+    return DATASETS[name].prompt if name in DATASETS else ""  # "": a model saved before it saw data
 
 
 def check_model_fits_data(data: DataSet, vocab_size: int, bos_id: int, mask_id: int) -> None:
@@ -97,49 +101,93 @@ def check_model_fits_data(data: DataSet, vocab_size: int, bos_id: int, mask_id: 
         problems.append(f"mask_id {mask_id} is one of the data's ids (0..{v.num_ids - 1})")
     if problems:
         fits = f"--vocab_size {v.vocab_size} --bos_id {v.bos_id} --mask_id {v.mask_id}"
-        fits = {"stdlib": "--preset cpu or tiny, or ", "finewebedu": "--preset record, or "}.get(v.name, "") + fits
+        fits = {"stdlib": "--preset demo or tiny, or ", "finewebedu": "--preset record, or "}.get(v.name, "") + fits
         raise DataError(f"data {v.name!r} does not fit the model: {'; '.join(problems)}. For this data use {fits}")
 
 
 class DistributedLoader:
-    """Fixed-order, non-overlapping sequences: step s, rank r reads tokens
-    [base + r*seq_len, base + (r+1)*seq_len) of the current shard, base advancing by world*seq_len."""
+    """Non-overlapping sequences of seq_len tokens, the same on every rank, epoch after epoch.
 
-    def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1):
+    Epoch 0 reads the shards in file order: step s, rank r reads tokens [base + r*seq_len, base + (r+1)*seq_len) of
+    the current shard, base advancing by world*seq_len (a shard's tail too short for a whole step is skipped): the
+    seed's order, which the record rules fix; a run that stays within one data set's tokens never leaves it. With
+    `epochs`, a data set smaller than the run is read again: epoch e >= 1 cuts the shards into seq_len-token
+    sequences at an offset of its own and reads them in an order of its own (both drawn from (seed, e): every rank
+    draws the same), each step the next world of them, rank r the r-th. Without `epochs` (validation) the data end
+    with epoch 0. The position (`state`) resumes on any number of ranks with nothing read twice in an epoch."""
+
+    def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epochs: bool = False):
         if not files:
             raise DataError("no shard files given")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         self.files, self.seq_len, self.rank, self.world_size = list(files), seq_len, rank, world_size
-        self.shard, self.offset = 0, 0  # position of the next step's first token
-        self.last_step = None  # (shard, start, end): the tokens the last step took across all ranks
-        self.tokens = read_shard(self.files[0])
+        self.seed, self.epochs = seed, epochs
+        self.epoch, self.shard, self.offset, self.index = 0, 0, 0, 0  # epoch 0: (shard, offset); later: index
+        self.last_step = None  # [(epoch, shard, start, end)]: the tokens the last step took across all ranks
+        self.shards = [read_shard(f) for f in self.files]  # memory-mapped, each checked against its header
+        self._order = None  # epoch >= 1: (shard, start) of its sequences, in its order
+        if self.steps_per_epoch() == 0:
+            raise DataError(f"{os.path.dirname(self.files[0]) or '.'}: {len(self.files)} shard(s) of at most "
+                            f"{max(map(len, self.shards)):,} tokens hold no whole step of world size {world_size} x "
+                            f"{seq_len} tokens; use a shorter sequence length (--seq_len, --val_seq_len) or more data")
+
+    def steps_per_epoch(self) -> int:
+        """Whole steps of world_size * seq_len tokens in epoch 0 (the file-order epoch)."""
+        return sum(len(t) // (self.world_size * self.seq_len) for t in self.shards)
 
     def state(self) -> dict:
-        return {"shard": self.shard, "offset": self.offset, "world_size": self.world_size, "seq_len": self.seq_len}
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "index": self.index,
+                "world_size": self.world_size, "seq_len": self.seq_len, "seed": self.seed}
 
     def load_state(self, state: dict) -> None:
-        """Continue where a loader left off. The position is the next unread token, so any number of ranks can
-        continue from it with no token read twice and none skipped; the sequence length must be the same."""
+        """Continue where a loader left off. The position is the next unread token of epoch 0, or the next unread
+        sequence of a later epoch, so any number of ranks can continue from it with no token read twice in an
+        epoch and none skipped; the sequence length (and, past epoch 0, the seed) must be the same."""
         if state["seq_len"] != self.seq_len:
             raise DataError(f"loader state of {state['seq_len']}-token sequences cannot continue with seq_len "
                             f"{self.seq_len}")
-        self.shard, self.offset = state["shard"], state["offset"]
-        self.tokens = read_shard(self.files[self.shard])
+        self.epoch, self.shard, self.offset = state.get("epoch", 0), state["shard"], state["offset"]
+        self.index, self.seed = state.get("index", 0), state.get("seed", self.seed)
+        self._order = None
+
+    def order(self) -> list[tuple[int, int]]:
+        """(shard, start) of every sequence of the current epoch (>= 1), in its order, drawn from (seed, epoch)."""
+        if self._order is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            cut = int(rng.integers(self.seq_len))  # where this epoch's sequences start, past each shard's start
+            found = [(i, start) for i, t in enumerate(self.shards)
+                     for start in range(cut, len(t) - self.seq_len + 1, self.seq_len)]
+            if len(found) < self.world_size:  # shards of about one step: cut at their starts, as epoch 0 does
+                found = [(i, start) for i, t in enumerate(self.shards)
+                         for start in range(0, len(t) - self.seq_len + 1, self.seq_len)]
+            self._order = [found[j] for j in rng.permutation(len(found))]
+        return self._order
 
     def next(self) -> torch.Tensor:
         """This rank's next sequence, int64 (seq_len,)."""
         step = self.world_size * self.seq_len
-        while self.offset + step > len(self.tokens):
-            if self.shard + 1 == len(self.files):
+        while self.epoch == 0 and self.offset + step > len(self.shards[self.shard]):
+            if self.shard + 1 < len(self.files):
+                self.shard, self.offset = self.shard + 1, 0
+            elif not self.epochs:
                 raise DataError(f"out of data: {len(self.files)} shard(s) from {os.path.dirname(self.files[0])} "
                                 f"are used up; add shards or run fewer steps")
-            self.shard, self.offset = self.shard + 1, 0
-            self.tokens = read_shard(self.files[self.shard])
-        self.last_step = (self.shard, self.offset, self.offset + step)
-        start = self.offset + self.rank * self.seq_len
-        self.offset += step
-        return torch.from_numpy(self.tokens[start:start + self.seq_len].astype(np.int64))
+            else:
+                self.epoch, self.index, self._order = 1, 0, None
+        if self.epoch == 0:
+            self.last_step = [(0, self.shard, self.offset, self.offset + step)]
+            start = self.offset + self.rank * self.seq_len
+            self.offset += step
+            return torch.from_numpy(self.shards[self.shard][start:start + self.seq_len].astype(np.int64))
+        while self.index + self.world_size > len(self.order()):  # the epoch's last, incomplete step: the next epoch
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        picked = self.order()[self.index:self.index + self.world_size]
+        self.last_step = [(self.epoch, shard, start, start + self.seq_len) for shard, start in picked]
+        self.index += self.world_size
+        shard, start = picked[self.rank]
+        return torch.from_numpy(self.shards[shard][start:start + self.seq_len].astype(np.int64))
 
 
 def shard_files(data: str, data_dir: str, split: str) -> list[str]:

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from bdiff.config import ArgumentParser, SamplingConfig, add_device_flags, device_and_dtype
+from bdiff.config import COMPILE_MODES, ArgumentParser, SamplingConfig, add_device_flags, device_and_dtype
 from bdiff.errors import command
 from bdiff.noise import noise_seed
 
@@ -33,13 +33,14 @@ LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> list:
-    """(tokens, layout) of the first tokens // seq_len validation sequences, on the CPU."""
+    """(tokens, layout) of the first tokens // seq_len validation sequences (all of them, where the split holds
+    fewer), on the CPU."""
     from bdiff.data import DistributedLoader
     from bdiff.noise import document_layout
 
     loader = DistributedLoader(files, seq_len)
     out = []
-    for _ in range(max(1, tokens // seq_len)):
+    for _ in range(min(max(1, tokens // seq_len), loader.steps_per_epoch())):  # a small split: all it holds
         seq = loader.next()
         out.append((seq, document_layout(seq, cfg.bos_id, cfg.block_size, separator=cfg.separator)))
     return out
@@ -156,6 +157,8 @@ def price_strategies(model, judge, prompts, continuations, strategies: list[dict
     for overrides in strategies:
         config = dataclasses.replace(sampling, **overrides)
         out = generate(model, start, config)
+        if log and out.compile_seconds:
+            log(f"compiling and capturing the model call: {out.compile_seconds:.1f} s (once per batch and length)")
         if config.strategy == "threshold":
             setting = f"threshold {config.threshold:g}"
         else:
@@ -234,8 +237,9 @@ def main(argv=None) -> int:
     judging.add_argument("--new_tokens", type=int, default=128, help="tokens to generate after each prompt")
     judging.add_argument("--temperature", type=float, default=1.0, help="1.0 with top_p 0.9: BD3-LM's nucleus sampling")
     judging.add_argument("--top_p", type=float, default=0.9)
-    judging.add_argument("--compile", nargs="?", const="default", help="compile the model call of each step "
-                         "(torch.compile mode: default; reduce-overhead on a GPU): faster once compiled")
+    judging.add_argument("--compile", default="auto", choices=COMPILE_MODES,
+                         help="the model call of each step: auto (default: CUDA graphs on a GPU, eager on a CPU), none "
+                              "(eager) or a torch.compile mode")
     judging.add_argument("--plot", help="also draw Gen PPL against calls per token into this .png")
     add_device_flags(parser)
     args = parser.parse_args(argv)

@@ -2,7 +2,10 @@
 
     model.safetensors   the weights (safetensors: no code runs when it is read)
     config.json         {"bdiff_version", "tokenizer", "block_size", "model": ModelConfig, "train": TrainConfig,
-                         "step", "tokens", "val_loss"}
+                         "step", "tokens", "val_loss"}, and for transformers "model_type" and "auto_map"
+    configuration_bdiff.py, modeling_bdiff.py
+                        the model for transformers, PyTorch alone (bdiff/hf/): AutoModelForMaskedLM.from_pretrained(
+                        dir or Hub id, trust_remote_code=True)
     README.md           the model card: data, tokens, final validation loss, the loss plot, a sample, and the
                         command that reproduces the run
     loss.png            the loss plot, where matplotlib was there to draw it
@@ -11,8 +14,9 @@ train.py writes one at the end of every run (logs/RUN/model/). From the command 
 
     python -m bdiff.hub push logs/RUN user/name       # upload a run's model directory (or any model directory)
 
-From Python: `model, config = bdiff.hub.load("user/name")` (or a directory, a run directory, a final.pt), and
-`bdiff.hub.save_pretrained(model, dir, config)`.
+From Python, huggingface_hub's mixin convention: `BlockDiffusionLM.from_pretrained("user/name")` (or a directory, a
+run directory, a final.pt), `model.save_pretrained(dir)`, `model.push_to_hub("user/name")`; behind them one loader,
+`model, config = bdiff.hub.load(...)`, and one writer, `bdiff.hub.save_pretrained(model, dir, config)`.
 A Hub id is fetched through huggingface_hub's cache (HF_HUB_CACHE), so once fetched it loads offline
 (HF_HUB_OFFLINE=1).
 """
@@ -32,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import bdiff
-from bdiff import checkpoint
+from bdiff import checkpoint, hf
 from bdiff.config import ArgumentParser, ModelConfig
 from bdiff.data import DATASETS, default_prompt, tokenizer_of
 from bdiff.errors import BdiffError, command
@@ -66,14 +70,18 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
     os.makedirs(directory, exist_ok=True)
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _atomic_write(os.path.join(directory, WEIGHTS), lambda p: save_file(weights, p, metadata={"format": "pt"}))
-    tokenizer = tokenizer_of(config)
     dataset = dict(config.get("dataset") or {})
-    if os.path.isfile(tokenizer):  # a tokenizer.json travels with the model: the directory decodes on its own
+    tokenizer = tokenizer_of(config) if dataset or config["train"].get("data") else None  # None: a model never trained
+    if tokenizer and os.path.isfile(tokenizer):  # a tokenizer.json travels with the model: it decodes on its own
         _atomic_write(os.path.join(directory, TOKENIZER), lambda p: shutil.copyfile(tokenizer, p))
         tokenizer = dataset["tokenizer"] = TOKENIZER
     meta = {"bdiff_version": bdiff.__version__, "tokenizer": tokenizer,
             "block_size": config["model"]["block_size"], "model": config["model"], "train": config["train"],
-            "dataset": dataset, "code": config.get("code") or {}, "step": step, "tokens": tokens, "val_loss": val_loss}
+            "dataset": dataset, "code": config.get("code") or {}, "step": step, "tokens": tokens, "val_loss": val_loss,
+            "model_type": "bdiff", "architectures": ["BdiffForMaskedLM"], "auto_map": hf.AUTO_MAP}
+    for name in hf.REMOTE_CODE:  # the model for transformers (trust_remote_code), beside the weights
+        source = os.path.join(hf.DIRECTORY, name)
+        _atomic_write(os.path.join(directory, name), lambda p, source=source: shutil.copyfile(source, p))
     _atomic_write(os.path.join(directory, CONFIG), lambda p: _write_text(p, json.dumps(meta, indent=2) + "\n"))
     write_card(directory)
     return directory
@@ -106,12 +114,12 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
     sample = sample if sample is not None else old.get("sample")
     command = command or old.get("command") or "python train.py " + " ".join(
         f"--{k} {v}" for k, v in meta["train"].items() if k in ("data", "steps", "seq_len"))
-    dataset = meta.get("dataset") or asdict(DATASETS.get(meta["train"]["data"])) if meta["train"]["data"] in DATASETS \
-        else meta.get("dataset") or {}
-    data = dataset.get("description", meta["train"]["data"])
+    name = meta["train"].get("data")
+    dataset = meta.get("dataset") or (asdict(DATASETS[name]) if name in DATASETS else {})
+    data = dataset.get("description", name or "nothing yet (a model saved untrained)")
     m = meta["model"]
     lines = [
-        "---", "library_name: bdiff", "tags:", "- block-diffusion", "- bd3-lm", "- text-generation",
+        "---", "library_name: bdiff", "tags:", "- block-diffusion", "- bd3-lm", "- text-generation", "- custom_code",
         *(["datasets:", f"- {dataset['source']}"] if dataset.get("source") else []), "---", "",
         "# A block-diffusion language model trained with bdiff", "",
         f"- Architecture: {m['num_layers']} layers, width {m['model_dim']}, {m['num_heads']} heads of {m['head_dim']}, "
@@ -126,7 +134,10 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
         "## Use", "", "```bash",
         "python -m bdiff.eval --model THIS_REPO_OR_DIR --draws 4",
         f"python sample.py --ckpt THIS_REPO_OR_DIR --prompt {shlex.quote(default_prompt(meta) or 'TEXT')}",
-        "```", "", "## Reproduce", "", "<!-- command -->", "```bash", command, "```", "",
+        "```", "", "With bdiff, `BlockDiffusionLM.from_pretrained(\"THIS_REPO_OR_DIR\")`; with transformers alone, "
+        "`AutoModelForMaskedLM.from_pretrained(\"THIS_REPO_OR_DIR\", trust_remote_code=True)`: `model(x_t, "
+        "clean_ids=x_0).logits`, `model.generate(prompt_ids)`.", "",
+        "## Reproduce", "", "<!-- command -->", "```bash", command, "```", "",
     ]
     if os.path.exists(os.path.join(directory, PLOT)):
         lines += ["## Loss", "", f"![loss]({PLOT})", ""]
@@ -166,7 +177,7 @@ def resolve(name: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT, TOKENIZER])
+        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT, TOKENIZER, *hf.REMOTE_CODE])
     except RepositoryNotFoundError:
         raise HubError(f"{name}: no such model on the Hub (or it is private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
@@ -182,7 +193,7 @@ def load(name: str, device="cpu"):
     (user/name, through huggingface_hub's cache). The one loader of every command; a damaged or foreign file is
     refused in one line."""
     if os.path.isfile(name):
-        if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER):
+        if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER, *hf.REMOTE_CODE):
             raise HubError(f"{name}: not a model directory, run directory or Hub id; name the directory that holds it")
         return checkpoint.read_final(name, device)
     directory = resolve(name)

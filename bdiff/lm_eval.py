@@ -15,15 +15,15 @@ A diffusion model has no exact likelihood; lm-eval's three kinds of request are 
   numbers: the choices of one question are scored under the same draws). is_greedy: every continuation token is
   the model's argmax with the whole continuation masked.
 - loglikelihood_rolling(text) (perplexity tasks): the same over lm-eval's rolling windows of `max_length` tokens.
-- generate_until(context, {until, max_gen_toks, ...}): bdiff's sampler (bdiff/sampling.py), then the text is cut
-  at the first stop string (the sampler cannot stop at a string: it writes max_gen_toks tokens or up to the end
-  of the document).
+- generate_until(context, {until, max_gen_toks, ...}): bdiff's sampler (bdiff/sampling.py), which stops a sequence
+  after the block where a stop string appears (checked on the host with the block's one read), then the text is
+  cut at the first stop string.
 
 Model arguments (--model_args k=v,...): pretrained (a model directory, run directory, final.pt or Hub id),
 mc_samples (8), seed (0), max_length (the model's training sequence length), dtype (bfloat16 on a GPU, float32 on
-a CPU), strategy and steps_per_block (the sampler's). --batch_size requests (auto: 16), each under every draw,
-are packed into shared model calls of up to 16,384 tokens. One process: lm-eval's data-parallel launch is not
-supported.
+a CPU), strategy, steps_per_block and compile (the sampler's; auto: CUDA graphs on a GPU). --batch_size requests
+(auto: 16), each under every draw, are packed into shared model calls of up to 16,384 tokens. One process:
+lm-eval's data-parallel launch is not supported.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ class BdiffLM(LM):
 
     def __init__(self, pretrained: str, mc_samples: int = 8, seed: int = 0, max_length: int | None = None,
                  dtype: str | None = None, strategy: str = "random", steps_per_block: int | None = None,
-                 batch_size: int | str = 16, max_batch_size: int | None = None, device: str | None = None):
+                 batch_size: int | str = 16, max_batch_size: int | None = None, device: str | None = None,
+                 compile: str = "auto"):
         super().__init__()
         from bdiff.config import default_dtype, parse_device
         from bdiff.data import tokenizer_of
@@ -155,7 +156,7 @@ class BdiffLM(LM):
         self.mc_samples, self.seed = mc_samples, seed
         self.max_length = max_length or config["train"]["seq_len"]
         self.batch_size = batch_size
-        self.sampling = dict(strategy=strategy, steps_per_block=steps_per_block, seed=seed)
+        self.sampling = dict(strategy=strategy, steps_per_block=steps_per_block, seed=seed, compile=compile)
 
     @property
     def device(self):
@@ -233,7 +234,13 @@ class BdiffLM(LM):
                 for i in batch:
                     context = self.tokenizer.encode(requests[i].args[0])[-max(1, self.max_length - new):]
                     prompts.append(([self.cfg.bos_id] if self.cfg.separator == "opens" else []) + context)
-                result = generate(self.model, prompts, config)
+                stops = [s for s in until if s]  # checked once per block, with the sampler's one read of it
+                result = generate(self.model, prompts, config, stop_when=lambda i, ids: any(
+                    s in self.tokenizer.decode([t for t in ids if t != self.cfg.bos_id]) for s in stops) if stops
+                    else None)
+                if result.compile_seconds > 1:
+                    print(f"bdiff: compiling and capturing the model call took {result.compile_seconds:.1f} s "
+                          f"(once per batch and length; model_args compile=none: eager)", file=sys.stderr)
                 for i, ids in zip(batch, result.tokens):
                     out[i] = cut_at_stops(self.tokenizer.decode([t for t in ids if t != self.cfg.bos_id]), until)
         return out

@@ -13,6 +13,7 @@ dtype explicit, `--dtype bfloat16` on a CPU runs exactly the GPU's flow.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -137,6 +138,41 @@ class BlockDiffusionLM(nn.Module):
     def dtype(self) -> torch.dtype:
         """The activation dtype: the embedding's (every other activation follows it)."""
         return self.embed.weight.dtype
+
+    # ---- sharing: huggingface_hub's mixin convention, over bdiff.hub's one loader and one writer ----------------
+
+    run_config: dict | None = None  # the run's config (Config.to_dict()) where the model came from a run or a file
+
+    @classmethod
+    def from_pretrained(cls, name: str, device="cpu") -> BlockDiffusionLM:
+        """A model (in eval mode) from a model directory, a run directory, a final.pt or a Hub id (user/name, through
+        huggingface_hub's cache): bdiff.hub.load, the loader of every command. Its config is `model.run_config`."""
+        from bdiff import hub
+
+        model, config = hub.load(name, device)
+        model.run_config = config
+        return model
+
+    def save_pretrained(self, directory: str, config: dict | None = None) -> str:
+        """Write a model directory (bdiff.hub.save_pretrained: safetensors, config.json, the transformers code, a
+        card). `config`: the run's config dict; by default the one it was loaded or trained with, else its model
+        config alone. Returns the directory."""
+        from bdiff import hub
+
+        config = config or self.run_config or {"model": dataclasses.asdict(self.cfg), "train": {}, "dataset": {}}
+        return hub.save_pretrained(self, directory, config, config.get("step"), config.get("tokens"),
+                                   config.get("val_loss"))
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    config: dict | None = None) -> str:
+        """Save the model (save_pretrained) and upload it to the Hub repository `repo_id` (bdiff.hub.push: created if
+        needed; the token from `token`, HF_TOKEN or `hf auth login`). Returns the repository's URL."""
+        import tempfile
+
+        from bdiff import hub
+
+        with tempfile.TemporaryDirectory() as directory:
+            return hub.push(self.save_pretrained(directory, config), repo_id, private=private, token=token)
 
     def set_dtype(self, dtype: torch.dtype | str) -> BlockDiffusionLM:
         """Compute in `dtype` (torch.bfloat16 / "bfloat16" or float32): the embedding is stored in it, as the seed

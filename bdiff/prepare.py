@@ -7,8 +7,9 @@ document, or several with --doc_sep), a .jsonl file (one document a line, its --
 dataset name (user/name, streamed through `datasets`: pip install datasets). T: bytes, a tiktoken encoding (gpt2,
 cl100k_base, ...), a local tokenizer.json or a Hugging Face tokenizer name (bdiff/tokenizer.py).
 
-Every document is BOS followed by its tokens. Validation is held out by whole documents, deterministically (every
-k-th document for --val_fraction, the first documents for --val_tokens). Tokenizing runs on every core (a process
+Every document is BOS followed by its tokens. Validation is held out by whole documents, deterministically (the first
+document and every k-th after it for --val_fraction, so any input of two documents or more has both splits; the
+first documents for --val_tokens). Tokenizing runs on every core (a process
 pool over batches of documents, results in order), with a progress bar; the shards are written as they fill
 (version 2: uint16, or uint32 when the tokenizer has more than 65,536 ids), with DIR/bdiff.json, the data set's
 record. Work happens in DIR.partial/ and is renamed to DIR at the end: a stopped run, started again with the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -273,7 +275,8 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
     def val_next(i: int) -> bool:  # deterministic: whole documents, in input order
         if val_tokens is not None:
             return splits["val"].tokens < val_tokens
-        return int((i + 1) * val_fraction) > int(i * val_fraction)
+        # documents 0, 1/f, 2/f, ...: the first is always held out, so two documents or more make both splits
+        return math.ceil((i + 1) * val_fraction) > math.ceil(i * val_fraction)
 
     dtype = np.uint32 if token_bytes == 4 else np.uint16
     pool = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=(tokenizer, dtype)) if jobs > 1 else None
@@ -315,7 +318,7 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
     if splits["val"].documents == 0 or splits["train"].documents == 0:
         shutil.rmtree(work, ignore_errors=True)
         raise DataError(f"{source}: {done_docs} document(s): too few to hold out a validation split of whole documents "
-                        "and keep a training split (a smaller --val_fraction or --val_tokens, more documents, or "
+                        "and keep a training split (a smaller --val_tokens, more documents, or "
                         "--doc_sep to split one file into documents)")
     for split in splits.values():
         split.finish()

@@ -10,13 +10,15 @@ never affects earlier blocks, so this equals recomputing the whole x_t ⊕ x_0 l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from bdiff.config import ModelConfig, SamplingConfig
+from bdiff.config import COMPILE_MODES, ModelConfig, SamplingConfig
 from bdiff.errors import BdiffError
 from bdiff.model import BlockDiffusionLM
 from bdiff.tokenizer import load_tokenizer
@@ -83,8 +85,9 @@ class Generation:
     sequence_calls: int  # the passes each sequence took part in, summed: per token, what one sequence's text costs
     seconds: float
     cache_bytes: int  # 0 without a cache
-    host_reads: int = 0  # times the loop waited for the device to learn something (once per block; threshold: per step)
+    host_reads: int = 0  # values read back from the device: once per block (threshold: also once per step)
     step_logits: list[torch.Tensor] = field(default_factory=list)  # (batch, block, vocab) per step, on request
+    compile_seconds: float = 0.0  # compiling and capturing the model call, once per shape (part of `seconds`)
 
     @property
     def new_tokens(self) -> int:
@@ -136,24 +139,70 @@ def window_entropy(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.special.entr(counts / tokens.shape[1]).sum(-1)
 
 
-SPAN_MULTIPLE = 64  # cache slots a call reads, rounded up to this: a compiled step sees few distinct shapes
+SPAN_MULTIPLE = 64  # cache slots, and the slots an eager call reads, rounded up to this: few distinct shapes
+
+
+def compile_mode(name: str | None, device: torch.device) -> str | None:
+    """SamplingConfig.compile as a torch.compile mode (None: eager). "auto": CUDA graphs on a GPU (reduce-overhead:
+    the decode step of a small model is launch-bound), eager on a CPU (compiling costs ~40 s there, repaid only after
+    ~15,000 tokens: bench/bench_sampling.py --compile)."""
+    if name == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    return None if name in (None, "none") else name
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_call(mode: str):
+    """One compiled cached_call per mode, shared by every generate() call, so their graphs are reused."""
+    return torch.compile(cached_call, mode=mode, dynamic=False)
+
+
+_WORKSPACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its KV cache for compiled calls
+
+
+def _workspace(model: BlockDiffusionLM, batch: int, total: int, device, dtype) -> KVCache:
+    """The KV cache a compiled decode step reads, kept with the model from one generate() call to the next of the same
+    batch and length, at fixed addresses (torch._dynamo.mark_static_address): its CUDA graphs replay as captured, and
+    the cache is never copied into them. A call of another shape replaces it."""
+    key = (batch, total, device, dtype)
+    kept = _WORKSPACE.get(model)
+    if kept is None or kept[0] != key:
+        cache = KVCache(model.cfg, batch, total, device, dtype)
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
+        _WORKSPACE[model] = kept = (key, cache)
+    return kept[1]
+
+
+def _overlap_reads(device: torch.device) -> bool:
+    """Whether the threshold strategy asks if its block is complete while the next step runs (a GPU works on while
+    the host waits) rather than at once (a CPU has nothing to overlap)."""
+    return device.type == "cuda"
 
 
 @torch.no_grad()
 def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: SamplingConfig | None = None, *,
-             keep_logits: bool = False, **options) -> Generation:
+             keep_logits: bool = False, stop_when=None, **options) -> Generation:
     """Generate after each prompt (lists of token ids), block by block, as `config` says (SamplingConfig: its
     defaults are sample.py's); keyword `options` override single fields: generate(model, prompts, seed=3).
 
     "confidence" reveals ceil(masked / steps left) most confident tokens a step, "threshold" every token above
     the threshold (at least one), "random" a random subset of that size. A sequence stops after its first BOS
     (end of text), at max_new_tokens, or (stop_entropy) when its last entropy_window tokens repeat themselves.
-    keep_logits: every step's logits in the result (for tests).
+    keep_logits: every step's logits in the result (for tests). stop_when(prompt index, its new tokens so far): a
+    sequence also stops after the block where this says True (a stop string: bdiff/lm_eval.py); its tokens come back
+    with the block's one read.
 
-    Inside a block the loop reads nothing back from the device (the threshold strategy excepted: after each step
-    it learns whether its block is complete); it reads once per block which sequences stopped and once, at the end,
-    the tokens. Everything else it needs (positions, the cache's span, how many steps a block takes)
-    follows from the prompts' lengths on the host. Sequences that stopped leave the batch.
+    Compiled (SamplingConfig.compile; CUDA graphs on a GPU by default), the model call of a step has one shape for
+    the whole generation: the batch stays whole (a sequence that stopped is carried along, frozen) and every call
+    attends over the whole cache with a mask of each sequence's clean length, so one graph serves every step of every
+    block (and one more the clean pass that fills the cache). Eager, sequences that stopped leave the batch and a call
+    reads only the cache slots in use: less work on a CPU.
+
+    The loop reads one thing back from the device per block (which sequences are still going) and the tokens at the
+    end; positions, how many steps a block takes and the cache's span follow from the prompts' lengths on the host.
+    The threshold strategy's blocks end when no MASK is left: on a GPU it asks after each step, while the next step
+    already runs (the device never waits; a finished block costs at most one more call), on a CPU at once.
     """
     c = dataclasses.replace(config or SamplingConfig(), **options)
     cfg = model.cfg
@@ -161,6 +210,8 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
     steps_per_block = B if c.steps_per_block is None else c.steps_per_block
     _validate(prompts, cfg, c, steps_per_block)
     device = next(model.parameters()).device
+    mode = compile_mode(c.compile, device)
+    fixed = mode is not None and c.cache  # one shape for every call: the compiled step
     bsz = len(prompts)
     lengths = [len(p) for p in prompts]
     start = [n // B * B for n in lengths]  # first position of each sequence's current block (host)
@@ -168,19 +219,34 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
     rows = torch.full((bsz, total), cfg.mask_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         rows[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    seq = rows.to(device)  # (b, total): the active sequences; one transfer
+    seq = rows.to(device)  # (b, total): the sequences still in the batch; one transfer
     prompt_len = torch.tensor(lengths, device=device)
     gens = [torch.Generator(device).manual_seed(c.seed) for _ in range(bsz)]
     arange_b = torch.arange(B, device=device)
-    cache = KVCache(cfg, bsz, total, device, model.dtype) if c.cache else None  # the activations' dtype
+    cache = None
+    if c.cache:
+        cache = (_workspace(model, bsz, total, device, model.dtype) if fixed
+                 else KVCache(cfg, bsz, total, device, model.dtype))  # the activations' dtype
     cache_bytes = cache.nbytes if c.cache else 0
-    call = torch.compile(cached_call, mode=c.compile) if c.compile else cached_call
-    calls, sequence_calls, reads, step_logits = 0, 0, 0, []
+    call = _compiled_call(mode) if mode else cached_call
+    calls, sequence_calls, reads, step_logits, compile_seconds = 0, 0, 0, [], 0.0
+    first_calls = {False, True} if mode else set()  # keep_kv: the step and the clean pass each compile once
     t0 = time.perf_counter()
+
+    def model_call(*args, keep_kv=False):  # the compiled call's first run of each kind compiles and captures it
+        nonlocal compile_seconds
+        t = time.perf_counter()
+        out = call(model, *args, keep_kv=keep_kv)
+        if keep_kv in first_calls:
+            first_calls.discard(keep_kv)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_seconds += time.perf_counter() - t
+        return out
 
     def block_logits(block, positions, K, V, visible):  # the current blocks (b, B) -> float32 logits (b, B, V)
         if c.cache:
-            return call(model, block, positions, K, V, visible)
+            return model_call(block, positions, K, V, visible)
         out = []
         for i in range(len(active)):  # no cache: the whole x_t ⊕ x_0 layout of this sequence, from scratch
             L = start[active[i]] + B
@@ -190,7 +256,7 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
             out.append(model.logits(h[L - B:L]))
         return torch.stack(out)
 
-    if c.cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time
+    if c.cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time, eagerly
         rows_all, block_starts = torch.arange(bsz, device=device), torch.arange(0, total, B, device=device)
         for i in range(bsz):
             for b0 in range(0, start[i], B):
@@ -200,61 +266,88 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
                 cache.write(rows_all[i:i + 1], block_starts[b0 // B:b0 // B + 1], k, v)  # slices: no transfers
                 calls, sequence_calls = calls + 1, sequence_calls + 1
 
-    active = list(range(bsz))  # the prompts still generating, in the order of seq's rows
-    finished = {}  # prompt -> its row of seq, once it stopped
+    active = list(range(bsz))  # the prompts still generating (host); eager: also the order of seq's rows
+    going = torch.ones(bsz, dtype=torch.bool, device=device)  # (b,) the batch's rows still generating (device)
+    finished = {}  # prompt -> its row of seq, once it stopped (eager: its row leaves the batch)
     made = [0] * bsz  # new tokens so far per prompt (host: every block adds what is not prompt)
-    begin = torch.tensor(start, device=device)  # (b,) start of each active sequence's block, kept on the device
+    new_tokens = [[] for _ in range(bsz)]  # with stop_when: the new tokens so far per prompt (host)
+    begin = torch.tensor(start, device=device)  # (b,) start of each sequence's current block, kept on the device
+    slots = torch.arange(total, device=device)
     while active:
         idx = begin[:, None] + arange_b  # (b, B) positions of the current blocks
         block = seq.gather(1, idx)
         # Steps this block takes: the most MASKs of any sequence's block (a prompt's partial block has fewer).
         steps = min(steps_per_block, max(start[i] + B - max(start[i], lengths[i]) for i in active))
-        span = -(-max(start[i] for i in active) // SPAN_MULTIPLE) * SPAN_MULTIPLE
-        visible = torch.arange(span, device=device)[None, :] < begin[:, None]  # (b, span) the clean context
-        K, V = (cache.k[:, :len(active), :span], cache.v[:, :len(active), :span]) if c.cache else (None, None)
-        active_gens = [gens[i] for i in active]
+        span = total if fixed else -(-max(start[i] for i in active) // SPAN_MULTIPLE) * SPAN_MULTIPLE
+        visible = slots[None, :span] < begin[:, None]  # (b, span) the clean context
+        K, V = (None, None) if not c.cache else (cache.k, cache.v) if fixed else (cache.k[:, :len(begin), :span],
+                                                                                    cache.v[:, :len(begin), :span])
+        batch_gens = gens if fixed else [gens[i] for i in active]
+        complete = None  # threshold: whether the block had no MASK left after the previous step (device)
         for step in range(steps):
-            masked = block == cfg.mask_id
+            masked = (block == cfg.mask_id) & going[:, None]  # a stopped sequence reveals nothing
             logits = block_logits(block, idx, K, V, visible)
             calls, sequence_calls = calls + 1, sequence_calls + len(active)
+            if complete is not None:  # asked while this step's call was queued: the device is busy meanwhile
+                reads += 1
+                if bool(complete):
+                    break
             if keep_logits:
                 step_logits.append(logits.detach().clone().cpu())
             logits[..., cfg.mask_id] = float("-inf")  # MASK is never a prediction
             sample, reveal = _choose(logits, masked, steps - step, c.strategy, c.threshold, c.temperature, c.top_p,
-                                     active_gens)
+                                     batch_gens)
             block = torch.where(reveal, sample, block)
-            if c.strategy == "threshold" and step + 1 < steps:  # its steps depend on the data: ask
-                reads += 1
-                if not bool((block == cfg.mask_id).any()):
-                    break
+            if c.strategy == "threshold" and step + 1 < steps:  # its steps depend on the data
+                complete = ~((block == cfg.mask_id) & going[:, None]).any()
+                if not _overlap_reads(device):
+                    reads += 1
+                    if bool(complete):
+                        break
+                    complete = None
         seq.scatter_(1, idx, block)
         if c.cache:  # the finished block, once more as clean context: its keys/values go into the cache
-            k, v = call(model, block, idx, K, V, visible, keep_kv=True)
-            cache.write(torch.arange(len(active), device=device), begin, k, v)
+            k, v = model_call(block, idx, K, V, visible, keep_kv=True)
+            cache.write(torch.arange(len(begin), device=device), begin, k, v)
             calls, sequence_calls = calls + 1, sequence_calls + len(active)
         stop = ((block == cfg.bos_id) & (idx >= prompt_len[:, None])).any(-1)  # (b,) ended its text
         for i in active:
             made[i] += start[i] + B - max(start[i], lengths[i])
             start[i] += B
-        begin += B
+        begin = begin + B * going  # a stopped sequence keeps its place (compiled: it stays in the batch)
         if c.stop_entropy is not None and max(made[i] for i in active) >= c.entropy_window:
             window = begin[:, None] - c.entropy_window + torch.arange(c.entropy_window, device=device)
             enough = begin - prompt_len >= c.entropy_window  # (b,) new tokens so far, from the window's size on
             stop |= enough & (window_entropy(seq.gather(1, window.clamp(min=0)), cfg.vocab_size) < c.stop_entropy)
+        going &= ~stop & (begin - prompt_len < c.max_new_tokens)
         reads += 1
-        stopped = stop.tolist()  # the one read of a block
-        keep = [j for j, i in enumerate(active) if not stopped[j] and made[i] < c.max_new_tokens]
-        if len(keep) < len(active):
-            for j, i in enumerate(active):
-                if j not in keep:
-                    finished[i] = seq[j]
+        rows_of = {i: (i if fixed else j) for j, i in enumerate(active)}
+        if stop_when is None:
+            still = going.tolist()  # the one read of a block
+        else:  # the block's tokens come back in the same read, for the host's stop rule
+            read = torch.cat([going[:, None].long(), block], 1).tolist()
+            still = [bool(r[0]) for r in read]
+            for i in active:
+                row = read[rows_of[i]]
+                new_tokens[i] += row[1 + max(0, lengths[i] - (start[i] - B)):]
+                if still[rows_of[i]] and stop_when(i, new_tokens[i]):
+                    still[rows_of[i]] = False
+            going = torch.tensor(still, device=device)
+        for i in active:
+            if not still[rows_of[i]]:
+                finished[i] = seq[rows_of[i]]
+        if fixed:
+            active = [i for i in active if still[i]]
+        elif not all(still):
+            keep = [j for j in range(len(active)) if still[j]]
             kept = torch.tensor(keep, device=device, dtype=torch.long)
-            seq, begin, prompt_len, active = seq[kept], begin[kept], prompt_len[kept], [active[j] for j in keep]
+            seq, begin, prompt_len, going = seq[kept], begin[kept], prompt_len[kept], going[kept]
+            active = [active[j] for j in keep]
             if c.cache:
                 cache.keep(kept)
     ids = torch.stack([finished[i] for i in range(bsz)]).tolist()
     return Generation([_cut(ids[i][lengths[i]:], c.max_new_tokens, cfg) for i in range(bsz)], calls,
-                      sequence_calls, time.perf_counter() - t0, cache_bytes, reads, step_logits)
+                      sequence_calls, time.perf_counter() - t0, cache_bytes, reads, step_logits, compile_seconds)
 
 
 def _cut(new: list[int], max_new_tokens: int, cfg: ModelConfig) -> list[int]:
@@ -292,5 +385,5 @@ def _validate(prompts, cfg, c: SamplingConfig, steps_per_block: int):
         raise SamplingError(f"threshold must lie in (0, 1), got {c.threshold}")
     if c.stop_entropy is not None and (c.stop_entropy <= 0 or c.entropy_window < 2):
         raise SamplingError(f"need stop_entropy > 0 and entropy_window >= 2, got {c.stop_entropy}, {c.entropy_window}")
-    if c.compile not in (None, "default", "reduce-overhead", "max-autotune"):
-        raise SamplingError(f"compile must be default, reduce-overhead or max-autotune, got {c.compile!r}")
+    if c.compile not in (None, *COMPILE_MODES):
+        raise SamplingError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {c.compile!r}")

@@ -92,7 +92,8 @@ class Trackers:
                 run_id = f.read().strip()
         run_id = run_id or uuid.uuid4().hex[:12]
         try:
-            run = wandb.init(project=project, name=name, id=run_id, resume="allow", config=config, dir=run_dir,
+            run = wandb.init(project=project, name=name, id=run_id, resume="allow", config=config,
+                             dir=os.environ.get("WANDB_DIR") or run_dir,  # W&B's own variable first, as it documents
                              notes=f"commit {(config.get('code') or {}).get('commit', 'unknown')}")
         except Exception as e:  # noqa: BLE001 (no login, no network: nothing has trained yet, so say so and stop)
             raise TrackingError(f"--wandb {project}: W&B could not start ({str(e).splitlines()[0]}); run "

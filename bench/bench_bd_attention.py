@@ -71,7 +71,7 @@ def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90)
 def inputs(device: str, mean: int | None):
     """The suite's and the GPU bench's case: the record's attention (bf16) on a GPU; on a CPU a small one
     (L=4096, 2 heads of 32, float32) with the same kind of documents. mean=None: the demo's attention instead
-    (the cpu preset: one document filling L=512, 4 heads of 32, float32). Returns q, k, v (2L, H, D), cu_seqlens,
+    (the demo preset: one document filling L=512, 4 heads of 32, float32). Returns q, k, v (2L, H, D), cu_seqlens,
     the upstream gradient and the entries the mask allows (all heads)."""
     from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
 

@@ -65,7 +65,7 @@ def gpu_bench():
 
 
 # The suite (bench/conftest.py): one Muon batch against the same iteration in torch matmuls; the record's q/k/v/proj
-# batch (48 x 768 x 768, bf16) on a GPU, the cpu preset's (16 x 128 x 128) and MLP (4 x 512 x 128) on a CPU.
+# batch (48 x 768 x 768, bf16) on a GPU, the demo preset's (16 x 128 x 128) and MLP (4 x 512 x 128) on a CPU.
 @pytest.mark.parametrize("candidate", ["torch matmuls", "bdiff"])
 @pytest.mark.parametrize("shape", ["square", "tall"])
 def test_newton_schulz(measure, candidate, shape):

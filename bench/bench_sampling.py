@@ -1,15 +1,16 @@
-"""Sampling speed: the decode loop against the loop before it (bench/sampling_baseline.py), at batch 1, 8 and 32,
-and the KV cache against recomputing every step.
+"""Sampling speed: the decode loop eager, compiled (on a GPU: captured as CUDA graphs, the default there) and the loop
+before it (bench/sampling_baseline.py), at batch 1, 8 and 32, and the KV cache against recomputing every step.
 
     python bench/bench_sampling.py --ckpt logs/RUN/model                 # CPU: a trained model, batch 1, 8, 32
     python bench/bench_sampling.py --ckpt logs/RUN/model --compile       # ... and the compiled model call
     python bench/bench_sampling.py --gpu                                 # GPU: the record model (random weights)
     python -m pytest bench/bench_sampling.py --benchmark-only            # the suite
 
-Each row is one generate() call after an untimed warm-up call of the same loop, the loops one after the other in
-one run: tokens/s = new tokens / wall time, model calls per token, host reads (the times the loop waited for the
-device to learn something). Greedy decoding: both loops generate the same tokens (checked), so they do the same
-work. The batch holds one prompt repeated; every sequence draws from its own generator.
+Each row is one generate() call after an untimed warm-up call of the same loop (which compiles and captures), the
+loops one after the other in one run: tokens/s = new tokens / wall time, model calls per token, host reads (values
+the loop read back from the device), and the one-time compile and capture seconds of the warm-up. Greedy decoding:
+every loop generates the same tokens (checked), so they do the same work. The batch holds one prompt repeated; every
+sequence draws from its own generator.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def loops(compile_mode: str | None) -> dict:
 
     from bdiff.sampling import generate
 
-    out = {"before (7d29e14)": generate_before, "now": generate}
+    out = {"before (7d29e14)": generate_before,
+           "now, eager": lambda model, prompts, **kw: generate(model, prompts, compile="none", **kw)}
     if compile_mode:
         out[f"now, compiled ({compile_mode})"] = lambda model, prompts, **kw: generate(model, prompts,
                                                                                        compile=compile_mode, **kw)
@@ -38,28 +40,31 @@ def loops(compile_mode: str | None) -> dict:
 
 def run(model, prompt, new_tokens, steps_per_block, batches, compile_mode):
     print(f"{new_tokens} new tokens per prompt, {steps_per_block} steps per block of {model.cfg.block_size}, greedy")
-    print(f"{'batch':>5}  {'loop':<28} {'tok/s':>9} {'calls/token':>11} {'host reads':>10} {'vs before':>9}")
+    print(f"{'batch':>5}  {'loop':<36} {'tok/s':>9} {'calls/token':>11} {'host reads':>10} {'vs before':>9} "
+          f"{'compile s':>9}")
     for batch in batches:
         base, first = None, None
         for name, generate in loops(compile_mode).items():
             kw = dict(max_new_tokens=new_tokens, steps_per_block=steps_per_block, temperature=0)
-            generate(model, [prompt] * batch, **kw)  # warm-up: allocator, caches, compilation
+            warm = generate(model, [prompt] * batch, **kw)  # warm-up: allocator, caches, compilation and capture
             out = generate(model, [prompt] * batch, **kw)
             rate = out.new_tokens / out.seconds
             base = base or rate
             first = first or out.tokens
             assert out.tokens == first, f"{name}: other tokens than the baseline's"
             reads = out.host_reads if out.host_reads else "per token"
-            print(f"{batch:>5}  {name:<28} {rate:9,.1f} {out.calls_per_token:11.3f} {reads:>10} "
-                  f"{rate / base:8.2f}x")
+            print(f"{batch:>5}  {name:<36} {rate:9,.1f} {out.calls_per_token:11.3f} {reads:>10} "
+                  f"{rate / base:8.2f}x {getattr(warm, 'compile_seconds', 0):9.1f}", flush=True)
 
 
-# The suite (bench/conftest.py), on a fresh model (the record model on a GPU, the cpu preset on a CPU; its lm_head
+# The suite (bench/conftest.py), on a fresh model (the record model on a GPU, the demo preset on a CPU; its lm_head
 # starts at zero, so greedy decoding never ends early on BOS: every call generates all its tokens): the cache
 # against recomputing every step, and today's loop against the one before it (bench/sampling_baseline.py).
 CASES = [("sampling cache", 1, "recompute", None), ("sampling cache", 1, "KV cache", "recompute"),
          ("sampling batch 1", 1, "before", None), ("sampling batch 1", 1, "now", "before"),
-         ("sampling batch 8", 8, "before", None), ("sampling batch 8", 8, "now", "before")]
+         ("sampling batch 1", 1, "CUDA graphs", "now"),
+         ("sampling batch 8", 8, "before", None), ("sampling batch 8", 8, "now", "before"),
+         ("sampling batch 8", 8, "CUDA graphs", "now")]
 
 
 @pytest.mark.parametrize("op,batch,candidate,compare_with", CASES, ids=[f"{c[0]}: {c[2]}" for c in CASES])
@@ -71,15 +76,18 @@ def test_sampling(measure, op, batch, candidate, compare_with):
     from bdiff.sampling import generate
 
     cuda = torch.cuda.is_available()
+    if candidate == "CUDA graphs" and not cuda:
+        pytest.skip("CUDA graphs are timed on a GPU only")
     torch.manual_seed(0)
-    model = BlockDiffusionLM(PRESETS["record" if cuda else "cpu"]().model).to("cuda" if cuda else "cpu").eval()
+    model = BlockDiffusionLM(PRESETS["record" if cuda else "demo"]().model).to("cuda" if cuda else "cpu").eval()
     model.set_dtype(torch.bfloat16 if cuda else torch.float32)  # each device's default precision
     new_tokens, steps = (1024, 4) if cuda else (256, 4)
     prompts = [[model.cfg.bos_id] + list(range(100, 164))] * batch
+    options = {} if candidate == "before" else dict(compile="reduce-overhead" if candidate == "CUDA graphs" else "none")
     sample = generate_before if candidate == "before" else generate
     out = measure(op, candidate,
                   lambda: sample(model, prompts, max_new_tokens=new_tokens, steps_per_block=steps, temperature=0,
-                                 cache=candidate != "recompute"),
+                                 cache=candidate != "recompute", **options),
                   compare_with=compare_with, work=new_tokens * batch, unit="token", new_tokens=new_tokens,
                   steps_per_block=steps, block_size=model.cfg.block_size, batch=batch)
     assert all(len(t) == new_tokens for t in out.tokens), "generation ended early"
@@ -92,8 +100,8 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--steps_per_block", type=int, help="default: the block size (one token per model call)")
     parser.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
-    parser.add_argument("--compile", nargs="?", const="default", help="also time the compiled model call "
-                                                                      "(mode: default; reduce-overhead on a GPU)")
+    parser.add_argument("--compile", nargs="?", const="default", help="also time the compiled model call (mode: "
+                                                                      "default; with --gpu always reduce-overhead)")
     args = parser.parse_args()
     from bdiff.data import default_prompt, tokenizer_of
     from bdiff.hub import load
@@ -107,7 +115,7 @@ def main():
         model = BlockDiffusionLM(record().model).cuda().eval().set_dtype(torch.bfloat16)
         print(f"{torch.cuda.get_device_name()}, bf16, random weights")
         run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block or 16, batches,
-            args.compile)
+            args.compile or "reduce-overhead")
         return
     if not args.ckpt:
         parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/model)")

@@ -333,7 +333,7 @@ def memory_table(L: int = 16384, mean_doc: int = 1000) -> dict:
 
 
 # The suite (bench/conftest.py): a whole step, documents of ~300 tokens. On a GPU the record model at L=16,384:
-# ours and the seed's, eager and compiled. On a CPU the cpu preset: ours against the seed's at L=1024 (2x the
+# ours and the seed's, eager and compiled. On a CPU the demo preset: ours against the seed's at L=1024 (2x the
 # preset's, where the dense mask's cost shows), ours compiled against eager at the preset's own L=512 (the demo).
 SUITE = [  # (candidate, formulation, compiled, compared with, L on a CPU)
     ("seed eager", "seed", False, None, 1024),
@@ -351,7 +351,7 @@ def test_step(measure, candidate, name, compiled, compare_with, cpu_L):
     from torch.nn.attention.flex_attention import flex_attention
 
     cuda = torch.cuda.is_available()
-    cfg = PRESETS["record" if cuda else "cpu"]()
+    cfg = PRESETS["record" if cuda else "demo"]()
     L = cfg.train.seq_len if cuda else cpu_L
     step = make_step(name, cfg, L, 300, "cuda" if cuda else "cpu", compiled,
                      torch.compile(flex_attention, dynamic=False) if cuda else None)

@@ -1,9 +1,9 @@
 """Training runs that can be told apart: one setting over several seeds, and the noise estimator's variance.
 
-    python bench/bench_training.py cpu --seeds 3                          # the demo preset, seeds 0, 1, 2
-    python bench/bench_training.py cpu --seeds 3 -- --noise_stratified    # any train.py flags after --
+    python bench/bench_training.py demo --seeds 3                          # the demo preset, seeds 0, 1, 2
+    python bench/bench_training.py demo --seeds 3 -- --noise_stratified    # any train.py flags after --
     python bench/bench_training.py --compare a.json b.json                # settings saved by earlier runs
-    python bench/bench_training.py cpu --variance --ckpt logs/demo/model  # iid vs stratified noise, fixed weights
+    python bench/bench_training.py demo --variance --ckpt logs/demo/model  # iid vs stratified noise, fixed weights
 
 A setting's runs go one after another (each `python train.py` on the whole machine); the bench prints each
 seed's final validation loss and training time, the mean ± standard error over seeds and the spread (max − min),
@@ -122,7 +122,7 @@ def variance(preset: str, ckpt: str | None, draws: int, seed: int) -> list[dict]
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset", nargs="?", default="cpu")
+    parser.add_argument("preset", nargs="?", default="demo")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. K-1")
     parser.add_argument("--out", help="JSON of the setting's runs (default: bench_training_<preset>.json)")
     parser.add_argument("--compare", nargs="+", metavar="JSON", help="print saved settings side by side")

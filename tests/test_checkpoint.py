@@ -228,8 +228,9 @@ def test_resume_on_another_number_of_ranks_uses_every_token_once(stdlib_dir, tmp
     assert sorted(steps) == list(range(1, 61))
     ranges = [tuple(r) for s in sorted(steps) for r in steps[s]]
     assert len(set(ranges)) == len(ranges), "a token range was consumed twice"
-    assert sum(end - start for _, start, end in ranges) == 60 * 2 * 128, "60 steps of 2 micro-steps of 128 tokens"
-    for (shard_a, _, end_a), (shard_b, start_b, _) in zip(ranges, ranges[1:]):
+    assert sum(end - start for _, _, start, end in ranges) == 60 * 2 * 128, "60 steps of 2 micro-steps of 128 tokens"
+    assert {epoch for epoch, *_ in ranges} == {0}, "the run stays in the first epoch"
+    for (_, shard_a, _, end_a), (_, shard_b, start_b, _) in zip(ranges, ranges[1:]):
         assert (shard_b == shard_a and start_b == end_a) or shard_b > shard_a, \
             f"tokens skipped or read twice between {end_a} and {start_b}"
 
@@ -283,7 +284,7 @@ def test_no_token_range_twice(stdlib_dir, tmp_path):
         ranges = [tuple(r) for s in sorted(steps) for r in steps[s]]
         assert all(len(steps[s]) == per_step for s in steps)
         assert len(set(ranges)) == len(ranges), f"{run}: a token range was consumed twice"
-        for (shard_a, _, end_a), (shard_b, start_b, _) in zip(ranges, ranges[1:]):
+        for (_, shard_a, _, end_a), (_, shard_b, start_b, _) in zip(ranges, ranges[1:]):
             assert shard_b > shard_a or start_b >= end_a, f"{run}: ranges overlap or go backwards"
 
 

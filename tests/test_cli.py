@@ -23,7 +23,7 @@ CASES = [
     ("train: impossible device", [PY, "train.py", "--preset", "tiny", "--device", "cuda:7"], ["--device cuda:7"]),
     ("train: bad dtype", [PY, "train.py", "--preset", "tiny", "--dtype", "float8"], ["--dtype", "invalid choice"]),
     ("train: data and model disagree", [PY, "train.py", "--preset", "tiny", "--bos_id", "0"],
-     ["BOS 256", "--preset cpu or tiny"]),
+     ["BOS 256", "--preset demo or tiny"]),
     ("sample: missing checkpoint", [PY, "sample.py", "--ckpt", "{tmp}/none.pt", "--prompt", "a"],
      ["none.pt", "no such checkpoint"]),
     ("sample: foreign file", [PY, "sample.py", "--ckpt", "{foreign}", "--prompt", "a"], ["not a bdiff checkpoint"]),

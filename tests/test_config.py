@@ -2,7 +2,10 @@
 presets are valid, devices are checked before anything runs, and a run knows its code version."""
 import argparse
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -83,3 +86,26 @@ def test_a_run_records_its_code_version():
     code = code_version()  # this checkout is a git repository
     assert re.fullmatch(r"[0-9a-f]{40}", code["commit"]) and isinstance(code["dirty"], bool), code
     assert dataclasses.asdict(get_preset("tiny"))["code"] == {}, "filled in by train.py, not by the preset"
+
+
+def test_help_says_what_each_flag_means_and_its_default_in_the_preset():
+    """train.py --help: every field's comment and its value in the chosen preset (the demo's by default); sample.py
+    --help likewise for the sampling fields."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def help_of(*args):
+        result = subprocess.run([sys.executable, *args, "--help"], cwd=root, capture_output=True, text=True,
+                                timeout=120, env={**os.environ, "COLUMNS": "200"})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    demo, record = help_of("train.py"), help_of("train.py", "--preset", "record")
+    line = re.compile(r"--seq_len SEQ_LEN\s+tokens per micro-step per rank \(one packed sequence\) \(default: (\d+)\)")
+    assert line.search(demo).group(1) == "512" and line.search(record).group(1) == "16384"
+    assert re.search(r"--separator SEPARATOR\s+Where the document separator \(BOS\) sits", demo), "a comment above"
+    assert "--noise_stratified" in demo and "(default: off)" in demo
+    entries = {e.split()[0]: " ".join(e.split()) for e in re.split(r"\n  (?=--)", demo.split("training (the")[1])}
+    for f in dataclasses.fields(TrainConfig):
+        entry = entries.get(f"--{f.name}") or entries.get(f"--no_{f.name}") or ""
+        assert len(entry.split("(default: ")[0].split()) > 2 and "(default: " in entry, f"--{f.name}: {entry!r}"
+    assert "temperature; 0 is greedy (default: 0.8)" in help_of("sample.py")

@@ -62,6 +62,73 @@ def test_no_token_twice_across_ranks_and_steps(tmp_path, world, seq_len):
     assert seen == sorted(seen), "tokens must come in file order"
 
 
+def unique_shards(tmp_path, sizes):
+    files = []
+    for i, n in enumerate(sizes):
+        files.append(str(tmp_path / f"s{i}.bin"))
+        write_shard(files[-1], 10_000 * i + np.arange(n))  # every token unique
+    return files
+
+
+def read_steps(loaders, steps):
+    """[(epoch, [rank r's sequence as a list, ...])] for `steps` steps of the loaders (one per rank)."""
+    out = []
+    for _ in range(steps):
+        step = [ld.next().tolist() for ld in loaders]
+        epochs = {ld.last_step[0][0] for ld in loaders}
+        assert len(epochs) == 1 and all(ld.last_step == loaders[0].last_step for ld in loaders), "ranks disagree"
+        out.append((epochs.pop(), step))
+    return out
+
+
+@pytest.mark.parametrize("world,seq_len", [(1, 64), (2, 50)])
+def test_epochs_read_the_data_again_in_another_order(tmp_path, world, seq_len):
+    """A run longer than its data: epoch 0 in file order, as without epochs; each later epoch reads every sequence it
+    cuts at most once, in an order of its own, the same on every rank, with no token twice in a step."""
+    files = unique_shards(tmp_path, [1000, 333, 700])
+    first = [DistributedLoader(files, seq_len, r, world) for r in range(world)]
+    loaders = [DistributedLoader(files, seq_len, r, world, seed=7, epochs=True) for r in range(world)]
+    per_epoch = loaders[0].steps_per_epoch()
+    steps = read_steps(loaders, 4 * per_epoch)
+    assert [s for _, s in steps[:per_epoch]] == [s for _, s in read_steps(first, per_epoch)], "epoch 0: file order"
+    by_epoch = {}
+    for epoch, seqs in steps:
+        by_epoch.setdefault(epoch, []).append(seqs)
+        tokens = [t for seq in seqs for t in seq]
+        assert len(tokens) == len(set(tokens)) == world * seq_len, "a token twice in one step"
+    assert len(by_epoch) >= 4
+    orders = []
+    for epoch, epoch_steps in sorted(by_epoch.items())[1:-1]:  # whole later epochs
+        starts = [seq[0] for seqs in epoch_steps for seq in seqs]
+        assert len(starts) == len(set(starts)), f"epoch {epoch} read a sequence twice"
+        orders.append(starts)
+    assert orders[0] != orders[1], "each epoch has an order of its own"
+    again = [DistributedLoader(files, seq_len, r, world, seed=7, epochs=True) for r in range(world)]
+    assert read_steps(again, 4 * per_epoch) == steps, "the same seed, the same epochs"
+
+
+def test_epochs_resume_mid_epoch_on_another_number_of_ranks(tmp_path):
+    """The position after a step of epoch 2 on 2 ranks continues on 1 rank with the epoch's next sequences: nothing
+    of the epoch read twice, nothing skipped."""
+    files = unique_shards(tmp_path, [900, 500])
+    two = [DistributedLoader(files, 40, r, 2, seed=1, epochs=True) for r in range(2)]
+    while two[0].epoch < 2 or two[0].index < 6:
+        read_steps(two, 1)
+    state = two[0].state()
+    rest_two = read_steps(two, 5)
+    one = DistributedLoader(files, 40, 0, 1, seed=1, epochs=True)
+    one.load_state(state)
+    rest_one = read_steps([one], 10)
+    assert [seq for _, seqs in rest_two for seq in seqs] == [seqs[0] for _, seqs in rest_one]
+    assert {epoch for epoch, _ in rest_one} == {2}
+
+
+def test_data_smaller_than_one_step_is_refused(tmp_path):
+    files = unique_shards(tmp_path, [100, 120])
+    with pytest.raises(DataError, match="hold no whole step of world size 2 x 64 tokens"):
+        DistributedLoader(files, 64, 0, 2, epochs=True)
+
+
 def test_stdlib_corpus(tmp_path):
     data.build_stdlib_corpus(str(tmp_path))
     train = data.shard_files("stdlib", str(tmp_path), "train")

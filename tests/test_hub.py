@@ -166,3 +166,77 @@ def test_damaged_or_foreign_weights_fail_in_one_line(trained, tmp_path):
         hub.load(str(tmp_path / "missing"))
     with pytest.raises(hub.HubError, match="not a model directory, run directory or Hub id"):
         hub.load(str(run / "model" / hub.CARD))
+
+
+def test_the_model_class_loads_saves_and_pushes_as_the_hub_mixin_does(trained, tmp_path, monkeypatch):
+    """BlockDiffusionLM.from_pretrained / .save_pretrained / .push_to_hub, huggingface_hub's PyTorchModelHubMixin
+    convention, over the one loader (bdiff.hub.load) and the one writer: the same evaluation after each round trip."""
+    model, config, run, sequences = trained
+    expected = evaluate(model, sequences)
+    loaded = BlockDiffusionLM.from_pretrained(str(run / "model"))
+    assert evaluate(loaded, sequences) == expected and loaded.run_config["val_loss"] == 3.21
+    again = BlockDiffusionLM.from_pretrained(loaded.save_pretrained(str(tmp_path / "again")))
+    assert evaluate(again, sequences) == expected and again.run_config["train"] == loaded.run_config["train"]
+    fresh = BlockDiffusionLM(get_preset("tiny").model)  # never trained: its model config alone
+    assert BlockDiffusionLM.from_pretrained(fresh.save_pretrained(str(tmp_path / "fresh"))).cfg == fresh.cfg
+    api = StandInApi(str(tmp_path / "remote"))
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda token=None: api)
+    assert loaded.push_to_hub(REPO, token="hf_test") == f"https://huggingface.co/{REPO}"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub_cache(tmp_path, tmp_path / "remote" / REPO))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert evaluate(BlockDiffusionLM.from_pretrained(REPO), sequences) == expected
+
+
+TRANSFORMERS_CHECK = r"""
+import json, sys
+sys.modules["bdiff"] = None  # `import bdiff` fails: the model must load without it
+sys.modules["triton"] = None
+import torch
+from transformers import AutoConfig, AutoModelForMaskedLM
+
+where, cases = sys.argv[1], json.loads(sys.argv[2])
+config = AutoConfig.from_pretrained(where, trust_remote_code=True)
+model = AutoModelForMaskedLM.from_pretrained(where, trust_remote_code=True, dtype=torch.float32).eval()
+out = {"model_type": config.model_type, "block_size": config.block_size, "logits": []}
+with torch.no_grad():
+    for x_t, x_0 in cases:
+        out["logits"].append(model(torch.tensor([x_t]), clean_ids=torch.tensor([x_0])).logits[0].tolist())
+    out["generated"] = model.generate(torch.tensor([cases[0][1][:5]]), max_new_tokens=20).tolist()
+print(json.dumps(out))
+"""
+
+
+def test_transformers_loads_a_model_directory_without_bdiff(trained, tmp_path):
+    """AutoConfig / AutoModelForMaskedLM.from_pretrained(dir, trust_remote_code=True) in a process where bdiff and
+    Triton cannot be imported: bdiff's logits to 1e-5 (float32) on packed sequences of several documents, one that
+    starts inside a document and one that opens with BOS, and a generate() that writes tokens. Reference: bdiff's
+    model on the same x_t ⊕ x_0 layout (document_layout, the seed's offset rule)."""
+    from bdiff.noise import document_layout
+
+    model, config, run, _ = trained
+    directory = run / "model"
+    assert json.loads((directory / hub.CONFIG).read_text())["auto_map"]["AutoModelForMaskedLM"] == \
+        "modeling_bdiff.BdiffForMaskedLM"
+    gen = torch.Generator().manual_seed(0)
+    cases, want = [], []
+    bos, mask = model.cfg.bos_id, model.cfg.mask_id
+    for first in (65, bos):  # a fragment first (positions from 1), then a sequence that opens with BOS
+        x0 = torch.randint(0, 256, (75,), generator=gen)
+        x0[0], x0[[20, 51]] = first, bos
+        x_t = torch.where(torch.rand(75, generator=gen) < 0.5, mask, x0)
+        layout = document_layout(x0, bos, model.cfg.block_size, separator=model.cfg.separator)
+        with torch.no_grad():
+            h = model.hidden_states(torch.cat([x_t, x0]), layout.positions, layout.cu_seqlens)[:75]
+            want.append(model.logits(h))
+        cases.append((x_t.tolist(), x0.tolist()))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", TRANSFORMERS_CHECK, str(directory), json.dumps(cases)],
+                            cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["model_type"] == "bdiff" and out["block_size"] == model.cfg.block_size
+    for got, w in zip(out["logits"], want):
+        torch.testing.assert_close(torch.tensor(got), w, atol=1e-5, rtol=1e-5)
+    generated = out["generated"][0]
+    assert 1 <= len(generated) <= 20 and all(0 <= t < model.cfg.vocab_size and t != mask for t in generated)

@@ -103,6 +103,31 @@ def test_cut_at_stops():
     assert cut_at_stops("abc", ["x", ""]) == "abc"
 
 
+def test_generation_stops_at_a_stop_string_within_its_block(model_dir, monkeypatch):
+    """generate_until: a sequence stops after the block where a stop string appears (the sampler's one read of the
+    block carries its tokens to the host), not after max_gen_toks; the text is cut at the string."""
+    import bdiff.sampling
+
+    lm = BdiffLM(model_dir, device="cpu")
+    calls = []
+    generate = bdiff.sampling.generate
+    monkeypatch.setattr(bdiff.sampling, "generate",
+                        lambda *args, **kwargs: calls.append(generate(*args, **kwargs)) or calls[-1])
+    logits = lm.model.logits
+    space = lm.tokenizer.encode(" ")[0]
+
+    def spaces_after_a_while(hidden):  # a space is by far the likeliest token
+        out = logits(hidden)
+        out[..., space] += 1e4
+        return out
+
+    monkeypatch.setattr(lm.model, "logits", spaces_after_a_while)
+    texts = lm.generate_until(requests(("def f(", {"until": [" "], "max_gen_toks": 200})), disable_tqdm=True)
+    assert texts == [""], texts
+    block = lm.cfg.block_size
+    assert len(calls[0].tokens[0]) <= 2 * block, f"stopped within a block or two, not at 200: {calls[0].tokens[0]}"
+
+
 TASKS = {
     "bdiff_mc": """task: bdiff_mc
 dataset_path: json

@@ -61,9 +61,9 @@ def test_prepare_train_and_sample(corpus, tmp_path, kind):
     assert record.bos_id == tok.bos_id and record.mask_id == record.num_ids == tok.num_ids
     manifest = json.loads((out / data.MANIFEST).read_text())
     assert manifest["train"]["documents"] + manifest["val"]["documents"] == 40, "the hidden file is no document"
-    assert manifest["val"]["documents"] == 4, "every 10th document is held out, whole"
+    assert manifest["val"]["documents"] == 4, "every 10th document is held out, whole, from the first"
     files = sorted(p for p in corpus.rglob("*.txt"))
-    want = np.concatenate([[tok.bos_id] + tok.encode(p.read_text()) for i, p in enumerate(files) if (i + 1) % 10])
+    want = np.concatenate([[tok.bos_id] + tok.encode(p.read_text()) for i, p in enumerate(files) if i % 10])
     np.testing.assert_array_equal(shard_tokens(out, "mine", "train"), want)
     assert len(data.shard_files("mine", str(out), "train")) > 1, "shards are written as they fill"
     assert not os.path.exists(str(out) + ".partial")
@@ -80,6 +80,18 @@ def test_prepare_train_and_sample(corpus, tmp_path, kind):
         assert (tmp_path / "logs" / kind / "model" / "tokenizer.json").exists(), "the model carries its tokenizer"
     out_ids = generate(model.eval(), [encode("def value", spec, model.cfg.bos_id)], max_new_tokens=8).tokens[0]
     assert isinstance(decode(out_ids, spec), str)
+
+
+def test_the_defaults_hold_out_a_document_of_a_small_folder(corpus, tmp_path):
+    """40 files with the default --val_fraction (0.01): the first document is held out, the 39 others train."""
+    assert data.main(["prepare", str(corpus), "--tokenizer", "bytes", "--out", str(tmp_path / "d"), "--jobs", "1"]) == 0
+    manifest = json.loads((tmp_path / "d" / data.MANIFEST).read_text())
+    assert (manifest["val"]["documents"], manifest["train"]["documents"]) == (1, 39)
+    two = tmp_path / "two"
+    two.mkdir()
+    for i in range(2):
+        (two / f"{i}.txt").write_text(f"document {i}\n")
+    assert data.main(["prepare", str(two), "--tokenizer", "bytes", "--out", str(tmp_path / "d2"), "--jobs", "1"]) == 0
 
 
 def test_uint32_shards_round_trip(tmp_path):

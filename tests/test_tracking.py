@@ -69,6 +69,14 @@ def wandb_history(path: str) -> tuple[str, list[dict]]:
     return run_id, rows
 
 
+def test_wandb_writes_where_wandb_dir_says(stdlib_dir, tmp_path, offline, monkeypatch):
+    """WANDB_DIR, the variable W&B documents for where its files go, wins over the run directory."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    run(stdlib_dir, str(tmp_path / "out"), "--wandb", "bdiff-test")
+    assert glob.glob(str(tmp_path / "elsewhere" / "wandb" / "offline-run-*" / "run-*.wandb")), "not under WANDB_DIR"
+    assert not os.path.exists(tmp_path / "out" / "r" / "wandb"), "and nothing in the run directory"
+
+
 def test_wandb_offline_holds_the_jsonl_scalars_and_a_resume_continues_the_run(stdlib_dir, tmp_path, offline):
     out = str(tmp_path)
     run(stdlib_dir, out, "--wandb", "bdiff-test")

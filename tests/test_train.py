@@ -99,6 +99,19 @@ def test_dry_run_record(capsys):
     printed = capsys.readouterr().out
     assert "parameters: 162,166,314" in printed
     assert "block_size 16 == 16 OK" in printed
+    assert "preset: record (--preset record)" in printed
+
+
+def test_the_demo_is_the_default_on_every_machine(capsys):
+    """`python train.py` runs the demo wherever it runs (on the GPU where there is one: --device's default), and says
+    which preset it took and why; `cpu`, the demo's former name, still takes it."""
+    assert train.main(["--device", "cpu", "--dry_run"]) is None
+    printed = capsys.readouterr().out
+    assert "preset: demo (the default" in printed and "--preset record" in printed
+    demo = train.BlockDiffusionLM(train.get_preset("demo").model)
+    assert f"parameters: {sum(p.numel() for p in demo.parameters()):,}" in printed
+    assert train.main(["--device", "cpu", "--preset", "cpu", "--dry_run"]) is None
+    assert "preset: demo (--preset cpu: its former name)" in capsys.readouterr().out
 
 
 def test_compiled_tiny_run(stdlib_dir, tmp_path, capsys):
@@ -127,6 +140,37 @@ def test_failed_sample_keeps_the_run(stdlib_dir, tmp_path, capsys, monkeypatch):
     assert skipped == ["sample skipped: out of memory while sampling"]
     assert os.path.exists(os.path.join(out, "s", "final.pt")), "the model must be saved before the sample"
     assert os.path.exists(os.path.join(out, "s", "ckpt_000002", "COMPLETE")), "and the final checkpoint"
+
+
+def test_data_smaller_than_the_run(tmp_path, capsys, monkeypatch):
+    """A data set of 40 small documents: the training split is read again, epoch after epoch, as the run says at
+    start; a validation split smaller than val_tokens, and than one val_seq_len sequence, is read whole, as the run
+    says at start; the trained weights are on disk before the final validation, which cannot lose them."""
+    from bdiff.prepare import prepare
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i:02d}.txt").write_text(f"document {i}: " + "abc " * (i % 7 + 3) + "\n")
+    prepare(str(docs), "bytes", str(tmp_path / "data"), jobs=1, progress=False, log=lambda *_: None)
+    validations = []
+
+    def failing_final_validation(model, raw_model, data, cfg, proc):
+        validations.append(data.val_seq_len)
+        raise RuntimeError("the disk vanished during validation")
+
+    monkeypatch.setattr(train, "evaluate", failing_final_validation)
+    with pytest.raises(RuntimeError, match="the disk vanished"):
+        train.main(["--device", "cpu", "--preset", "tiny", "--steps", "30", "--seq_len", "64", "--val_every", "0",
+                    "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path), "--run_name", "small"])
+    printed = capsys.readouterr().out
+    assert re.search(r"which 30 steps read \d+\.\d\d times \(each epoch after the first", printed), printed
+    assert "epoch 2 begins at step" in printed and "epoch 3 begins at step" in printed
+    assert re.search(r"fewer than val_tokens=1,024: each validation reads 1 sequence\(s\) of \d\d tokens", printed)
+    assert validations and validations[0] < 256, "validation sequences as long as the split allows"
+    assert os.path.exists(os.path.join(tmp_path, "small", "ckpt_000030", "COMPLETE")), "saved before validating"
+    steps = [e for e in read_log(str(tmp_path), "small") if "data" in e]
+    assert {r[0] for e in steps for r in e["data"]} >= {0, 1, 2}, "the log records each range's epoch"
 
 
 def test_gpt2_run_without_tiktoken_keeps_the_run(tmp_path, capsys, monkeypatch):
