@@ -16,7 +16,7 @@ from bdiff.config import (
 )
 from bdiff.data import tokenizer_of
 from bdiff.errors import command
-from bdiff.hub import load
+from bdiff.model import BlockDiffusionLM
 from bdiff.sampling import SamplingError, generate, prompt_ids
 from bdiff.tokenizer import decode, load_tokenizer
 
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     apply_flags(args, sampling)
     device, dtype = device_and_dtype(args)  # before any file is read: the real cause first
 
-    model, config = load(args.ckpt, device)
+    model = BlockDiffusionLM.from_pretrained(args.ckpt, device)
+    config = model.run_config
     model.set_dtype(dtype)
     cfg = model.cfg
     if args.block_size is not None and args.block_size != cfg.block_size:

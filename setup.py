@@ -7,12 +7,14 @@ setup(
     # The Triton kernels live in the top-level kernels/ directory and install as bdiff.kernels (bdiff/kernels is a
     # link to it): the name `kernels` belongs to Hugging Face's package. kernels/ has no __init__.py, so even
     # from the repository root it never shadows an installed `kernels` (a regular package wins over it).
-    packages=["bdiff", "bdiff.kernels"],
+    # bdiff.hf: the transformers code copied into model directories. kernels/bd_attention_tiles.json: the tile table.
+    packages=["bdiff", "bdiff.kernels", "bdiff.hf"],
     python_requires=">=3.10",
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
     # pytest-benchmark: bench/bench_<op>.py are both scripts and the benchmark suite's tests. safetensors: the
     # weights format of model directories and the Hub (bdiff/hub.py).
     # tqdm: the progress bar of `python -m bdiff.data prepare` (huggingface_hub depends on it already).
+    package_data={"bdiff.kernels": ["*.json"]},
     install_requires=["torch>=2.5", "triton>=3.2", "numpy", "huggingface_hub", "safetensors", "pytest-benchmark",
                       "tqdm"],
     # data: the tokenizers and readers of `prepare` beyond bytes (tokenizers: tokenizer.json files and Hub

@@ -31,7 +31,6 @@ from bdiff.config import ModelConfig
 from bdiff.data import DistributedLoader
 from bdiff.ema import WeightAverage
 from bdiff.errors import BdiffError
-from bdiff.model import BlockDiffusionLM
 from bdiff.noise import noise_seed
 
 COMPLETE = "COMPLETE"
@@ -41,7 +40,7 @@ COMPLETE = "COMPLETE"
 class TrainState:
     """What a checkpoint holds and a resume puts back, passed whole: the model (not its DDP wrapper), both
     optimizers, the loader (its position) and this rank's noise stream, at `step` optimizer steps done."""
-    model: BlockDiffusionLM
+    model: torch.nn.Module  # bdiff.model.BlockDiffusionLM
     adam: torch.optim.Optimizer
     muon: torch.optim.Optimizer
     loader: DistributedLoader
@@ -263,15 +262,10 @@ def save_model(path: str, model, config: dict, step: int, val_loss: float) -> No
     atomic_save({"model": model.state_dict(), "config": config, "step": step, "val_loss": val_loss}, path)
 
 
-def read_final(path: str, device="cpu"):
-    """The model of a final.pt (or any file with "model" and "config"), in eval mode, and its config dict: the
-    final.pt reader of bdiff.hub.load, which every command loads models with."""
+def read_final(path: str) -> tuple[dict, dict]:
+    """The weights (a state dict, on the CPU) and the config dict of a final.pt (or any file with "model" and
+    "config"): what BlockDiffusionLM.from_pretrained, the loader of every command, builds the model from."""
     ckpt = safe_load(path, required=("model", "config"))
     if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
         raise CheckpointError(f"{path}: not a bdiff checkpoint (no model config)")
-    try:
-        model = BlockDiffusionLM(ModelConfig(**ckpt["config"]["model"])).to(device)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
-    return model.eval(), ckpt["config"]
+    return ckpt["model"], ckpt["config"]

@@ -302,9 +302,9 @@ def record() -> Config:
 
 def demo() -> Config:
     """Byte-level model on the embedded Python-stdlib corpus; about 4 minutes of training on 2 CPU cores. Tuned with
-    bench/bench_training.py over seeds 0-2 (README): many small steps (one 512-token sequence each) beat fewer
-    steps of two at the same training time; Muon's rate for such small steps is 0.01 (0.04 lands runs 0.1 apart,
-    0.01 within 0.04 and lower), and the weights are averaged for validation and sampling."""
+    bench/bench_training.py over seeds 0-2 (docs/results.md §3): many small steps (one 512-token sequence each) beat
+    fewer steps of two at the same training time; Muon's rate for such small steps is 0.01 (0.04 lands runs 0.1
+    apart, 0.01 within 0.04 and lower), and the weights are averaged for validation and sampling."""
     model = ModelConfig(vocab_size=258, mask_id=257, bos_id=256, num_layers=4, model_dim=128, num_heads=4,
                         head_dim=32, block_size=16, lm_head_multiple=8, separator="closes")
     train = TrainConfig(data="stdlib", data_dir="data/stdlib", seq_len=512, micro_steps=1, steps=1650, ema=0.99,

@@ -248,10 +248,11 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     from bdiff.data import check_model_fits_data, find_dataset, shard_files
-    from bdiff.hub import load
+    from bdiff.model import BlockDiffusionLM
 
     device, dtype = device_and_dtype(args)
-    model, config = load(args.model, device)
+    model = BlockDiffusionLM.from_pretrained(args.model, device)
+    config = model.run_config
     model.set_dtype(dtype)
     judge = None
     if args.judge:  # a judge that cannot judge this model fails before the long work

@@ -15,8 +15,8 @@ train.py writes one at the end of every run (logs/RUN/model/). From the command 
     python -m bdiff.hub push logs/RUN user/name       # upload a run's model directory (or any model directory)
 
 From Python, huggingface_hub's mixin convention: `BlockDiffusionLM.from_pretrained("user/name")` (or a directory, a
-run directory, a final.pt), `model.save_pretrained(dir)`, `model.push_to_hub("user/name")`; behind them one loader,
-`model, config = bdiff.hub.load(...)`, and one writer, `bdiff.hub.save_pretrained(model, dir, config)`.
+run directory, a final.pt; the run's config is `model.run_config`), `model.save_pretrained(dir)`,
+`model.push_to_hub("user/name")`: one loader (over `read_pretrained`) and one writer (`save_pretrained` here).
 A Hub id is fetched through huggingface_hub's cache (HF_HUB_CACHE), so once fetched it loads offline
 (HF_HUB_OFFLINE=1).
 """
@@ -37,10 +37,9 @@ from safetensors.torch import load_file, save_file
 
 import bdiff
 from bdiff import checkpoint, hf
-from bdiff.config import ArgumentParser, ModelConfig
+from bdiff.config import ArgumentParser
 from bdiff.data import DATASETS, default_prompt, tokenizer_of
 from bdiff.errors import BdiffError, command
-from bdiff.model import BlockDiffusionLM
 
 WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
 TOKENIZER = "tokenizer.json"  # a prepared data set's tokenizer file, copied into the model directory
@@ -187,38 +186,24 @@ def resolve(name: str) -> str:
         raise HubError(f"{name}: could not download ({str(e).splitlines()[0]})") from None
 
 
-def load(name: str, device="cpu"):
-    """(model in eval mode, its config dict with "model", "train" and "dataset") from whatever a user names: a
-    checkpoint file (final.pt, written by train.py), a model directory, a run directory (its model/) or a Hub id
-    (user/name, through huggingface_hub's cache). The one loader of every command; a damaged or foreign file is
-    refused in one line."""
+def read_pretrained(name: str) -> tuple[dict, dict, str]:
+    """(weights, config dict with "model", "train" and "dataset", the file they came from) of whatever a user names:
+    a checkpoint file (final.pt, written by train.py), a model directory, a run directory (its model/) or a Hub id
+    (user/name, through huggingface_hub's cache). BlockDiffusionLM.from_pretrained, the loader of every command,
+    builds the model from them; a damaged or foreign file is refused in one line."""
     if os.path.isfile(name):
         if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER, *hf.REMOTE_CODE):
             raise HubError(f"{name}: not a model directory, run directory or Hub id; name the directory that holds it")
-        return checkpoint.read_final(name, device)
+        return (*checkpoint.read_final(name), name)
     directory = resolve(name)
     meta = read_config(directory)
     if (meta.get("dataset") or {}).get("tokenizer") == TOKENIZER:  # the copy in this directory
         meta["dataset"]["tokenizer"] = os.path.join(directory, TOKENIZER)
     path = os.path.join(directory, WEIGHTS)
     try:
-        weights = load_file(path, device="cpu")  # then moved by load_state_dict, as every load (checkpoint.py)
+        return load_file(path, device="cpu"), meta, path  # moved by load_state_dict, as every load (checkpoint.py)
     except (SafetensorError, OSError, ValueError) as e:
         raise HubError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        model = BlockDiffusionLM(ModelConfig(**meta["model"])).to(device)
-    except (TypeError, ValueError) as e:
-        raise HubError(f"{directory}/{CONFIG}: not a valid model config ({str(e).splitlines()[0]})") from None
-    expected = set(model.state_dict())
-    if set(weights) != expected:
-        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-        raise HubError(f"{path}: not this model's weights (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                       f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise HubError(f"{path}: weights do not match {CONFIG} ({' '.join(str(e).split())[:300]})") from None
-    return model.eval(), meta
 
 
 def push(name: str, repo_id: str, private: bool = False, token: str | None = None, api=None) -> str:

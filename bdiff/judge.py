@@ -80,16 +80,17 @@ class HFJudge:
 
 
 def load_judge(name: str, device="cpu", tokenizer: str | None = None, dtype=None):
-    """`hf:NAME` (a Hugging Face causal LM: a Hub name or a local directory) or anything bdiff.hub.load reads (run
-    in `dtype`, BlockDiffusionLM.set_dtype's, when given). `tokenizer`: the judged model's; a judge that reads other
-    token ids is refused."""
+    """`hf:NAME` (a Hugging Face causal LM: a Hub name or a local directory) or anything
+    BlockDiffusionLM.from_pretrained reads (run in `dtype`, BlockDiffusionLM.set_dtype's, when given). `tokenizer`:
+    the judged model's; a judge that reads other token ids is refused."""
     if name.startswith("hf:"):
         judge = HFJudge(name[3:], device)
     else:
         from bdiff.data import tokenizer_of
-        from bdiff.hub import load
+        from bdiff.model import BlockDiffusionLM
 
-        model, config = load(name, device)
+        model = BlockDiffusionLM.from_pretrained(name, device)
+        config = model.run_config
         if dtype is not None:
             model.set_dtype(dtype)
         judge = BdiffJudge(model, tokenizer_of(config))

@@ -143,13 +143,14 @@ class BdiffLM(LM):
         super().__init__()
         from bdiff.config import default_dtype, parse_device
         from bdiff.data import tokenizer_of
-        from bdiff.hub import load
+        from bdiff.model import BlockDiffusionLM
         from bdiff.tokenizer import load_tokenizer
 
         mc_samples, max_length = _count("mc_samples", mc_samples), _count("max_length", max_length)
         batch_size = 16 if batch_size == "auto" else _count("batch_size", batch_size)  # lm-eval passes a string
         self._device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, config = load(str(pretrained), self._device)
+        self.model = BlockDiffusionLM.from_pretrained(str(pretrained), self._device)
+        config = self.model.run_config
         self.model.set_dtype(dtype or default_dtype(self._device))
         self.tokenizer = load_tokenizer(tokenizer_of(config))
         self.cfg = self.model.cfg

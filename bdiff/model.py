@@ -146,12 +146,27 @@ class BlockDiffusionLM(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, device="cpu") -> BlockDiffusionLM:
         """A model (in eval mode) from a model directory, a run directory, a final.pt or a Hub id (user/name, through
-        huggingface_hub's cache): bdiff.hub.load, the loader of every command. Its config is `model.run_config`."""
-        from bdiff import hub
+        huggingface_hub's cache): the loader of every command. Its config dict ("model", "train", "dataset") is
+        `model.run_config`. Weights that are not this config's model are refused in one line (bdiff.hub.HubError)."""
+        from bdiff.hub import HubError, read_pretrained
 
-        model, config = hub.load(name, device)
+        weights, config, where = read_pretrained(name)
+        try:
+            model = cls(ModelConfig(**config["model"]))
+        except (TypeError, ValueError) as e:
+            raise HubError(f"{where}: not a valid model config ({str(e).splitlines()[0]})") from None
+        expected = set(model.state_dict())
+        if set(weights) != expected:
+            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+            raise HubError(f"{where}: not this model's weights (missing {missing[:3]}"
+                           f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                           f"{'...' if len(unexpected) > 3 else ''})")
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise HubError(f"{where}: weights do not match the config ({' '.join(str(e).split())[:300]})") from None
         model.run_config = config
-        return model
+        return model.to(device).eval()
 
     def save_pretrained(self, directory: str, config: dict | None = None) -> str:
         """Write a model directory (bdiff.hub.save_pretrained: safetensors, config.json, the transformers code, a

@@ -143,9 +143,9 @@ def main() -> int:
     parser.add_argument("--variance_seeds", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from bdiff.hub import load
+    from bdiff.model import BlockDiffusionLM
 
-    _, config = load(args.model)
+    config = BlockDiffusionLM.from_pretrained(args.model).run_config
     docs = validation_documents(config, args.docs, args.max_chars)
     data = write_tasks(args.out, docs)
     print(f"tasks: {os.path.abspath(args.out)} ({len(docs)} validation documents, {data})", flush=True)

@@ -104,7 +104,7 @@ def main():
                                                                       "default; with --gpu always reduce-overhead)")
     args = parser.parse_args()
     from bdiff.data import default_prompt, tokenizer_of
-    from bdiff.hub import load
+    from bdiff.model import BlockDiffusionLM
     from bdiff.sampling import prompt_ids
 
     batches = [int(b) for b in args.batch.split(",")]
@@ -119,7 +119,8 @@ def main():
         return
     if not args.ckpt:
         parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/model)")
-    model, config = load(args.ckpt)
+    model = BlockDiffusionLM.from_pretrained(args.ckpt)
+    config = model.run_config
     print(f"CPU, {torch.get_num_threads()} threads, {args.ckpt}")
     run(model, prompt_ids(default_prompt(config), tokenizer_of(config), model.cfg), args.new_tokens,
         args.steps_per_block or model.cfg.block_size, batches, args.compile)

@@ -86,13 +86,12 @@ def variance(preset: str, ckpt: str | None, draws: int, seed: int) -> list[dict]
     """Loss and gradient over `draws` noise draws at fixed weights on one training batch, iid and stratified."""
     from bdiff.config import get_preset
     from bdiff.data import DistributedLoader, find_dataset, shard_files
-    from bdiff.hub import load
     from bdiff.model import BlockDiffusionLM
     from bdiff.noise import document_layout
 
     cfg = get_preset(preset)
     if ckpt:
-        model, _ = load(ckpt)
+        model = BlockDiffusionLM.from_pretrained(ckpt)
         cfg.model = model.cfg
     else:
         torch.manual_seed(seed)

@@ -73,19 +73,27 @@ def _chunk_classes(lo, hi, BN: tl.constexpr):
 
 
 @triton.jit
+def _key_chunk(K, V, key_row0, c0, c_hi, stride, cols, BN: tl.constexpr, MASKED: tl.constexpr):
+    """Positions kp (BN,) of the chunk from c0, and their keys and values (BN, D); in a partial chunk the rows at
+    or past c_hi read as zeros (a full chunk lies wholly inside the range: no bounds check)."""
+    kp = c0 + tl.arange(0, BN)
+    offs = (key_row0 + kp)[:, None] * stride + cols[None, :]
+    if MASKED:
+        k = tl.load(K + offs, mask=(kp < c_hi)[:, None], other=0.0)
+        v = tl.load(V + offs, mask=(kp < c_hi)[:, None], other=0.0)
+    else:
+        k = tl.load(K + offs)
+        v = tl.load(V + offs)
+    return kp, k, v
+
+
+@triton.jit
 def _fwd_chunks(acc, m, l, entries, q, K, V, key_row0, c_lo, c_hi, lo, hi, stride, cols, qk_scale,
                 ROWS: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the chunks [c_lo, c_hi) of keys (rows key_row0 + position). State (acc, m, l): the
     unnormalized output (ROWS, D), the running max of the log2-scaled scores, the running denominator."""
     for c0 in range(c_lo, c_hi, BN):
-        kp = c0 + tl.arange(0, BN)
-        offs = (key_row0 + kp)[:, None] * stride + cols[None, :]
-        if MASKED:
-            k = tl.load(K + offs, mask=(kp < c_hi)[:, None], other=0.0)  # (BN, D)
-            v = tl.load(V + offs, mask=(kp < c_hi)[:, None], other=0.0)
-        else:
-            k = tl.load(K + offs)
-            v = tl.load(V + offs)
+        kp, k, v = _key_chunk(K, V, key_row0, c0, c_hi, stride, cols, BN, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (ROWS, BN), unscaled
         if MASKED:
             s = tl.where((kp[None, :] >= lo[:, None]) & (kp[None, :] < hi[:, None]), s * qk_scale, float("-inf"))
@@ -109,14 +117,7 @@ def _dq_chunks(dq, entries, q, do, lse, delta, K, V, key_row0, c_lo, c_hi, lo, h
                ROWS: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """dq += dS K over the chunks [c_lo, c_hi) of keys; lse (log2) and delta per query row."""
     for c0 in range(c_lo, c_hi, BN):
-        kp = c0 + tl.arange(0, BN)
-        offs = (key_row0 + kp)[:, None] * stride + cols[None, :]
-        if MASKED:
-            k = tl.load(K + offs, mask=(kp < c_hi)[:, None], other=0.0)  # (BN, D)
-            v = tl.load(V + offs, mask=(kp < c_hi)[:, None], other=0.0)
-        else:
-            k = tl.load(K + offs)
-            v = tl.load(V + offs)
+        kp, k, v = _key_chunk(K, V, key_row0, c0, c_hi, stride, cols, BN, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])  # (ROWS, BN)
         if MASKED:
             p = tl.where((kp[None, :] >= lo[:, None]) & (kp[None, :] < hi[:, None]), p, 0.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from bdiff.checkpoint import checkpoint_dir, read_final, safe_load
+from bdiff.checkpoint import checkpoint_dir, safe_load
 from bdiff.config import tiny
 from bdiff.ema import WeightAverage
 from bdiff.model import BlockDiffusionLM
@@ -45,7 +45,7 @@ def test_a_run_with_an_average_saves_it_and_resumes_it_exactly(stdlib_dir, tmp_p
     argv = ["--device", "cpu", "--preset", "tiny", "--steps", "4", "--data_dir", stdlib_dir, "--out_dir",
             str(tmp_path), "--ema", "0.5", "--ckpt_every", "2", "--ckpt_keep", "3"]
     train.main(argv + ["--run_name", "straight"])
-    final = read_final(str(tmp_path / "straight" / "final.pt"))[0].state_dict()
+    final = BlockDiffusionLM.from_pretrained(str(tmp_path / "straight" / "final.pt")).state_dict()
     shared = safe_load(os.path.join(checkpoint_dir(str(tmp_path / "straight"), 4), "shared.pt"))
     for name, w in shared["ema"].items():
         assert torch.equal(final[name], w.to(final[name].dtype)), f"{name}: final.pt must hold the average"

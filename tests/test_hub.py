@@ -60,13 +60,14 @@ def test_every_saved_form_evaluates_like_the_model_in_memory(trained, tmp_path, 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub_cache(tmp_path, run / "model"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     for name in (str(run / "final.pt"), str(run / "model"), str(run), REPO):
-        loaded, config = hub.load(name)
+        loaded = BlockDiffusionLM.from_pretrained(name)
+        config = loaded.run_config
         as_json = json.loads(json.dumps(trained[1]))  # config.json holds lists where the config has tuples
         assert json.loads(json.dumps({k: config[k] for k in ("model", "train")})) == \
             {k: as_json[k] for k in ("model", "train")}, name
         got = evaluate(loaded, sequences, draws=2, levels=(0.25, 0.75))
         assert got == expected, f"{name}: {got} != the model in memory's {expected}"
-    assert hub.load(REPO)[0].state_dict().keys() == model.state_dict().keys()
+    assert BlockDiffusionLM.from_pretrained(REPO).state_dict().keys() == model.state_dict().keys()
 
 
 def test_eval_and_sample_commands_take_a_hub_id_from_the_cache(trained, tmp_path):
@@ -136,7 +137,7 @@ def test_push_uploads_the_model_directory(trained, tmp_path, monkeypatch):
     assert sorted(os.listdir(uploaded)) == sorted(os.listdir(run / "model"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub_cache(tmp_path, uploaded))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert evaluate(hub.load(REPO)[0], sequences) == evaluate(model, sequences)
+    assert evaluate(BlockDiffusionLM.from_pretrained(REPO), sequences) == evaluate(model, sequences)
     with pytest.raises(hub.HubError, match="user/name"):
         hub.push(str(run), "not a repo id", api=api)
     with pytest.raises(hub.HubError, match="not a model directory"):
@@ -150,12 +151,12 @@ def test_damaged_or_foreign_weights_fail_in_one_line(trained, tmp_path):
     data[4] ^= 0xFF  # the header's length: no longer a safetensors file
     weights.write_bytes(bytes(data))
     with pytest.raises(hub.HubError, match="not a readable safetensors file"):
-        hub.load(str(run / "model"))
+        BlockDiffusionLM.from_pretrained(str(run / "model"))
     from safetensors.torch import save_file
 
     save_file({"transformer.wte.weight": torch.randn(4, 4)}, str(weights))  # another library's model
     with pytest.raises(hub.HubError, match="not this model's weights"):
-        hub.load(str(run / "model"))
+        BlockDiffusionLM.from_pretrained(str(run / "model"))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--ckpt", str(run / "model"),
                              "--prompt", "x"], cwd=ROOT,
@@ -163,14 +164,14 @@ def test_damaged_or_foreign_weights_fail_in_one_line(trained, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "not this model's weights" in lines[0], result.stderr
     with pytest.raises(hub.HubError, match="no such checkpoint file or directory"):
-        hub.load(str(tmp_path / "missing"))
+        BlockDiffusionLM.from_pretrained(str(tmp_path / "missing"))
     with pytest.raises(hub.HubError, match="not a model directory, run directory or Hub id"):
-        hub.load(str(run / "model" / hub.CARD))
+        BlockDiffusionLM.from_pretrained(str(run / "model" / hub.CARD))
 
 
 def test_the_model_class_loads_saves_and_pushes_as_the_hub_mixin_does(trained, tmp_path, monkeypatch):
     """BlockDiffusionLM.from_pretrained / .save_pretrained / .push_to_hub, huggingface_hub's PyTorchModelHubMixin
-    convention, over the one loader (bdiff.hub.load) and the one writer: the same evaluation after each round trip."""
+    convention, over the one loader and the one writer: the same evaluation after each round trip."""
     model, config, run, sequences = trained
     expected = evaluate(model, sequences)
     loaded = BlockDiffusionLM.from_pretrained(str(run / "model"))

@@ -274,7 +274,6 @@ def test_what_the_trainer_teaches_is_what_the_sampler_reads(tmp_path, capsys):
     holds. Greedy sampling from each document's first four
     characters gives it back exactly and then stops at the separator, with the cache and without, one token per call
     and with threshold decoding."""
-    from bdiff.hub import load
     from bdiff.prepare import prepare
     from bdiff.sampling import prompt_ids
     from bdiff.tokenizer import decode
@@ -292,7 +291,7 @@ def test_what_the_trainer_teaches_is_what_the_sampler_reads(tmp_path, capsys):
                 "--run_name", "m"])
     printed = capsys.readouterr().out
     assert "which 400 steps read 1." in printed and "epoch 2 begins at step" in printed, printed[:3000]
-    model, config = load(str(tmp_path / "logs" / "m" / "model"))
+    model = BlockDiffusionLM.from_pretrained(str(tmp_path / "logs" / "m" / "model"))
     assert model.cfg.separator == "closes", "prepared data and the tiny preset train documents that end"
     for text in MEMORISE:
         prompt = prompt_ids(text[:4], "bytes", model.cfg)
