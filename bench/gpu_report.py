@@ -8,12 +8,13 @@ The parts run in order of value (or in the order --parts names them), each under
 budget's end): the attention kernels' tiles tuned for this GPU (bench/tune_attention.py, whose winners are written
 into kernels/bd_attention_tiles.json for the parts after it, and kept beside the report), the attention against
 FlexAttention, the ops natively against their references and a compiled training run (tests/test_gpu.py), a
-compiled record-size training step against the seed's formulation, the other kernel benches, sampling, then the
-longer extras (the second document mix, the benchmark suite). With two or more GPUs a torchrun run that
-checkpoints and resumes on one GPU is added. The compile check needs no GPU (it runs on any CPU) and is last, only
-with --compile_check. A part that does not fit what is left of the budget is skipped and listed as such;
-compilation and autotuning count, since a lent GPU's time counts from its start. A part that fails or times out is
-reported with its output, and the rest still run; the exit code is 1 if any part failed.
+compiled record-size training step against the seed's formulation, the other kernel benches, sampling, the demo
+(its wall time, seeds 0-2, float32), then the longer extras (the second document mix, the benchmark suite). With
+two or more GPUs a torchrun run that checkpoints and resumes on one GPU is added. The compile check needs no GPU
+(it runs on any CPU) and is last, only with --compile_check. A part that does not fit what is left of the budget is
+skipped and listed as such; compilation and autotuning count, since a lent GPU's time counts from its start. A part
+that fails or times out is reported with its output, and the rest still run; the exit code is 1 if any part
+failed.
 """
 from __future__ import annotations
 
@@ -57,12 +58,17 @@ def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
         Part("loss", "Masked-weighted linear cross-entropy vs eager, compiled and Liger",
              [PY, "bench/bench_masked_ce.py", "--gpu"], 30, 120),
         Part("ns", "Newton–Schulz vs torch matmuls", [PY, "bench/bench_newton_schulz.py", "--gpu"], 50, 120),
-        # The two sampling parts' times are estimates (the loops at batch 1, 8 and 32 have not run on a GPU yet).
-        Part("sampling", "Sampling: the decode loop vs the loop before it, batch 1, 8 and 32",
-             [PY, "bench/bench_sampling.py", "--gpu"], 60, 150),
-        Part("graphs", "Sampling with the model call compiled and captured as CUDA graphs (reduce-overhead), batch 1 "
-             "and 8", [PY, "bench/bench_sampling.py", "--gpu", "--compile", "reduce-overhead", "--batch", "1,8"],
-             120, 240),
+        # The sampling and demo parts' times are estimates (they have not run on a GPU yet).
+        Part("sampling", "Sampling: the decode loop eager, captured as CUDA graphs and the loop before it, batch 1, 8 "
+             "and 32", [PY, "bench/bench_sampling.py", "--gpu"], 150, 300),
+        Part("demo", "python train.py, the demo on the GPU: wall time (this part's seconds) and final validation loss",
+             [PY, "train.py", "--out_dir", os.path.join(out_dir, "demo"), "--run_name", "seed0"], 60, 150),
+        Part("demo-seeds", "The demo on the GPU over seeds 0, 1, 2 (compare the CPU's 2.036 ± 0.012)",
+             [PY, "bench/bench_training.py", "demo", "--seeds", "3", "--out", os.path.join(out_dir, "demo_gpu.json"),
+              "--", "--device", "cuda"], 180, 360),
+        Part("demo-fp32", "The demo on the GPU in float32 (against bf16: where the GPU's loss goes)",
+             [PY, "train.py", "--dtype", "float32", "--out_dir", os.path.join(out_dir, "demo"), "--run_name",
+              "fp32_seed0"], 90, 200),
         Part("step1000", "A compiled record-size training step: ours vs the seed's formulation, documents ~1000 "
              "tokens", [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"], 240, 360),
         Part("suite", "Benchmark suite: every op against its baseline (saved under .benchmarks/)",
