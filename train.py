@@ -249,12 +249,17 @@ def open_data(cfg: Config, proc: Process) -> Data:
 
 # ---- model --------------------------------------------------------------------------------------------------
 
+def rng_device(cfg: Config, proc: Process) -> torch.device:
+    """Where the model's init and the noise are drawn: the run's device, or the CPU's (TrainConfig.cpu_rng)."""
+    return torch.device("cpu") if cfg.train.cpu_rng else proc.device
+
+
 def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionLM, dict]:
     """The model (on the meta device for --dry_run), after logging versions, hardware, config and the record
     rules it meets. Returns it and those rules."""
     torch.manual_seed(cfg.train.seed)
-    with torch.device("meta" if meta else proc.device):
-        model = BlockDiffusionLM(cfg.model)
+    with torch.device("meta" if meta else rng_device(cfg, proc)):
+        model = BlockDiffusionLM(cfg.model).to("meta" if meta else proc.device)
     num_params = sum(p.numel() for p in model.parameters())
     rules = {
         f"parameters {num_params:,} <= {RECORD_PARAMS:,}": num_params <= RECORD_PARAMS,
@@ -394,7 +399,7 @@ def evaluate(model, raw_model: BlockDiffusionLM, data: Data, cfg: Config, proc: 
     train_cfg = cfg.train
     model.eval()
     loader = DistributedLoader(data.val_files, data.val_seq_len, proc.rank, proc.world)
-    gen = torch.Generator(proc.device).manual_seed(noise_seed(train_cfg.seed, proc.rank, validation=True))
+    gen = torch.Generator(rng_device(cfg, proc)).manual_seed(noise_seed(train_cfg.seed, proc.rank, validation=True))
     batches = (batch(loader, cfg.model, proc.device) for _ in range(data.val_steps))
     total = validation_total(raw_model, batches, (0.0, 1.0), gen, proc.device)
     if proc.ddp:
@@ -457,7 +462,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
     model = prepare_model(raw_model, proc, args.compile, cfg.train.ema)
     data = open_data(cfg, proc)
     rules[f"each training token read once ({data.epochs:.2f} epochs)"] = data.epochs <= 1
-    noise = torch.Generator(proc.device).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # a stream per rank
+    noise = torch.Generator(rng_device(cfg, proc)).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # one per rank
     state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train), data.loader, noise,
                                   ema=WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None)
     run_dir, log_path = open_run(args, cfg, proc)

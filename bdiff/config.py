@@ -93,6 +93,8 @@ class TrainConfig:
     lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
     lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
     seed: int = 0  # model init and noise
+    cpu_rng: bool = False  # model init and noise from CPU generators on any device: a GPU run then starts from
+    # the weights and draws the noise of a CPU run of the same seed (CUDA's streams differ): arithmetic apart, alike
     out_dir: str = "logs"  # JSONL log and checkpoints go under out_dir/
     ckpt_every: int = 0  # write a resumable checkpoint every N steps (0: only at the end)
     ckpt_keep: int = 3  # keep the newest K checkpoints of a run

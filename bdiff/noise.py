@@ -88,16 +88,19 @@ def noise_blocks(tokens: torch.Tensor, blocks: torch.Tensor, mask_id: int, low: 
     into n equal strata, one uniform draw in each, the strata shuffled over the blocks. Each block's t is still
     U[low, high], so the loss estimates the same objective, with less variance (BD3-LM's antithetic sampling).
 
+    `generator` may be a CPU one whatever tokens' device: the draws are made on the CPU and moved.
+
     Returns x_t (L,), masked (L,) bool, t per token (L,) float32.
     """
     num_blocks = int(blocks.max()) + 1 if num_blocks is None else num_blocks
     device = tokens.device
-    u = torch.rand(num_blocks, generator=generator, device=device)  # (n,)
+    rng = device if generator is None else generator.device  # a CPU generator serves a GPU run (TrainConfig.cpu_rng)
+    u = torch.rand(num_blocks, generator=generator, device=rng)  # (n,)
     if stratified:
-        u = (torch.randperm(num_blocks, generator=generator, device=device) + u) / num_blocks
-    t_block = low + (high - low) * u  # (n,)
+        u = (torch.randperm(num_blocks, generator=generator, device=rng) + u) / num_blocks
+    t_block = low + (high - low) * u.to(device)  # (n,)
     t = t_block[blocks]  # (L,)
-    masked = torch.rand(tokens.shape, generator=generator, device=device) < t
+    masked = torch.rand(tokens.shape, generator=generator, device=rng).to(device) < t
     x_t = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
     return x_t, masked, t
 

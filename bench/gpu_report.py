@@ -7,14 +7,14 @@
 The parts run in order of value (or in the order --parts names them), each under its own timeout (never past the
 budget's end): the attention kernels' tiles tuned for this GPU (bench/tune_attention.py, whose winners are written
 into kernels/bd_attention_tiles.json for the parts after it, and kept beside the report), the attention against
-FlexAttention, the ops natively against their references and a compiled training run (tests/test_gpu.py), a
-compiled record-size training step against the seed's formulation, the other kernel benches, sampling, the demo
-(its wall time, seeds 0-2, float32), then the longer extras (the second document mix, the benchmark suite). With
-two or more GPUs a torchrun run that checkpoints and resumes on one GPU is added. The compile check needs no GPU
-(it runs on any CPU) and is last, only with --compile_check. A part that does not fit what is left of the budget is
-skipped and listed as such; compilation and autotuning count, since a lent GPU's time counts from its start. A part
-that fails or times out is reported with its output, and the rest still run; the exit code is 1 if any part
-failed.
+FlexAttention, the ops natively against their references and a compiled training run (tests/test_gpu.py), a compiled
+record-size training step against the seed's formulation, the other kernel benches, sampling, the demo (its wall
+time, seeds 0-2, float32, the CPU's random streams), then the longer extras (the second document mix, the benchmark
+suite). With two or more GPUs a torchrun run that checkpoints and resumes on one GPU is added. The compile check
+needs no GPU (it runs on any CPU) and is last, only with --compile_check. A part that does not fit what is left of
+the budget is skipped and listed as such; compilation and autotuning count, since a lent GPU's time counts from its
+start. A part that fails or times out is reported with its output, and the rest still run; the exit code is 1 if any
+part failed.
 """
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
         Part("demo-fp32", "The demo on the GPU in float32 (against bf16: where the GPU's loss goes)",
              [PY, "train.py", "--dtype", "float32", "--out_dir", os.path.join(out_dir, "demo"), "--run_name",
               "fp32_seed0"], 90, 200),
+        Part("demo-cpu-rng", "The demo on the GPU with the CPU run's weights and noise (--cpu_rng: against bf16, what "
+             "CUDA's random stream does)", [PY, "train.py", "--cpu_rng", "--out_dir", os.path.join(out_dir, "demo"),
+                                           "--run_name", "cpu_rng_seed0"], 60, 150),
         Part("step1000", "A compiled record-size training step: ours vs the seed's formulation, documents ~1000 "
              "tokens", [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "1000"], 240, 360),
         Part("suite", "Benchmark suite: every op against its baseline (saved under .benchmarks/)",
@@ -184,7 +187,7 @@ def main() -> int:
         for p, fits in plan(chosen, args.budget_s):
             left -= p.expected_s if fits else 0
             print(f"  {'runs   ' if fits else 'skipped'} {p.expected_s:4d} s (timeout {p.timeout_s:4d} s)  "
-                  f"{p.name:10} {p.title}")
+                  f"{p.name:12} {p.title}")
         print(f"  {args.budget_s - left:.0f} s planned of {args.budget_s:.0f} s")
         return 0
     if not gpus:

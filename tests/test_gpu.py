@@ -1,8 +1,9 @@
-"""The three ops run natively on a CUDA GPU, in bf16 and fp16, against the PyTorch references computed in
-float32 on the same inputs; the loss op refuses bad input as the CPU paths do and stays normalised at huge
-logits; a compiled 20-step training run in bf16, then evaluation and sampling (cached, uncached, compiled) of the model
-it trained; with two GPUs, ops on cuda:1. Skipped without a GPU, and in a process where the Triton interpreter
-is on (tests/conftest.py decides that once per process)."""
+"""The three ops run natively on a CUDA GPU, in bf16 and fp16, against the PyTorch references computed in float32 on
+the same inputs; the loss op refuses bad input as the CPU paths do and stays normalised at huge logits; a compiled
+20-step training run in bf16, then evaluation and sampling (cached, uncached, compiled) of the model it trained;
+--cpu_rng's weights and noise equal to a CPU run's; with two GPUs, ops on cuda:1. Skipped without a GPU, and in a
+process where the Triton interpreter is on (tests/conftest.py decides that once per process)."""
+import json
 import math
 import os
 
@@ -189,3 +190,24 @@ def test_compiled_training_then_evaluation_and_sampling(stdlib_dir, tmp_path):
     assert len(graphed.tokens) == 2 and all(graphed.tokens), graphed.tokens
     first, again = graphed.step_logits[0], eager.step_logits[0]
     torch.testing.assert_close(first, again, rtol=0, atol=0.05 * float(again.std()) + 1e-3)
+
+
+def test_cpu_rng_gives_a_gpu_run_the_cpu_runs_weights_and_noise(stdlib_dir, tmp_path):
+    """--cpu_rng: a GPU run starts from the CPU run's weights and draws its noise, so in float32 their first losses
+    agree to arithmetic (CUDA's own streams give other weights and masks: losses a few percent apart)."""
+    from bdiff.noise import noise_blocks
+
+    tokens = torch.randint(0, 256, (4096,))
+    blocks = torch.arange(4096) // 16
+    want = noise_blocks(tokens, blocks, 256, 0.3, 0.8, generator=torch.Generator().manual_seed(5))
+    got = noise_blocks(tokens.cuda(), blocks.cuda(), 256, 0.3, 0.8, generator=torch.Generator().manual_seed(5))
+    for name, a, b in zip(("x_t", "masked", "t"), want, got):
+        assert torch.equal(a, b.cpu()), f"a CPU generator's {name} differs when the tokens are on the GPU"
+    args = ["--preset", "tiny", "--steps", "2", "--dtype", "float32", "--cpu_rng", "--val_every", "0",
+            "--data_dir", stdlib_dir, "--out_dir", str(tmp_path), "--log_every", "1"]
+    losses = {}
+    for device in ("cpu", "cuda"):
+        train.main(args + ["--device", device, "--run_name", device])
+        with open(os.path.join(tmp_path, f"{device}.jsonl")) as f:
+            losses[device] = [json.loads(line)["train_loss"] for line in f if '"train_loss"' in line]
+    assert losses["cuda"][0] == pytest.approx(losses["cpu"][0], rel=1e-4), losses

@@ -43,6 +43,18 @@ def test_tiny_run_loss_falls(stdlib_dir, tmp_path):
         torch.testing.assert_close(ckpt["model"][name], p, msg=f"checkpoint differs at {name}")
 
 
+def test_cpu_rng_is_the_cpu_runs_own_stream(stdlib_dir, tmp_path):
+    """On a CPU, --cpu_rng draws from the generators the run uses anyway: the same run, step for step (on a GPU it
+    gives the CPU's weights and noise: tests/test_gpu.py)."""
+    args = ["--device", "cpu", "--preset", "tiny", "--steps", "3", "--val_every", "0", "--data_dir", stdlib_dir,
+            "--out_dir", str(tmp_path), "--log_every", "1"]
+    train.main(args + ["--run_name", "plain"])
+    train.main(args + ["--run_name", "cpu_rng", "--cpu_rng"])
+    plain, cpu_rng = ([e["train_loss"] for e in read_log(str(tmp_path), run) if "train_loss" in e]
+                      for run in ("plain", "cpu_rng"))
+    assert plain == cpu_rng, f"--cpu_rng changed a CPU run: {plain} against {cpu_rng}"
+
+
 def ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
