@@ -90,6 +90,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
                                                         "one of --run_name")
     parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project "
                                                                         "(pip install -e \".[wandb]\")")
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help=f"profile {PROFILE_STEPS} steps after the run's first N+1 (compilation, warm-up): where "
+                             "a step's time goes, as a table in the log and a trace in RUN/profile/")
     parser.add_argument("--tensorboard", default=None, metavar="DIR", help="also log TensorBoard events to "
                                                                            "DIR/RUN_NAME (pip install -e "
                                                                            "\".[tensorboard]\")")
@@ -108,6 +111,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     use_dataset(cfg, args)
     cfg.code = code_version()
     cfg.validate()
+    if args.profile is not None and not 0 <= args.profile <= cfg.train.steps - PROFILE_STEPS - 1:
+        parser.error(f"--profile: expected 0 .. {cfg.train.steps - PROFILE_STEPS - 1} (the {PROFILE_STEPS} steps "
+                     f"it records after N+1 must fit in --steps {cfg.train.steps}), got {args.profile}")
     check_model_fits_data(find_dataset(cfg.train.data, cfg.train.data_dir)[0], cfg.model.vocab_size, cfg.model.bos_id,
                           cfg.model.mask_id)  # before anything else runs
     return cfg, args
@@ -148,6 +154,61 @@ class Process:
 
 class Preempted(Exception):
     """The run stopped on SIGTERM or SIGINT after writing a complete checkpoint."""
+
+
+PROFILE_STEPS = 10  # the steps --profile records: enough to average over, few enough to read in a trace
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")  # host-side API events
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profile_summary(events, start: int, cuda: bool) -> str:
+    """One line from a --profile window's key_averages(): per step, the wall time (the profiler's step events) and
+    on CUDA the device's busy time (the kernels' own events, as torch's table sums them), launches and syncs."""
+    def per_step(keys) -> float:
+        return sum(e.count for e in events if e.key in keys) / PROFILE_STEPS
+
+    wall = sum(e.cpu_time_total for e in events if e.key.startswith("ProfilerStep")) / 1e3 / PROFILE_STEPS
+    summary = f"profile of {PROFILE_STEPS} steps from step {start + 2}: wall {wall:.2f} ms/step"
+    if cuda:
+        busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA and
+                   not getattr(e, "is_user_annotation", False)) / 1e3 / PROFILE_STEPS
+        summary += (f", device busy {busy:.2f} ms/step (the rest is the host's), {per_step(LAUNCHES):.0f} kernel "
+                    f"launches and {per_step(SYNCS):.0f} host syncs a step")
+    return summary
+
+
+class NoProfile(contextlib.nullcontext):
+    def step(self) -> None:
+        pass
+
+
+def step_profiler(start: int | None, run_dir: str, proc: Process):
+    """--profile N: torch.profiler over PROFILE_STEPS steps after the run's first N+1 (N skipped, one to warm the
+    profiler up), on the master rank. When they end: wall time, device time, kernel launches and host syncs per
+    step, and the ops that take the most time, in the log and in RUN/profile/table.txt; the trace in
+    RUN/profile/trace.json (Perfetto, chrome://tracing). A failure to write them is logged, never fatal. Otherwise a
+    profiler that does nothing."""
+    if start is None or not proc.master:
+        return NoProfile()
+    cuda = proc.device.type == "cuda"
+
+    def report(prof) -> None:
+        try:
+            out = os.path.join(run_dir, "profile")
+            os.makedirs(out, exist_ok=True)
+            prof.export_chrome_trace(os.path.join(out, "trace.json"))
+            events = prof.key_averages()
+            summary = profile_summary(events, start, cuda)
+            table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+            with open(os.path.join(out, "table.txt"), "w") as f:
+                f.write(summary + "\n" + table)
+            proc.log(f"{summary}\n{table}\ntrace: {os.path.join(out, 'trace.json')}")
+        except Exception as e:  # noqa: BLE001  the profile is a side product: the run goes on without it
+            proc.log(f"profile not written ({type(e).__name__}: {e}); training goes on")
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    return torch.profiler.profile(activities=activities, on_trace_ready=report, schedule=torch.profiler.schedule(
+        skip_first=start, wait=0, warmup=1, active=PROFILE_STEPS, repeat=1))
 
 
 def agree(proc: Process, flag: bool, every: bool) -> bool:
@@ -485,7 +546,8 @@ def main(argv=None) -> BlockDiffusionLM | None:
         return val_loss
 
     clock = Clock(cfg.train, state.step)
-    with stop_signals() as stopped:  # SIGTERM/SIGINT: finish the step, checkpoint, exit
+    profiler = step_profiler(args.profile, run_dir, proc)
+    with stop_signals() as stopped, profiler:  # SIGTERM/SIGINT: finish the step, checkpoint, exit
         for step in range(state.step, cfg.train.steps):
             if cfg.train.val_every and step > 0 and step % cfg.train.val_every == 0:
                 validate(step)
@@ -494,6 +556,7 @@ def main(argv=None) -> BlockDiffusionLM | None:
                                              last_checkpoint)
             log_step(step, loss_sum.item() / cfg.train.micro_steps, grad_norm.item(), mult, consumed,
                      clock.lap(proc.device), clock, cfg.train, proc, record)
+            profiler.step()
             if cfg.train.ckpt_every and (step + 1) % cfg.train.ckpt_every == 0 and step + 1 < cfg.train.steps:
                 last_checkpoint = save(step + 1)
             if agree(proc, bool(stopped), every=False) and step + 1 < cfg.train.steps:  # every rank stops here

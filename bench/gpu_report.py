@@ -63,6 +63,10 @@ def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
              "and 32", [PY, "bench/bench_sampling.py", "--gpu"], 150, 300),
         Part("demo", "python train.py, the demo on the GPU: wall time (this part's seconds) and final validation loss",
              [PY, "train.py", "--out_dir", os.path.join(out_dir, "demo"), "--run_name", "seed0"], 60, 150),
+        Part("demo-profile", "Where a demo step's time goes on the GPU: device busy time, launches and syncs a step, "
+             "the ops (train.py --profile)", [PY, "train.py", "--steps", "300", "--profile", "200", "--val_every", "0",
+                                              "--out_dir", os.path.join(out_dir, "demo"), "--run_name", "profile"],
+             40, 120),
         Part("demo-seeds", "The demo on the GPU over seeds 0, 1, 2 (compare the CPU's 2.036 ± 0.012)",
              [PY, "bench/bench_training.py", "demo", "--seeds", "3", "--out", os.path.join(out_dir, "demo_gpu.json"),
               "--", "--device", "cuda"], 180, 360),
@@ -187,7 +191,7 @@ def main() -> int:
         for p, fits in plan(chosen, args.budget_s):
             left -= p.expected_s if fits else 0
             print(f"  {'runs   ' if fits else 'skipped'} {p.expected_s:4d} s (timeout {p.timeout_s:4d} s)  "
-                  f"{p.name:12} {p.title}")
+                  f"{p.name:13} {p.title}")
         print(f"  {args.budget_s - left:.0f} s planned of {args.budget_s:.0f} s")
         return 0
     if not gpus:

@@ -815,7 +815,8 @@ def computed_entries(schedule: torch.Tensor, kernel: str, cfg: dict) -> int:
 def compile_configs(arch: int, space: bool = False) -> list[dict]:
     """Every configuration the launchers may run on a GPU of compute capability `arch` (80, 86, 89, 90), for
     kernels/compile_check.py: per dtype (fp32 with both dot precisions) and head dim, the default, the one-time
-    autotune's space and the committed table's entries for `arch`; with `space`, TUNING_SPACE too (16-bit)."""
+    autotune's space and the committed table's entries for `arch`; with `space`, TUNING_SPACE too, where
+    bench/tune_attention.py sweeps it (bf16, head dim 128)."""
     ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     table = tiles.table("bd_attention").get(f"sm_{arch}", {})
     configs = []
@@ -830,7 +831,7 @@ def compile_configs(arch: int, space: bool = False) -> list[dict]:
                          for i, cfg in enumerate(kernel_configs(kernel, D, dtype, arch, prec))]
                 found += [(f" (table {key.rsplit(' ', 1)[1]})", tiles.strip(entry)) for key, entry in table.items()
                           if key.startswith(f"{kernel} {name} D={D} ")]  # named apart even where one is the default
-                if space and dtype != torch.float32:
+                if space and dtype == torch.bfloat16 and D == 128:
                     found += [(f" (space {i})", cfg) for i, cfg in enumerate(TUNING_SPACE[kernel])]
                 seen = []
                 for label, cfg in found:

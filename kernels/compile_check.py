@@ -5,6 +5,7 @@ that Triton's wheel ships.
     python -m bdiff.kernels.compile_check            # table: registers, shared memory, spills, HGMMA
     python -m bdiff.kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)
     python -m bdiff.kernels.compile_check --space    # also every configuration bench/tune_attention.py sweeps
+    python -m bdiff.kernels.compile_check --space --arch 90,80    # ... for the GPUs of the committed table
 
 Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
 """
@@ -80,10 +81,10 @@ def _compile(args) -> dict:
                 shared_limit=TARGETS[cc], hgmma="HGMMA" in sass, wants_hgmma=cfg["hgmma"] and cc == 90)
 
 
-def check_all(jobs: int = os.cpu_count() or 1, space: bool = False) -> list[dict]:
+def check_all(jobs: int = os.cpu_count() or 1, space: bool = False, archs=tuple(TARGETS)) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
-    work = [(i, cc, space) for cc in TARGETS for i in range(len(shipped_configs(cc, space)))]
+    work = [(i, cc, space) for cc in archs for i in range(len(shipped_configs(cc, space)))]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(_compile, work))
 
@@ -103,8 +104,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--space", action="store_true", help="also the tuning spaces (minutes more)")
+    parser.add_argument("--arch", default=",".join(map(str, TARGETS)),
+                        help=f"compute capabilities, comma-separated (default: all, {','.join(map(str, TARGETS))})")
     args = parser.parse_args()
-    rows = check_all(space=args.space)
+    archs = [int(a) for a in args.arch.split(",") if a.strip().isdigit()]
+    if not archs or len(archs) != len(args.arch.split(",")) or any(a not in TARGETS for a in archs):
+        parser.error(f"--arch: expected some of {','.join(map(str, TARGETS))}, got {args.arch!r}")
+    rows = check_all(space=args.space, archs=archs)
     if args.json:
         print(json.dumps(rows))
         return 0

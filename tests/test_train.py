@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -55,6 +56,37 @@ def test_cpu_rng_is_the_cpu_runs_own_stream(stdlib_dir, tmp_path):
     assert plain == cpu_rng, f"--cpu_rng changed a CPU run: {plain} against {cpu_rng}"
 
 
+def test_profile_says_where_the_steps_go(stdlib_dir, tmp_path, capsys):
+    """--profile N: after N+1 steps, ten steps recorded; the log gives their wall time and the ops' table, and the
+    trace is written beside it."""
+    train.main(["--device", "cpu", "--preset", "tiny", "--steps", "13", "--profile", "1", "--val_every", "0",
+                "--data_dir", stdlib_dir, "--out_dir", str(tmp_path), "--run_name", "p"])
+    printed = capsys.readouterr().out
+    wall = re.search(r"profile of 10 steps from step 3: wall ([\d.]+) ms/step", printed)
+    assert wall and float(wall.group(1)) > 0, printed[-2000:]
+    assert "aten::mm" in printed, "the table names the ops"
+    with open(tmp_path / "p" / "profile" / "trace.json") as f:
+        assert json.load(f)["traceEvents"], "the trace holds the steps' events"
+
+
+def test_profile_summary_on_cuda_counts_kernels_launches_and_syncs():
+    """The CUDA line of --profile from key_averages()-like events: busy time from the kernels' own events only (their
+    launching ops carry the same time again), launches and syncs counted per step."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(key, device_type=cpu, count=1, cpu_us=0.0, device_us=0.0):
+        return types.SimpleNamespace(key=key, device_type=device_type, count=count, cpu_time_total=cpu_us,
+                                     self_device_time_total=device_us)
+
+    events = [event("ProfilerStep*", count=10, cpu_us=200_000.0), event("aten::mm", device_us=30_000.0),
+              event("ampere_sgemm", cuda, count=40, device_us=30_000.0), event("triton_fused", cuda, device_us=5_000.0),
+              event("cudaLaunchKernel", count=900), event("cuLaunchKernel", count=100),
+              event("cudaStreamSynchronize", count=30)]
+    line = train.profile_summary(events, start=5, cuda=True)
+    assert line == ("profile of 10 steps from step 7: wall 20.00 ms/step, device busy 3.50 ms/step (the rest is the "
+                    "host's), 100 kernel launches and 3 host syncs a step"), line
+
+
 def ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -98,6 +130,7 @@ def test_errors_are_one_line(stdlib_dir, tmp_path):
                          "no finewebedu train shards"),
         "corrupt shard": (["--preset", "tiny", "--data_dir", str(bad), "--out_dir", str(tmp_path)], "bad magic"),
         "bad value": (["--preset", "tiny", "--block_size", "0"], "block_size must be >= 1"),
+        "profile past the run": (["--preset", "tiny", "--steps", "10", "--profile", "0"], "--profile: expected"),
     }
     for case, (args, message) in cases.items():
         result = run_train(*args)
