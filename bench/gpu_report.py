@@ -63,6 +63,9 @@ def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
              "and 32", [PY, "bench/bench_sampling.py", "--gpu"], 150, 300),
         Part("demo", "python train.py, the demo on the GPU: wall time (this part's seconds) and final validation loss",
              [PY, "train.py", "--out_dir", os.path.join(out_dir, "demo"), "--run_name", "seed0"], 60, 150),
+        Part("demo-eager", "The demo on the GPU without torch.compile (--no-compile): its wall time against the "
+             "compiled demo's", [PY, "train.py", "--no-compile", "--out_dir", os.path.join(out_dir, "demo"),
+                                 "--run_name", "eager_seed0"], 60, 150),
         Part("demo-profile", "Where a demo step's time goes on the GPU: device busy time, launches and syncs a step, "
              "the ops (train.py --profile)", [PY, "train.py", "--steps", "300", "--profile", "200", "--val_every", "0",
                                               "--out_dir", os.path.join(out_dir, "demo"), "--run_name", "profile"],
