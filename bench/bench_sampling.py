@@ -9,7 +9,8 @@ before it (bench/sampling_baseline.py), at batch 1, 8 and 32, and the KV cache a
 Each row is one generate() call after an untimed warm-up call of the same loop (which compiles and captures), the
 loops one after the other in one run: tokens/s = new tokens / wall time, model calls per token, host reads (values
 the loop read back from the device), and the one-time compile and capture seconds of the warm-up. Greedy decoding:
-every loop generates the same tokens (checked), so they do the same work. The batch holds one prompt repeated; every
+every loop should generate the same tokens, so that they do the same work ("same tokens": a loop that does not is
+reported, the others still measured, and the exit code is 1). The batch holds one prompt repeated; every
 sequence draws from its own generator.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ def loops(compile_mode: str | None) -> dict:
 def run(model, prompt, new_tokens, steps_per_block, batches, compile_mode):
     print(f"{new_tokens} new tokens per prompt, {steps_per_block} steps per block of {model.cfg.block_size}, greedy")
     print(f"{'batch':>5}  {'loop':<36} {'tok/s':>9} {'calls/token':>11} {'host reads':>10} {'vs before':>9} "
-          f"{'compile s':>9}")
+          f"{'compile s':>9} {'same tokens':>11}")
+    failed = False
     for batch in batches:
         base, first = None, None
         for name, generate in loops(compile_mode).items():
@@ -51,10 +53,12 @@ def run(model, prompt, new_tokens, steps_per_block, batches, compile_mode):
             rate = out.new_tokens / out.seconds
             base = base or rate
             first = first or out.tokens
-            assert out.tokens == first, f"{name}: other tokens than the baseline's"
+            same = "yes" if out.tokens == first else "NO"  # reported, not fatal: the other rows still get measured
             reads = out.host_reads if out.host_reads else "per token"
             print(f"{batch:>5}  {name:<36} {rate:9,.1f} {out.calls_per_token:11.3f} {reads:>10} "
-                  f"{rate / base:8.2f}x {getattr(warm, 'compile_seconds', 0):9.1f}", flush=True)
+                  f"{rate / base:8.2f}x {getattr(warm, 'compile_seconds', 0):9.1f} {same:>11}", flush=True)
+            failed |= same == "NO"
+    return failed
 
 
 # The suite (bench/conftest.py), on a fresh model (the record model on a GPU, the demo preset on a CPU; its lm_head
@@ -114,17 +118,16 @@ def main():
 
         model = BlockDiffusionLM(record().model).cuda().eval().set_dtype(torch.bfloat16)
         print(f"{torch.cuda.get_device_name()}, bf16, random weights")
-        run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block or 16, batches,
-            args.compile or "reduce-overhead")
-        return
+        return run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block or 16,
+                   batches, args.compile or "reduce-overhead")
     if not args.ckpt:
         parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/model)")
     model = BlockDiffusionLM.from_pretrained(args.ckpt)
     config = model.run_config
     print(f"CPU, {torch.get_num_threads()} threads, {args.ckpt}")
-    run(model, prompt_ids(default_prompt(config), tokenizer_of(config), model.cfg), args.new_tokens,
-        args.steps_per_block or model.cfg.block_size, batches, args.compile)
+    return run(model, prompt_ids(default_prompt(config), tokenizer_of(config), model.cfg), args.new_tokens,
+               args.steps_per_block or model.cfg.block_size, batches, args.compile)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
