@@ -5,6 +5,7 @@ that Triton's wheel ships.
     python -m bdiff.kernels.compile_check            # table: registers, shared memory, spills, HGMMA
     python -m bdiff.kernels.compile_check --json     # the same rows as JSON (tests/test_compile.py reads it)
     python -m bdiff.kernels.compile_check --space    # also every configuration bench/tune_attention.py sweeps
+                                                     # (they must fit sm_90; elsewhere a spill is only reported)
     python -m bdiff.kernels.compile_check --space --arch 90,80    # ... for the GPUs of the committed table
 
 Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
@@ -100,6 +101,12 @@ def problems(row: dict) -> list[str]:
     return found
 
 
+def candidate(row: dict) -> bool:
+    """A tuning space's configuration away from Hopper, where the spaces are tuned: one that spills there is a
+    measurement for bench/tune_attention.py (it never wins), not a shipped configuration that fails."""
+    return "(space " in row["name"] and row["sm"] != 90
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
@@ -118,9 +125,10 @@ def main() -> int:
           f"{'HGMMA':>5}  ok")
     for r in sorted(rows, key=lambda r: (r["name"], r["sm"])):
         bad = problems(r)
+        note = " (a tuning candidate: the tuner drops it there)" if bad and candidate(r) else ""
         print(f"{r['name']:36} {r['tiles']:14} sm_{r['sm']} {NAMES[r['sm']]:8} {r['registers']:4} {r['shared']:9} "
-              f"{r['stack'] + r['local']:7} {'yes' if r['hgmma'] else 'no':>5}  {'; '.join(bad) or 'ok'}")
-    return 1 if any(problems(r) for r in rows) else 0
+              f"{r['stack'] + r['local']:7} {'yes' if r['hgmma'] else 'no':>5}  {'; '.join(bad) or 'ok'}{note}")
+    return 1 if any(problems(r) and not candidate(r) for r in rows) else 0
 
 
 if __name__ == "__main__":

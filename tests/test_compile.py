@@ -58,3 +58,19 @@ def test_hopper_uses_hgmma_in_forward_and_backward(report):
     for r in report:
         if r["sm"] == 90 and r["wants_hgmma"]:
             assert r["hgmma"], f"{r['name']}: no HGMMA in the sm_90 SASS"
+
+
+@pytest.mark.parametrize("name, sm, fails", [("bd_attention dkdv bfloat16 D=128 (space 3)", 80, False),
+                                              ("bd_attention dkdv bfloat16 D=128 (space 3)", 90, True),
+                                              ("bd_attention dkdv bfloat16 D=128", 80, True)])
+def test_only_a_tuning_candidate_away_from_hopper_may_spill(monkeypatch, capsys, name, sm, fails):
+    """The tuning space is Hopper's: a candidate that spills on sm_80 is reported and dropped by the tuner there,
+    but a shipped configuration that spills anywhere, or a candidate that spills on sm_90, fails the check."""
+    from bdiff.kernels import compile_check
+
+    row = dict(name=name, sm=sm, tiles="64x64 w4 s2", registers=255, stack=96, local=0, shared=1024,
+               shared_limit=TARGETS[sm], hgmma=False, wants_hgmma=False)
+    monkeypatch.setattr(compile_check, "check_all", lambda **kwargs: [row])
+    monkeypatch.setattr(sys, "argv", ["compile_check", "--space"])
+    assert compile_check.main() == int(fails), capsys.readouterr().out
+    assert "spills (stack 96 B" in capsys.readouterr().out, "the spill is reported either way"
