@@ -144,8 +144,8 @@ SPAN_MULTIPLE = 64  # cache slots, and the slots an eager call reads, rounded up
 
 def compile_mode(name: str | None, device: torch.device) -> str | None:
     """SamplingConfig.compile as a torch.compile mode (None: eager). "auto": CUDA graphs on a GPU (reduce-overhead:
-    the decode step of a small model is launch-bound), eager on a CPU (compiling costs ~40 s there, repaid only after
-    ~15,000 tokens: bench/bench_sampling.py --compile)."""
+    the decode step of a small model is launch-bound), eager on a CPU (compiling costs ~25 s there, repaid only after
+    ~45,000 tokens at batch 1: bench/bench_sampling.py --compile)."""
     if name == "auto":
         return "reduce-overhead" if device.type == "cuda" else None
     return None if name in (None, "none") else name

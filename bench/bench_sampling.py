@@ -6,9 +6,11 @@ before it (bench/sampling_baseline.py), at batch 1, 8 and 32, and the KV cache a
     python bench/bench_sampling.py --gpu                                 # GPU: the record model (random weights)
     python -m pytest bench/bench_sampling.py --benchmark-only            # the suite
 
-Each row is one generate() call after an untimed warm-up call of the same loop (which compiles and captures), the
-loops one after the other in one run: tokens/s = new tokens / wall time, model calls per token, host reads (values
-the loop read back from the device), and the one-time compile and capture seconds of the warm-up. Greedy decoding:
+Each loop first makes one untimed warm-up call (which compiles and captures), then the loops take turns, --repeats
+generate() calls each (3), and a row gives the median: tokens/s = new tokens / wall time (the slowest and fastest
+run beside it: a generation on a CPU lasts a fraction of a second, and a busy machine moves one run by a third),
+model calls per token, host reads (values the loop read back from the device), and the one-time compile and capture
+seconds of the warm-up. Greedy decoding:
 every loop should generate the same tokens, so that they do the same work ("same tokens": a loop that does not is
 reported, the others still measured, and the exit code is 1). The batch holds one prompt repeated; every
 sequence draws from its own generator.
@@ -39,24 +41,32 @@ def loops(compile_mode: str | None) -> dict:
     return out
 
 
-def run(model, prompt, new_tokens, steps_per_block, batches, compile_mode):
-    print(f"{new_tokens} new tokens per prompt, {steps_per_block} steps per block of {model.cfg.block_size}, greedy")
-    print(f"{'batch':>5}  {'loop':<36} {'tok/s':>9} {'calls/token':>11} {'host reads':>10} {'vs before':>9} "
-          f"{'compile s':>9} {'same tokens':>11}")
+def run(model, prompt, new_tokens, steps_per_block, batches, compile_mode, repeats=3):
+    print(f"{new_tokens} new tokens per prompt, {steps_per_block} steps per block of {model.cfg.block_size}, greedy; "
+          f"the median of {repeats} runs of each loop, taken in turns (min-max beside it)")
+    print(f"{'batch':>5}  {'loop':<32} {'tok/s':>9} {'min-max':>15} {'calls/token':>11} {'host reads':>10} "
+          f"{'vs before':>9} {'compile s':>9} {'same tokens':>11}")
     failed = False
+    kw = dict(max_new_tokens=new_tokens, steps_per_block=steps_per_block, temperature=0)
     for batch in batches:
+        timed = loops(compile_mode)
+        # warm-up: allocator, caches, compilation and capture
+        warm = {name: generate(model, [prompt] * batch, **kw) for name, generate in timed.items()}
+        runs = {name: [] for name in timed}
+        for _ in range(repeats):  # in turns, so that a slow spell of the machine does not fall on one loop alone
+            for name, generate in timed.items():
+                runs[name].append(generate(model, [prompt] * batch, **kw))
         base, first = None, None
-        for name, generate in loops(compile_mode).items():
-            kw = dict(max_new_tokens=new_tokens, steps_per_block=steps_per_block, temperature=0)
-            warm = generate(model, [prompt] * batch, **kw)  # warm-up: allocator, caches, compilation and capture
-            out = generate(model, [prompt] * batch, **kw)
-            rate = out.new_tokens / out.seconds
+        for name, outs in runs.items():
+            rates = sorted(out.new_tokens / out.seconds for out in outs)
+            rate, out = rates[len(rates) // 2], outs[0]
             base = base or rate
             first = first or out.tokens
-            same = "yes" if out.tokens == first else "NO"  # reported, not fatal: the other rows still get measured
+            same = "yes" if all(o.tokens == first for o in outs) else "NO"  # reported: the other rows still count
             reads = out.host_reads if out.host_reads else "per token"
-            print(f"{batch:>5}  {name:<36} {rate:9,.1f} {out.calls_per_token:11.3f} {reads:>10} "
-                  f"{rate / base:8.2f}x {getattr(warm, 'compile_seconds', 0):9.1f} {same:>11}", flush=True)
+            spread = f"{rates[0]:,.0f}-{rates[-1]:,.0f}"
+            print(f"{batch:>5}  {name:<32} {rate:9,.1f} {spread:>15} {out.calls_per_token:11.3f} {reads:>10} "
+                  f"{rate / base:8.2f}x {getattr(warm[name], 'compile_seconds', 0):9.1f} {same:>11}", flush=True)
             failed |= same == "NO"
     return failed
 
@@ -104,6 +114,7 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--steps_per_block", type=int, help="default: the block size (one token per model call)")
     parser.add_argument("--batch", default="1,8,32", help="batch sizes, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop (their median is reported)")
     parser.add_argument("--compile", nargs="?", const="default", help="also time the compiled model call (mode: "
                                                                       "default; with --gpu always reduce-overhead)")
     args = parser.parse_args()
@@ -111,7 +122,11 @@ def main():
     from bdiff.model import BlockDiffusionLM
     from bdiff.sampling import prompt_ids
 
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = [int(b) for b in args.batch.split(",") if b.strip().isdigit() and int(b) > 0]
+    if len(batches) != len(args.batch.split(",")):
+        parser.error(f"--batch: expected positive integers, comma-separated, got {args.batch!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     if args.gpu:
         from bdiff.config import record
         from bdiff.model import BlockDiffusionLM
@@ -119,14 +134,14 @@ def main():
         model = BlockDiffusionLM(record().model).cuda().eval().set_dtype(torch.bfloat16)
         print(f"{torch.cuda.get_device_name()}, bf16, random weights")
         return run(model, [model.cfg.bos_id] + list(range(100, 164)), args.new_tokens, args.steps_per_block or 16,
-                   batches, args.compile or "reduce-overhead")
+                   batches, args.compile or "reduce-overhead", args.repeats)
     if not args.ckpt:
         parser.error("--ckpt is needed on CPU (python train.py writes logs/RUN/model)")
     model = BlockDiffusionLM.from_pretrained(args.ckpt)
     config = model.run_config
     print(f"CPU, {torch.get_num_threads()} threads, {args.ckpt}")
     return run(model, prompt_ids(default_prompt(config), tokenizer_of(config), model.cfg), args.new_tokens,
-               args.steps_per_block or model.cfg.block_size, batches, args.compile)
+               args.steps_per_block or model.cfg.block_size, batches, args.compile, args.repeats)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
         Part("ns", "Newton–Schulz vs torch matmuls", [PY, "bench/bench_newton_schulz.py", "--gpu"], 50, 120),
         # The sampling and demo parts' times are estimates (they have not run on a GPU yet).
         Part("sampling", "Sampling: the decode loop eager, captured as CUDA graphs and the loop before it, batch 1, 8 "
-             "and 32", [PY, "bench/bench_sampling.py", "--gpu"], 150, 300),
+             "and 32 (the median of 2 runs each)", [PY, "bench/bench_sampling.py", "--gpu", "--repeats", "2"],
+             150, 300),
         Part("demo", "python train.py, the demo on the GPU: wall time (this part's seconds) and final validation loss",
              [PY, "train.py", "--out_dir", os.path.join(out_dir, "demo"), "--run_name", "seed0"], 60, 150),
         Part("demo-eager", "The demo on the GPU without torch.compile (--no-compile): its wall time against the "
