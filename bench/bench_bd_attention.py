@@ -68,6 +68,37 @@ def config_table(means=(300, 1000), head_dim=128, dtype=torch.bfloat16, arch=90)
     return rows
 
 
+def tail_table(means=(300, 1000), sms=132) -> list[dict]:
+    """How far past its work's bound (all heads' entries spread evenly over `sms` SMs: an H100's or H200's 132) each
+    kernel of the sm_90 defaults runs, its programs replayed as list scheduling: an SM takes the next program when its
+    last one ends, one at a time (the defaults' registers hold one program per SM), a program costs the entries it
+    computes (tile_work), each tile's heads side by side. In the tiles' order, and with LPT (most work first,
+    tile_order). A model of the scheduler, not a measurement: the GPU's times come with --gpu."""
+    import heapq
+
+    from bdiff.kernels.accounting import fineweb_like_cu_seqlens
+    from bdiff.kernels.bd_attention import kernel_config, schedule_bounds, tile_order, tile_work
+
+    def makespan(works):
+        free = [0] * sms
+        for w in works:
+            heapq.heappush(free, heapq.heappop(free) + w)
+        return max(free)
+
+    rows = []
+    for kernel in ("forward", "dq", "dkdv"):
+        cfg = kernel_config(kernel, HEAD_DIM, torch.bfloat16, 90)
+        row = dict(kernel=kernel, tiles=" ".join(f"{k}={v}" for k, v in cfg.items() if k in ("BM", "BN", "DN", "BMD")))
+        for mean in means:
+            side = schedule_bounds(fineweb_like_cu_seqlens(L, mean), L, BLOCK)[1 if kernel == "dkdv" else 0]
+            work = tile_work(side, kernel, cfg)
+            bound = HEADS * int(work.sum()) / sms
+            for order in (work, work[tile_order(side, kernel, cfg).long()]):  # each tile's heads side by side
+                row.setdefault(mean, []).append(makespan([w for w in order.tolist() for _ in range(HEADS)]) / bound - 1)
+        rows.append(row)
+    return rows
+
+
 def inputs(device: str, mean: int | None):
     """The suite's and the GPU bench's case: the record's attention (bf16) on a GPU; on a CPU a small one
     (L=4096, 2 heads of 32, float32) with the same kind of documents. mean=None: the demo's attention instead
@@ -171,7 +202,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="time the kernels on a CUDA GPU")
     parser.add_argument("--backward", action="store_true", help="CPU: count the backward kernels too (slower)")
-    parser.add_argument("--configs", action="store_true", help="work ratio of every tile shape (no kernel runs)")
+    parser.add_argument("--configs", action="store_true", help="work ratio of every tile shape, and the defaults' "
+                        "last wave in launch order and with LPT (no kernel runs)")
     args = parser.parse_args()
     if args.gpu:
         gpu_bench()
@@ -182,6 +214,12 @@ def main():
         print(f"{'kernel':>8} {'#':>2} {'tiles':>26} {'mean 300':>9} {'mean 1000':>10}")
         for r in config_table():
             print(f"{r['kernel']:>8} {r['index']:>2} {r['tiles']:>26} {r[300]:9.3f} {r[1000]:10.3f}")
+        print("\nThe last wave (sm_90 defaults, 132 SMs, list scheduling replayed): time past the work's bound")
+        print(f"{'kernel':>8} {'tiles':>26} {'300 tile order':>15} {'300 LPT':>8} {'1000 tile order':>16} "
+              f"{'1000 LPT':>9}")
+        for r in tail_table():
+            print(f"{r['kernel']:>8} {r['tiles']:>26} {r[300][0]:15.1%} {r[300][1]:8.1%} {r[1000][0]:16.1%} "
+                  f"{r[1000][1]:9.1%}")
         return
     print(f"L={L}, block {BLOCK}, documents log-normal (sigma 1), seed 0; work ratio = entries computed / allowed")
     print(f"{'mean':>5} {'docs':>5} {'allowed':>11} {'FlexAttention 128x128':>22} {'ours fwd':>9} {'unmasked':>9}"

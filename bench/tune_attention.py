@@ -13,9 +13,9 @@ its own: the forward, dQ, dK/dV, and dK/dV with an atomic dQ (which replaces the
    recording registers and spills; a candidate that spills or fails is out;
 2. check each candidate's output against the float32 reference on an awkward layout (documents of 1 to 2,000
    tokens, a block size of 5); one that disagrees is out;
-3. time each (triton.testing.do_bench) on both mixes, the heuristic default first, then by work ratio; the winner of
-   each kernel has the least total time over the two mixes, and dK/dV with an atomic dQ wins only if it beats the
-   best dQ plus the best dK/dV.
+3. time each (triton.testing.do_bench) on both mixes, the heuristic default first, then the default with its tiles in
+   their own order (LPT off: what tile_order gains), then by work ratio; the winner of each kernel has the least total
+   time over the two mixes, and dK/dV with an atomic dQ wins only if it beats the best dQ plus the best dK/dV.
 Each row: milliseconds, TFLOP/s of allowed entries (4·D FLOPs an entry forward, 6·D dQ, 8·D dK/dV, 10·D with the
 atomic dQ: what the kernel must do, not what it computes), work ratio (entries computed / allowed), registers,
 spills. The JSON and markdown are rewritten after each phase, so a stopped run keeps what it measured.
@@ -53,7 +53,8 @@ def candidates() -> list[tuple[str, dict]]:
         default = dict(kernel_config(base, HEAD_DIM, torch.bfloat16, 90), **({"ATOMIC_DQ": kernel != "dkdv"}
                                                                             if base == "dkdv" else {}))
         space = [c for c in TUNING_SPACE[base] if base != "dkdv" or c["ATOMIC_DQ"] == (kernel == "dkdv+dq")]
-        out += [(kernel, cfg) for cfg in [default] + [c for c in space if c != default]]
+        # the default with its tiles in their own order too: what LPT (tile_order) gains on this GPU
+        out += [(kernel, cfg) for cfg in [default, dict(default, LPT=False)] + [c for c in space if c != default]]
     return out
 
 
@@ -98,20 +99,22 @@ class Case:
         self.out = {name: torch.empty_like(self.q) for name in ("o", "dq", "dk", "dv")}
         self.lse_out = torch.empty_like(self.lse)
         self.dq_sum = torch.zeros(self.q.shape, dtype=torch.float32, device=device)
+        self.orders = {}  # the tile orders, sorted once as a training step does (bda.orders_of), not in every timing
 
     def launch(self, kernel: str, cfg: dict):
         bda, out = self.bda, self.out
         if kernel == "forward":
             return bda._query_kernel(self.q, self.k, self.v, self.q_bounds, self.scale, cfg, self.prec, out["o"],
-                                     self.lse_out)
+                                     self.lse_out, orders=self.orders)
         if kernel == "dq":
             return bda._query_kernel(self.q, self.k, self.v, self.q_bounds, self.scale, cfg, self.prec, self.o,
-                                     self.lse, self.do, self.delta, out["dq"])
+                                     self.lse, self.do, self.delta, out["dq"], orders=self.orders)
         atomic = kernel == "dkdv+dq"
         if atomic:
             self.dq_sum.zero_()  # what the backward pays for an atomic dQ: a zeroed buffer, then a scaled copy
         compiled = bda._dkdv_kernel(self.q, self.k, self.v, self.do, self.lse, self.delta, out["dk"], out["dv"],
-                                    self.dq_sum, self.k_bounds, self.scale, dict(cfg, ATOMIC_DQ=atomic), self.prec)
+                                    self.dq_sum, self.k_bounds, self.scale, dict(cfg, ATOMIC_DQ=atomic), self.prec,
+                                    orders=self.orders)
         if atomic:
             out["dq"].copy_(self.dq_sum * self.scale)
         return compiled
@@ -245,7 +248,8 @@ def apply(path: str) -> int:
 
 def describe(cfg: dict) -> str:
     extra = "".join(f" {k}{cfg[k]}" for k in ("DN", "BMD") if k in cfg)
-    return f"{cfg['BM']}x{cfg['BN']}{extra} w{cfg['num_warps']} s{cfg['num_stages']}"
+    order = " in tile order" if cfg.get("LPT") is False else ""  # LPT is on unless a configuration says otherwise
+    return f"{cfg['BM']}x{cfg['BN']}{extra} w{cfg['num_warps']} s{cfg['num_stages']}{order}"
 
 
 def main() -> int:
@@ -310,11 +314,11 @@ def main() -> int:
             r["status"] = f"spills {r['spills']} B"
     write(args.out, rows, result, time.perf_counter() - start)
 
-    # phases 2 and 3, candidate by candidate: the default first, then by work ratio
+    # phases 2 and 3, candidate by candidate: the default first, then the default in tile order, then by work ratio
     check_case = Case(torch.tensor([0, 1, 8, 9, 2009, 2040, 2048], dtype=torch.int32), 2048, block=5)
     check_ref = reference(check_case)
     cases = {m: Case(found[m][0], L) for m in MEANS}
-    for r in sorted(rows, key=lambda r: (not r["default"], r["work"][MEANS[0]])):
+    for r in sorted(rows, key=lambda r: (not r["default"], r["config"].get("LPT", True), r["work"][MEANS[0]])):
         if "status" in r:
             continue
         if time.perf_counter() > deadline - 2:

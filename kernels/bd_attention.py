@@ -16,6 +16,8 @@ no element mask is computed, the loop carries no mask code at all) and the chunk
 some row sees only in part (partial: masked). Chunks no row sees are never visited. The noisy<->noisy "diagonal"
 range is one block wide, so it has its own chunk width (DN), and the noisy key tiles of dK/dV their own row
 count (BMD): both keep the work near the allowed entries (bench/bench_bd_attention.py counts it, COUNT=True).
+A grid of heads x tiles runs each tile's heads side by side, and with LPT (on unless a configuration says
+otherwise) the tiles most work first (tile_order), so that no long tile starts last and holds the GPU's last wave.
 
 Kernels: forward and dQ share `_bd_attn_query_kernel` (one tile of query rows); dK/dV `_bd_attn_dkdv_kernel`
 (one tile of key rows), which with ATOMIC_DQ also adds each chunk's dQ into an fp32 buffer (FlashAttention-2's
@@ -38,7 +40,6 @@ from __future__ import annotations
 import functools
 import itertools
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -180,16 +181,19 @@ def _bounds(BOUNDS, rows, COL: tl.constexpr):
 
 
 @triton.jit
-def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, COUNTS, L, qk_scale, scale,
+def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, ORDER, COUNTS, L, qk_scale, scale,
                           H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DN: tl.constexpr,
-                          BACKWARD: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+                          LPT: tl.constexpr, BACKWARD: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
     """Forward (O, LSE) or, with BACKWARD, dQ for one tile of BM query rows and one head: the clean keys of
     segment 2 in chunks of BN (partial, full, partial), then for noisy tiles their own blocks' noisy keys (the
     diagonal) in partial chunks of DN, all in one online softmax (or one dQ sum) kept in registers."""
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # the grid's first axis runs fastest: a tile's heads side by side
+    tile = tl.program_id(1)
+    if LPT:  # the tiles most work first (tile_order)
+        tile = tl.load(ORDER + tile)
     tiles_per_half = tl.cdiv(L, BM)
-    half = tl.program_id(0) // tiles_per_half  # noisy tiles first
-    start = half * L + (tl.program_id(0) % tiles_per_half) * BM
+    half = tile // tiles_per_half  # noisy tiles first
+    start = half * L + (tile % tiles_per_half) * BM
     rows, valid = _rows(start, half * L + L, BM)
     stride = H * D  # (2L, H, D) contiguous
     cols = h * D + tl.arange(0, D)  # this head's columns
@@ -198,7 +202,7 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, COUNTS, L, qk_
     acc = tl.zeros((BM, D), dtype=tl.float32)  # the output accumulator, or dQ
     m = tl.full((BM,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BM,), dtype=tl.float32)
-    entries = tl.program_id(1) * 0  # an int32 scalar the chunk loops carry
+    entries = tile * 0  # an int32 scalar the chunk loops carry
     lo, hi = _bounds(BOUNDS, rows, CLEAN)
     a, f0, f1, e = _chunk_classes(lo, hi, BN)
     if BACKWARD:
@@ -230,7 +234,7 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, COUNTS, L, qk_
         tl.store(O + offs, (acc / l[:, None]).to(O.dtype.element_ty), mask=valid[:, None])  # l >= 1: a row sees itself
         tl.store(LSE + h * 2 * L + rows, m + tl.log2(l), mask=valid)
     if COUNT:  # entries computed, of which in full chunks
-        slot = (h * tl.num_programs(0) + tl.program_id(0)) * 2
+        slot = (h * tl.num_programs(1) + tile) * 2
         tl.store(COUNTS + slot, entries)
         tl.store(COUNTS + slot + 1, (f1 - f0) * BM)
 
@@ -273,22 +277,26 @@ def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, first, end, L, qk_sc
 
 
 @triton.jit
-def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, COUNTS, L, qk_scale, scale,
+def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, ORDER, COUNTS, L, qk_scale, scale,
                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BMD: tl.constexpr,
-                         DN: tl.constexpr, ATOMIC_DQ: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+                         DN: tl.constexpr, LPT: tl.constexpr, ATOMIC_DQ: tl.constexpr, COUNT: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """dK and dV for one tile of key rows and one head (`_dkdv_tile`): BM-row tiles of clean keys first (they carry
     most of the work), then BMD-row tiles of noisy keys, whose queries are their own block's (chunks of DN)."""
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # the grid's first axis runs fastest: a tile's heads side by side
+    tile = tl.program_id(1)
+    if LPT:  # the tiles most work first (tile_order)
+        tile = tl.load(ORDER + tile)
     cols = h * D + tl.arange(0, D)
     clean_tiles = tl.cdiv(L, BM)
-    if tl.program_id(0) < clean_tiles:
-        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, L + tl.program_id(0) * BM, 2 * L, L,
+    if tile < clean_tiles:
+        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, L + tile * BM, 2 * L, L,
                                    qk_scale, scale, H * D, cols, h * 2 * L, BM, BN, False, ATOMIC_DQ, PRECISION)
     else:
-        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, (tl.program_id(0) - clean_tiles) * BMD,
+        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, (tile - clean_tiles) * BMD,
                                    L, L, qk_scale, scale, H * D, cols, h * 2 * L, BMD, DN, True, ATOMIC_DQ, PRECISION)
     if COUNT:  # entries computed, of which in full chunks
-        slot = (h * tl.num_programs(0) + tl.program_id(0)) * 2
+        slot = (h * tl.num_programs(1) + tile) * 2
         tl.store(COUNTS + slot, entries)
         tl.store(COUNTS + slot + 1, full)
 
@@ -433,6 +441,55 @@ def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.
     return torch.stack([queries, keys]).to(torch.int32).contiguous()
 
 
+def tile_work(side: torch.Tensor, kernel: str, cfg: dict) -> torch.Tensor:
+    """Entries (query, key pairs) each program of `kernel` computes for one head under `cfg`, in the grid's order:
+    (programs,) int64 on `side`'s device, from the kernels' loop bounds replayed with torch ops (no kernel run, no
+    host sync). `side`: the schedule's query side (forward, dQ) or key side (dK/dV), (2L, 6)."""
+    L = side.shape[0] // 2
+    table = side.long()
+
+    def visited(half, n, col, chunk):  # (tiles,): the tiles of n rows of one half over the ranges in (col, col + 1)
+        first = half * L + torch.arange(-(-L // n), device=side.device)[:, None] * n
+        rows = (first + torch.arange(n, device=side.device)).clamp_max(half * L + L - 1)  # as _rows clamps them
+        span = (table[rows, col + 1].amax(-1) - table[rows, col].amin(-1)).clamp_min(0)
+        return (span + chunk - 1) // chunk * (n * chunk)
+
+    diag, noisy, clean = DIAGONAL.value, NOISY.value, CLEAN.value
+    if kernel == "dkdv":  # clean key tiles (segments 1 and 2), then noisy key tiles (the diagonal)
+        return torch.cat([visited(1, cfg["BM"], noisy, cfg["BN"]) + visited(1, cfg["BM"], clean, cfg["BN"]),
+                          visited(0, cfg["BMD"], diag, cfg["DN"])])
+    # query tiles: noisy ones (segment 2, then the diagonal), then clean ones (segment 2)
+    return torch.cat([visited(0, cfg["BM"], clean, cfg["BN"]) + visited(0, cfg["BM"], diag, cfg["DN"]),
+                      visited(1, cfg["BM"], clean, cfg["BN"])])
+
+
+# schedule tensor -> {tile shape: tile_order}: every layer of a step passes the same schedule, so the programs are
+# sorted once per sequence, not once per call
+_ORDERS = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def orders_of(schedule: torch.Tensor | None) -> dict:
+    """The tile orders kept with `schedule` (a fresh dict where there is none to keep them with)."""
+    return {} if schedule is None else _ORDERS.setdefault(schedule, {})
+
+
+def tile_order(side: torch.Tensor, kernel: str, cfg: dict, orders: dict | None = None) -> torch.Tensor:
+    """The tiles of `kernel`, most work first (tile_work, descending): (tiles,) int32 on `side`'s device. With LPT,
+    programs i*H .. i*H+H-1 compute tile order[i] for the H heads, so the longest tiles start in the first wave and
+    the last wave holds the shortest (longest-processing-time-first list scheduling). In the tiles' own order, the
+    tiles that end long documents can start last and keep a few SMs busy while the rest wait: replaying the record's
+    layouts on 132 SMs, one program each at a time (bench/bench_bd_attention.py --configs), the sm_90 defaults end
+    5-12% after their work's bound, and 28-35% (dK/dV) when each head's tiles ran after the previous head's; with
+    LPT 0-1%. Any permutation gives the same outputs: the order moves time only."""
+    shape = ("dkdv" if kernel == "dkdv" else "query",) + tuple(cfg.get(k) for k in ("BM", "BN", "BMD", "DN"))
+    if orders is not None and shape in orders:
+        return orders[shape]
+    order = torch.argsort(tile_work(side, kernel, cfg), descending=True, stable=True).to(torch.int32)
+    if orders is not None:
+        orders[shape] = order
+    return order
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Every buffer a kernel writes comes from here (tests poison it with NaN to catch unwritten rows)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -488,25 +545,41 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True, scale=None
         validate_cu_seqlens(cu_seqlens, R // 2)
 
 
-def _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, do=None, delta=None, dq=None, count=None):
-    """One launch of `_bd_attn_query_kernel`: the forward into (o, lse), or, given dq, dQ from (lse, do, delta).
-    Returns Triton's compiled kernel (registers, spills: bench/tune_attention.py reads them)."""
+# What one launch addresses: a grid's second axis holds at most 65,535 tiles (of 16 rows or more), and the kernels'
+# offsets (row * H * D + column) are int32.
+MAX_ROWS = 65_535 * 16
+
+
+def _check_launch(q: torch.Tensor) -> None:
     R, H, D = q.shape
-    return _bd_attn_query_kernel[(2 * triton.cdiv(R // 2, cfg["BM"]), H)](  # unused pointers: any valid one serves
+    if R > MAX_ROWS or R * H * D >= 2**31:
+        raise ValueError(f"q has too many rows for the GPU kernels: 2L = {R} with {H} heads of {D} (at most "
+                         f"{MAX_ROWS:,} rows and 2L·H·D < 2^31); split the sequence into several")
+
+
+def _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, do=None, delta=None, dq=None, count=None, orders=None):
+    """One launch of `_bd_attn_query_kernel`: the forward into (o, lse), or, given dq, dQ from (lse, do, delta).
+    cfg["LPT"] (on unless False): the tiles most work first, sorted once per `orders` (orders_of). Returns Triton's
+    compiled kernel (registers, spills: bench/tune_attention.py reads them)."""
+    R, H, D = q.shape
+    cfg = dict(cfg, LPT=cfg.get("LPT", True))
+    return _bd_attn_query_kernel[(H, 2 * triton.cdiv(R // 2, cfg["BM"]))](  # unused pointers: any valid one serves
         Q=q, K=k, V=v, O=o, LSE=lse, DO=q if do is None else do, DELTA=lse if delta is None else delta,
-        DQ=o if dq is None else dq, BOUNDS=bounds, COUNTS=lse if count is None else count, L=R // 2,
-        qk_scale=scale * LOG2E, scale=scale, H=H, D=D, BACKWARD=dq is not None, COUNT=count is not None,
-        PRECISION=prec, **cfg)
+        DQ=o if dq is None else dq, BOUNDS=bounds, ORDER=tile_order(bounds, "forward", cfg, orders) if cfg["LPT"]
+        else bounds, COUNTS=lse if count is None else count, L=R // 2, qk_scale=scale * LOG2E, scale=scale, H=H,
+        D=D, BACKWARD=dq is not None, COUNT=count is not None, PRECISION=prec, **cfg)
 
 
-def _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, bounds, scale, cfg, prec, count=None):
+def _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, bounds, scale, cfg, prec, count=None, orders=None):
     """One launch of `_bd_attn_dkdv_kernel`. With cfg["ATOMIC_DQ"], dq is the fp32 buffer its dQ adds into (zeroed
-    by the caller, unscaled); otherwise it is not touched. Returns Triton's compiled kernel."""
+    by the caller, unscaled); otherwise it is not touched. cfg["LPT"]: as in `_query_kernel`. Returns Triton's
+    compiled kernel."""
     R, H, D = q.shape
     L = R // 2
-    cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False))
-    return _bd_attn_dkdv_kernel[(triton.cdiv(L, cfg["BM"]) + triton.cdiv(L, cfg["BMD"]), H)](
+    cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False), LPT=cfg.get("LPT", True))
+    return _bd_attn_dkdv_kernel[(H, triton.cdiv(L, cfg["BM"]) + triton.cdiv(L, cfg["BMD"]))](
         Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, DQ=dq, BOUNDS=bounds,
+        ORDER=tile_order(bounds, "dkdv", cfg, orders) if cfg["LPT"] else bounds,
         COUNTS=lse if count is None else count, L=L, qk_scale=scale * LOG2E, scale=scale, H=H, D=D,
         COUNT=count is not None, PRECISION=prec, **cfg)
 
@@ -519,34 +592,38 @@ def _delta_kernel(o, do):
     return delta
 
 
-def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None):
-    """O and LSE (log2 units). `cfg`: a configuration to run (None: `_pick`'s)."""
+def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None, orders=None):
+    """O and LSE (log2 units). `cfg`: a configuration to run (None: `_pick`'s). `orders`: orders_of(the schedule)."""
+    _check_launch(q)
     H = q.shape[1]
     o = _empty(q.shape, q.dtype, q.device)
     lse = _empty((H, q.shape[0]), torch.float32, q.device)
     prec = precision(q.dtype)
 
     def launch(cfg):
-        return _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, count=count)
+        return _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, count=count, orders=orders)
 
     launch(cfg or _pick("forward", q, prec, launch))
     return o, lse
 
 
-def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None, cfgs=None):
+def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None, cfgs=None, orders=None):
     """dQ, dK, dV. `cfgs`: (dQ configuration, dK/dV configuration) to run, or None to pick them (`_pick`). A dK/dV
     configuration with ATOMIC_DQ computes dQ too (the dQ kernel does not run), unless PyTorch is asked for
     deterministic algorithms (`torch.use_deterministic_algorithms`): atomic adds sum in a varying order."""
+    _check_launch(q)
     prec = precision(q.dtype)
     delta = _delta_kernel(o, do)
     dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
     dq_count, dkdv_count = (None, None) if count is None else count
 
     def launch_dq(cfg):
-        return _query_kernel(q, k, v, q_bounds, scale, cfg, prec, o, lse, do, delta, dq, count=dq_count)
+        return _query_kernel(q, k, v, q_bounds, scale, cfg, prec, o, lse, do, delta, dq, count=dq_count,
+                             orders=orders)
 
     def launch_dkdv(cfg):
-        return _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, k_bounds, scale, cfg, prec, count=dkdv_count)
+        return _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, k_bounds, scale, cfg, prec, count=dkdv_count,
+                            orders=orders)
 
     dq_cfg, dkdv_cfg = cfgs or (None, None)
     dkdv_cfg = dkdv_cfg or _pick("dkdv", q, prec, launch_dkdv)
@@ -554,7 +631,8 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
         dkdv_cfg = dict(dkdv_cfg, ATOMIC_DQ=False)
     if dkdv_cfg.get("ATOMIC_DQ"):
         dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq_sum, k_bounds, scale, dkdv_cfg, prec, count=dkdv_count)
+        _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq_sum, k_bounds, scale, dkdv_cfg, prec, count=dkdv_count,
+                     orders=orders)
         dq.copy_(dq_sum * scale)
     else:
         launch_dq(dq_cfg or _pick("dq", q, prec, launch_dq))
@@ -663,9 +741,10 @@ def _bd_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if not use_triton(q):
         return _cpu_forward(q, k, v, cu_seqlens, block_size, scale)
     with on_device(q):
+        orders = orders_of(schedule)
         if schedule is None:
             schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
-        return _launch_forward(q.contiguous(), k.contiguous(), v.contiguous(), schedule[0], scale)
+        return _launch_forward(q.contiguous(), k.contiguous(), v.contiguous(), schedule[0], scale, orders=orders)
 
 
 @_bd_attention_op.register_fake
@@ -684,11 +763,12 @@ def _bd_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     if not use_triton(q):
         return _cpu_backward(do, q, k, v, o, lse, cu_seqlens, block_size, scale)
     with on_device(q):
+        orders = orders_of(schedule)
         if schedule is None:
             schedule = schedule_bounds(cu_seqlens, q.shape[0] // 2, block_size)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return _launch_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(), schedule[0],
-                                schedule[1], scale)
+                                schedule[1], scale, orders=orders)
 
 
 @_bd_attention_backward_op.register_fake
@@ -795,25 +875,10 @@ def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, conf
 
 def computed_entries(schedule: torch.Tensor, kernel: str, cfg: dict) -> int:
     """Entries (query, key pairs) one head of `kernel` computes under configuration `cfg`, from the schedule
-    alone: the kernels' loop bounds replayed on the host, no kernel run (tests check it against count_work).
-    It gives the FLOP counts (torch.utils.flop_counter) and the work ratio of every configuration."""
-    L = schedule.shape[1] // 2
-    # numpy, not torch: flop counters call this while a fake-tensor mode may be active
-    table = schedule[1 if kernel == "dkdv" else 0].cpu().numpy().astype(np.int64)  # (2L, 6)
-
-    def visited(half, n, col, chunk):  # entries of the tiles of n rows of one half over the range in (col, col + 1)
-        first = half * L + np.arange(-(-L // n))[:, None] * n
-        rows = np.minimum(first + np.arange(n), half * L + L - 1)  # clamped like _rows in the kernels
-        span = np.maximum(table[rows, col + 1].max(-1) - table[rows, col].min(-1), 0)
-        return int(((span + chunk - 1) // chunk).sum()) * n * chunk
-
-    diag, noisy, clean = DIAGONAL.value, NOISY.value, CLEAN.value
-    if kernel == "dkdv":  # clean keys: segments 1 and 2; noisy keys: the diagonal
-        return (visited(1, cfg["BM"], noisy, cfg["BN"]) + visited(1, cfg["BM"], clean, cfg["BN"])
-                + visited(0, cfg["BMD"], diag, cfg["DN"]))
-    # queries: segment 2 for both halves, then the diagonal for noisy tiles
-    return (visited(0, cfg["BM"], clean, cfg["BN"]) + visited(1, cfg["BM"], clean, cfg["BN"])
-            + visited(0, cfg["BM"], diag, cfg["DN"]))
+    alone: tile_work summed on the host, no kernel run (tests check it against count_work). It gives the FLOP counts
+    (torch.utils.flop_counter) and the work ratio of every configuration."""
+    with unset_fake_temporarily():  # flop counters call this while a fake-tensor mode may be active
+        return int(tile_work(schedule[1 if kernel == "dkdv" else 0].cpu(), kernel, cfg).sum())
 
 
 def compile_configs(arch: int, space: bool = False) -> list[dict]:
@@ -828,8 +893,8 @@ def compile_configs(arch: int, space: bool = False) -> list[dict]:
                         (torch.float32, "ieee")):
         t, name = ptr[dtype], dtype_class(dtype, prec)
         for D in (32, 64, 128):
-            types = dict(LSE="*fp32", DELTA="*fp32", BOUNDS="*i32", COUNTS="*i32", L="i32", qk_scale="fp32",
-                         scale="fp32")  # other pointers: the operands' dtype
+            types = dict(LSE="*fp32", DELTA="*fp32", BOUNDS="*i32", ORDER="*i32", COUNTS="*i32", L="i32",
+                         qk_scale="fp32", scale="fp32")  # other pointers: the operands' dtype
             for kernel in ("forward", "dq", "dkdv"):
                 found = [(f" (autotune {i})" if i else "", cfg)
                          for i, cfg in enumerate(kernel_configs(kernel, D, dtype, arch, prec))]
@@ -839,6 +904,7 @@ def compile_configs(arch: int, space: bool = False) -> list[dict]:
                     found += [(f" (space {i})", cfg) for i, cfg in enumerate(TUNING_SPACE[kernel])]
                 seen = []
                 for label, cfg in found:
+                    cfg = dict(cfg, LPT=cfg.get("LPT", True))  # the launchers' defaults
                     cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False)) if kernel == "dkdv" else cfg
                     if cfg in seen and "table" not in label:
                         continue

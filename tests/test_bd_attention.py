@@ -226,6 +226,17 @@ def test_bad_input(change, match):
         bda.bd_attention(**args)
 
 
+@pytest.mark.parametrize("rows,heads,dim", [(bda.MAX_ROWS + 2, 1, 16), (2**19, 32, 128)])
+def test_a_sequence_too_long_for_one_launch_is_refused(rows, heads, dim):
+    """The kernels' grid holds at most 65,535 tiles on its second axis and their offsets are int32: past that, one
+    line that says what to do, before any launch (the CPU reference has no such limit)."""
+    q = torch.empty(rows, heads, dim, device="meta")
+    with pytest.raises(ValueError, match="too many rows for the GPU kernels: 2L = .* split the sequence"):
+        bda._launch_forward(q, q, q, torch.empty(rows, 6, dtype=torch.int32, device="meta"), 0.25)
+    with pytest.raises(ValueError, match="too many rows"):
+        bda._launch_backward(q, q, q, q, q, q, None, None, 0.25)
+
+
 # ---- the operator torch.ops.bdiff.bd_attention: opcheck, and the reference backward it runs on CPU ----------
 
 def test_opcheck(gen, cpu_path):
@@ -362,6 +373,71 @@ def test_computed_entries_equal_kernel_counts(gen, index):
         assert bda.computed_entries(schedule, kernel, cfgs[kernel]) == entries, f"{kernel} {cfgs[kernel]}"
         assert allowed_entries(cu, 16) <= entries and 0 <= full <= entries, f"{kernel}: {entries}, {full} full"
     assert ("dq" in counts) != cfgs["dkdv"]["ATOMIC_DQ"], "an atomic dQ replaces the dQ kernel"
+
+
+# ---- the tiles' order (LPT): most work first, the same bits -------------------------------------------------------
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kernel", ["forward", "dkdv"])
+def test_tile_work_is_what_each_tile_computes_and_the_order_sorts_it(gen, kernel):
+    """tile_work (what tile_order sorts) equals, tile by tile and head by head, the entries each program counts while
+    it runs under LPT, and tile_order is a permutation of the tiles, most work first."""
+    cu = random_cu_seqlens(gen, L=300, max_doc=140)
+    H, cfg = 2, dict(BM=32, BN=16, BMD=16, DN=16) if kernel == "dkdv" else dict(BM=32, BN=16, DN=16)
+    q, k, v, do = (torch.randn(600, H, 16, generator=gen).half() for _ in range(4))
+    schedule = bda.schedule_bounds(cu, 300, 16)
+    side = schedule[1 if kernel == "dkdv" else 0]
+    work = bda.tile_work(side, kernel, cfg)
+    order = bda.tile_order(side, kernel, cfg)
+    assert sorted(order.tolist()) == list(range(len(work))), "the order is a permutation of the tiles"
+    assert (work[order.long()].diff() <= 0).all(), "most work first"
+    counts = torch.zeros(2 * len(work) * H, dtype=torch.int32)
+    o, lse = bda._launch_forward(q, k, v, schedule[0], 0.25, cfg=dict(BM=32, BN=16, DN=16),
+                                 count=counts if kernel == "forward" else None)
+    if kernel == "dkdv":
+        bda._launch_backward(q, k, v, o, lse, do, schedule[0], schedule[1], 0.25, count=(None, counts),
+                             cfgs=(dict(BM=32, BN=16, DN=16), cfg))
+    for h in range(H):
+        assert torch.equal(counts.view(H, -1, 2)[h, :, 0].long(), work), f"head {h}: entries per tile"
+
+
+@pytest.mark.interpreter
+def test_the_tile_order_changes_no_bit(gen):
+    """Each tile's sums run in the same order whichever program computes it: LPT on and off give the same bits, out
+    and every gradient (dQ apart: an atomic dQ sums in the order the programs run)."""
+    cu = torch.tensor([-3, 1, 8, 9, 159, 197], dtype=torch.int32)
+    q, k, v, do = (torch.randn(394, 2, 16, generator=gen) for _ in range(4))
+    schedule = bda.schedule_bounds(cu, 197, 5)
+    runs = []
+    for lpt in (True, False):
+        fwd, dq, dkdv = (dict(bda.kernel_config(kn, 16, torch.float32, precision="ieee"), LPT=lpt)
+                         for kn in ("forward", "dq", "dkdv"))
+        o, lse = bda._launch_forward(q, k, v, schedule[0], 0.25, cfg=fwd)
+        runs.append((o, lse, *bda._launch_backward(q, k, v, o, lse, do, schedule[0], schedule[1], 0.25,
+                                                   cfgs=(dq, dkdv))))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b), f"{name} differs with the tiles in another order"
+
+
+@pytest.mark.interpreter
+def test_every_layer_of_a_step_shares_one_sort(gen, monkeypatch):
+    """The tiles are sorted once per schedule (a model passes one to every layer), not once per call; a call without
+    a schedule sorts its own."""
+    sorted_kinds = []
+    work = bda.tile_work
+    monkeypatch.setattr(bda, "tile_work", lambda side, kernel, cfg: sorted_kinds.append(kernel) or work(side, kernel,
+                                                                                                         cfg))
+    cu = torch.tensor([0, 30, 70], dtype=torch.int32)
+    schedule = bda.schedule_bounds(cu, 70, 16)
+    q, k, v = (torch.randn(140, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+    bda.bd_attention(q, k, v, cu, 16, None, schedule).sum().backward()
+    first = list(sorted_kinds)  # dQ shares the forward's order where their tiles are alike
+    assert set(first) == {"forward", "dkdv"} and len(first) <= 3, f"sorts: {first}"
+    for _ in range(2):  # two more layers
+        bda.bd_attention(q, k, v, cu, 16, None, schedule).sum().backward()
+    assert sorted_kinds == first, f"sorts after three layers: {sorted_kinds}"
+    bda.bd_attention(q, k, v, cu, 16)
+    assert sorted_kinds == first + ["forward"], "a call with no schedule sorts for itself"
 
 
 # ---- dot precision: PyTorch's setting, on every path that launches the kernels ---------------------------------

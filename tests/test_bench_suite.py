@@ -101,8 +101,9 @@ def test_tune_attention_plan_lists_every_candidate_with_its_work():
     space = {kernel: len(configs) for kernel, configs in TUNING_SPACE.items()}
     atomic = sum(cfg["ATOMIC_DQ"] for cfg in TUNING_SPACE["dkdv"])
     for kernel, n in (("forward", space["forward"]), ("dq", space["dq"]), ("dkdv", space["dkdv"] - atomic),
-                      ("dkdv+dq", atomic)):  # the default is one of them or one more
-        assert kernels.count(kernel) in (n, n + 1), f"{kernel}: {kernels.count(kernel)} rows for {n} candidates"
+                      ("dkdv+dq", atomic)):  # and the default with LPT off, and the default where it is not one
+        assert kernels.count(kernel) in (n + 1, n + 2), f"{kernel}: {kernels.count(kernel)} rows for {n} candidates"
+    assert sum("in tile order" in line for line in result.stdout.splitlines()) == 4, "the defaults without LPT"
     assert all(1.0 <= float(r[r.index("300:") + 1]) < 2.5 for r in rows), "work ratios out of range"
     assert sum("(default)" in line for line in result.stdout.splitlines()) == 4, "one default per kernel"
 
