@@ -118,10 +118,12 @@ def inputs(device: str, mean: int | None):
 def candidates(q, k, v, cu, block=BLOCK) -> dict:
     """name -> fn() that returns the attention output (requires grad), for bdiff and its baselines:
     FlexAttention with the BlockMask of the mask rules (built here, once; GPU only: no backward on CPU) and SDPA
-    with the dense (2L, 2L) mask (1 GiB at the record's L). Each gets its own leaf copies of q, k, v."""
+    with the dense (2L, 2L) mask (1 GiB at the record's L). Each gets its own leaf copies of q, k, v. bdiff gets its
+    schedule built here once, as the model builds it once a step for all its layers and FlexAttention its BlockMask
+    (without it, every call would build its own and check cu_seqlens on the host)."""
     import torch.nn.functional as F
 
-    from bdiff.kernels.bd_attention import bd_attention
+    from bdiff.kernels.bd_attention import bd_attention, schedule_bounds
     from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod
 
     R = q.shape[0]
@@ -135,7 +137,8 @@ def candidates(q, k, v, cu, block=BLOCK) -> dict:
         block_mask = create_block_mask(bd_mask_mod(cu, block), None, None, R, R, device=q.device)
         flex = torch.compile(flex_attention, dynamic=False)
         out["FlexAttention"] = lambda: flex(*heads, block_mask=block_mask)
-    out["bdiff"] = lambda: bd_attention(q, k, v, cu, block)
+    schedule = schedule_bounds(cu, R // 2, block)
+    out["bdiff"] = lambda: bd_attention(q, k, v, cu, block, None, schedule)
     return out
 
 
@@ -151,6 +154,7 @@ def gpu_bench():
     import triton.testing
     from torch.nn.attention.flex_attention import create_block_mask
 
+    from bdiff.kernels.bd_attention import kernel_config, orders_of, schedule_bounds, tile_order
     from bdiff.kernels.reference import bd_mask_mod
 
     print(f"{torch.cuda.get_device_name()} | L={L} (2L={2 * L} rows), {HEADS} heads of {HEAD_DIM}, block {BLOCK}, bf16")
@@ -169,6 +173,14 @@ def gpu_bench():
             print(f"{mean:9} {name:>22} {fwd:8.3f} {flops / fwd / 1e9:9.1f} {both:8.3f} "
                   f"{2.5 * flops / both / 1e9:9.1f}")
         print(f"{mean:9} {'create_block_mask':>22} {mask_ms:8.3f} ms (first call, includes compilation)")
+
+        def schedule_and_orders():  # what bdiff builds once a step: the schedule, and the tile orders at first use
+            schedule = schedule_bounds(cu, L, BLOCK)
+            for side, kernel in ((schedule[0], "forward"), (schedule[1], "dkdv")):
+                tile_order(side, kernel, kernel_config(kernel, HEAD_DIM, torch.bfloat16, 90), orders_of(schedule))
+
+        print(f"{mean:9} {'schedule + tile orders':>22} {triton.testing.do_bench(schedule_and_orders):8.3f} ms "
+              f"(once a step, shared by every layer)")
 
 
 # The suite (bench/conftest.py): bdiff against FlexAttention on a GPU, against SDPA with the dense mask on a CPU
