@@ -1,6 +1,7 @@
 """Block-diffusion attention: work done (CPU) and speed (GPU).
 
     python bench/bench_bd_attention.py            # CPU: work ratio of our kernels vs FlexAttention's BlockMask
+    python bench/bench_bd_attention.py --configs  # CPU: work ratio of every tile shape; the last wave with LPT or not
     python bench/bench_bd_attention.py --gpu      # GPU: TFLOP/s vs FlexAttention and SDPA, mask build time
     python -m pytest bench/bench_bd_attention.py --benchmark-only   # the suite: vs FlexAttention (GPU) or SDPA (CPU)
 
