@@ -442,8 +442,8 @@ def schedule_bounds(cu_seqlens: torch.Tensor, L: int, block_size: int) -> torch.
 
 
 def tile_work(side: torch.Tensor, kernel: str, cfg: dict) -> torch.Tensor:
-    """Entries (query, key pairs) each program of `kernel` computes for one head under `cfg`, in the grid's order:
-    (programs,) int64 on `side`'s device, from the kernels' loop bounds replayed with torch ops (no kernel run, no
+    """Entries (query, key pairs) each tile of `kernel` computes for one head under `cfg`, tiles in the grid's order:
+    (tiles,) int64 on `side`'s device, from the kernels' loop bounds replayed with torch ops (no kernel run, no
     host sync). `side`: the schedule's query side (forward, dQ) or key side (dK/dV), (2L, 6)."""
     L = side.shape[0] // 2
     table = side.long()
@@ -475,12 +475,12 @@ def orders_of(schedule: torch.Tensor | None) -> dict:
 
 def tile_order(side: torch.Tensor, kernel: str, cfg: dict, orders: dict | None = None) -> torch.Tensor:
     """The tiles of `kernel`, most work first (tile_work, descending): (tiles,) int32 on `side`'s device. With LPT,
-    programs i*H .. i*H+H-1 compute tile order[i] for the H heads, so the longest tiles start in the first wave and
-    the last wave holds the shortest (longest-processing-time-first list scheduling). In the tiles' own order, the
-    tiles that end long documents can start last and keep a few SMs busy while the rest wait: replaying the record's
-    layouts on 132 SMs, one program each at a time (bench/bench_bd_attention.py --configs), the sm_90 defaults end
-    5-12% after their work's bound, and 28-35% (dK/dV) when each head's tiles ran after the previous head's; with
-    LPT 0-1%. Any permutation gives the same outputs: the order moves time only."""
+    the grid's programs (0..H-1, i) compute tile order[i] for the H heads, so the longest tiles start in the first
+    wave and the last wave holds the shortest (longest-processing-time-first list scheduling). In the tiles' own
+    order, the tiles that end long documents can start last and keep a few SMs busy while the rest wait: replaying
+    the record's layouts on 132 SMs, one program each at a time (bench/bench_bd_attention.py --configs), the sm_90
+    defaults end 5-12% after their work's bound, and 28-35% (dK/dV) when each head's tiles ran after the previous
+    head's; with LPT 0-1%. Any permutation gives the same outputs: the order moves time only."""
     shape = ("dkdv" if kernel == "dkdv" else "query",) + tuple(cfg.get(k) for k in ("BM", "BN", "BMD", "DN"))
     if orders is not None and shape in orders:
         return orders[shape]
@@ -545,9 +545,9 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True, scale=None
         validate_cu_seqlens(cu_seqlens, R // 2)
 
 
-# What one launch addresses: a grid's second axis holds at most 65,535 tiles (of 16 rows or more), and the kernels'
-# offsets (row * H * D + column) are int32.
-MAX_ROWS = 65_535 * 16
+# What one launch addresses: a grid's second axis holds at most 65,535 tiles, and with the smallest tiles (16 rows)
+# 2L rows make 2·cdiv(L, 16); the kernels' offsets (row * H * D + column) are int32.
+MAX_ROWS = 65_534 * 16
 
 
 def _check_launch(q: torch.Tensor) -> None:
