@@ -201,3 +201,17 @@ def test_sampling_bench_reports_medians_and_a_loop_whose_tokens_differ(monkeypat
     assert bench_sampling.run(model, prompt, 32, 4, [1], None, repeats=1), "a mismatch sets the exit code"
     wrong = next(line for line in capsys.readouterr().out.splitlines() if "wrong" in line)
     assert wrong.split()[-1] == "NO", wrong
+
+
+def test_configs_bench_replays_the_last_wave_with_and_without_lpt():
+    """`python bench/bench_bd_attention.py --configs` (no GPU needed): after the work ratios, each default kernel's
+    last wave replayed on 132 SMs; most work first (tile_order) must end nearer the work's bound than the tiles'
+    own order, at both document mixes."""
+    result = subprocess.run([sys.executable, "bench/bench_bd_attention.py", "--configs"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tail = result.stdout.split("The last wave")[1].splitlines()[2:]
+    assert [line.split()[0] for line in tail] == ["forward", "dq", "dkdv"], tail
+    for line in tail:
+        own_300, lpt_300, own_1000, lpt_1000 = (float(x.rstrip("%")) for x in line.split()[-4:])
+        assert lpt_300 <= own_300 and lpt_1000 <= own_1000 and max(lpt_300, lpt_1000) < 5, line
