@@ -557,12 +557,18 @@ def _check_launch(q: torch.Tensor) -> None:
                          f"{MAX_ROWS:,} rows and 2L·H·D < 2^31); split the sequence into several")
 
 
+def _with_defaults(kernel: str, cfg: dict) -> dict:
+    """A configuration with the flags it may leave out: LPT on, and for dK/dV no atomic dQ."""
+    return dict(cfg, LPT=cfg.get("LPT", True), **({"ATOMIC_DQ": cfg.get("ATOMIC_DQ", False)} if kernel == "dkdv"
+                                                   else {}))
+
+
 def _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, do=None, delta=None, dq=None, count=None, orders=None):
     """One launch of `_bd_attn_query_kernel`: the forward into (o, lse), or, given dq, dQ from (lse, do, delta).
     cfg["LPT"] (on unless False): the tiles most work first, sorted once per `orders` (orders_of). Returns Triton's
     compiled kernel (registers, spills: bench/tune_attention.py reads them)."""
     R, H, D = q.shape
-    cfg = dict(cfg, LPT=cfg.get("LPT", True))
+    cfg = _with_defaults("forward", cfg)
     return _bd_attn_query_kernel[(H, 2 * triton.cdiv(R // 2, cfg["BM"]))](  # unused pointers: any valid one serves
         Q=q, K=k, V=v, O=o, LSE=lse, DO=q if do is None else do, DELTA=lse if delta is None else delta,
         DQ=o if dq is None else dq, BOUNDS=bounds, ORDER=tile_order(bounds, "forward", cfg, orders) if cfg["LPT"]
@@ -576,7 +582,7 @@ def _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, bounds, scale, cfg, prec, 
     compiled kernel."""
     R, H, D = q.shape
     L = R // 2
-    cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False), LPT=cfg.get("LPT", True))
+    cfg = _with_defaults("dkdv", cfg)
     return _bd_attn_dkdv_kernel[(H, triton.cdiv(L, cfg["BM"]) + triton.cdiv(L, cfg["BMD"]))](
         Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, DQ=dq, BOUNDS=bounds,
         ORDER=tile_order(bounds, "dkdv", cfg, orders) if cfg["LPT"] else bounds,
@@ -904,8 +910,7 @@ def compile_configs(arch: int, space: bool = False) -> list[dict]:
                     found += [(f" (space {i})", cfg) for i, cfg in enumerate(TUNING_SPACE[kernel])]
                 seen = []
                 for label, cfg in found:
-                    cfg = dict(cfg, LPT=cfg.get("LPT", True))  # the launchers' defaults
-                    cfg = dict(cfg, ATOMIC_DQ=cfg.get("ATOMIC_DQ", False)) if kernel == "dkdv" else cfg
+                    cfg = _with_defaults(kernel, cfg)  # what the launchers run
                     if cfg in seen and "table" not in label:
                         continue
                     seen.append(cfg)
