@@ -121,9 +121,12 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
 
 def use_dataset(cfg: Config, args: argparse.Namespace) -> None:
     """The data set that --data and --data_dir name, recorded in the config. A prepared data set (a directory with
-    bdiff.json) sets the data's name and, unless given as flags, the model's vocabulary, BOS and MASK to fit it."""
+    bdiff.json) sets the data's name and, unless given as flags, the model's vocabulary, BOS and MASK to fit it. A
+    --data_dir given without --data must hold data (a mistyped path is an error, not a new copy of the preset's
+    corpus)."""
     given_dir = args.data_dir is not None or args.data is None  # --data alone: that data set's own directory
-    data, cfg.train.data_dir = find_dataset(cfg.train.data, cfg.train.data_dir if given_dir else None)
+    data, cfg.train.data_dir = find_dataset(cfg.train.data, cfg.train.data_dir if given_dir else None,
+                                            must_hold_data=args.data_dir is not None and args.data is None)
     cfg.train.data = data.name
     cfg.dataset = dataclasses.asdict(data)
     if data.name not in ("stdlib", "finewebedu"):
@@ -241,6 +244,21 @@ def stop_signals():
 
 # ---- process setup ----------------------------------------------------------------------------------------
 
+def fit_micro_steps(train_cfg: TrainConfig, proc: Process, given: bool) -> None:
+    """Each rank runs micro_steps / world of every step, so the world size must divide micro_steps. A preset's value
+    (the demo's 1) is rounded up to the next multiple, with a line saying so: `torchrun --nproc_per_node=N train.py`
+    runs any preset on any N. A value the user gave is theirs: one that does not divide is an error."""
+    world, micro = proc.world, train_cfg.micro_steps
+    if micro % world == 0:
+        return
+    if given:
+        raise ConfigError(f"--micro_steps {micro} must be divisible by the world size {world} (each rank runs "
+                          f"micro_steps / world of every step); try --micro_steps {-(-micro // world) * world}")
+    train_cfg.micro_steps = -(-micro // world) * world
+    proc.log(f"micro_steps: the preset's {micro} rounded up to {train_cfg.micro_steps}, a multiple of the world size "
+             f"{world} (one micro-step of {train_cfg.seq_len} tokens per rank per step; --micro_steps sets it)")
+
+
 def setup_process(timeout_s: int, device_name: str, dtype: str | None) -> Process:
     """This process's rank, device and dtype; under torchrun the process group, whose collectives fail after
     `timeout_s` seconds without an answer from every rank (a hung rank; a dead one ends the job sooner: the
@@ -283,8 +301,6 @@ def open_data(cfg: Config, proc: Process) -> Data:
     val_tokens is read whole, in shorter sequences where it holds less than one of val_seq_len per rank. Logs the
     data set, how many epochs the steps make and what validation reads."""
     t = cfg.train
-    if t.micro_steps % proc.world:
-        raise ConfigError(f"micro_steps={t.micro_steps} must be divisible by the world size {proc.world}")
     train_files, val_files = (shard_files(t.data, t.data_dir, split) for split in ("train", "val"))
     loader = DistributedLoader(train_files, t.seq_len, proc.rank, proc.world, seed=t.seed, epochs=True)
     held = [len(read_shard(f)) for f in val_files]
@@ -514,9 +530,14 @@ def optimizer_step(model: BlockDiffusionLM, adam, muon, ema, loss_sum, step: int
 
 def main(argv=None) -> BlockDiffusionLM | None:
     """Train; returns the trained model (None for --dry_run)."""
-    cfg, args = parse_args(argv)
+    try:
+        cfg, args = parse_args(argv)
+    except BdiffError as e:
+        e.every_rank = True  # from the command line and the files it names: every rank fails alike, rank 0 says it
+        raise
     proc = setup_process(cfg.train.collective_timeout_s, args.device, args.dtype)
     proc.log(preset_note(args.preset))
+    fit_micro_steps(cfg.train, proc, given=args.micro_steps is not None)
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
     if args.dry_run:
         return None
@@ -743,7 +764,8 @@ if __name__ == "__main__":
     try:
         main()
     except BdiffError as e:  # bad input or data, a checkpoint that cannot be resumed: one line (bdiff/errors.py)
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not (isinstance(e, ConfigError) or getattr(e, "every_rank", False)):
+            print(f"error: {e}", file=sys.stderr)  # an error every rank meets alike is said once, by rank 0
         sys.exit(2)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -234,7 +234,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+        # under torchrun every rank parses the same command line: rank 0 alone says what is wrong with it
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,14 +53,21 @@ def read_manifest(data_dir: str) -> DataSet | None:
     return data
 
 
-def find_dataset(name: str, data_dir: str | None = None) -> tuple[DataSet, str]:
+def find_dataset(name: str, data_dir: str | None = None, must_hold_data: bool = False) -> tuple[DataSet, str]:
     """(data set, its directory) for --data NAME and --data_dir DIR: a directory holding a manifest is that prepared
     data set, whatever NAME says; otherwise NAME is a built-in data set (in DIR, or its default directory) or a
-    prepared one in data/NAME."""
-    for directory in ([data_dir] if data_dir else []) + [os.path.join("data", name)]:
+    prepared one in data/NAME. `must_hold_data` (a --data_dir the user gave without --data): DIR must hold a
+    prepared data set or the built-in one's shards; the embedded corpus is never built into a mistyped path."""
+    for directory in ([data_dir] if data_dir else []) + ([] if must_hold_data else [os.path.join("data", name)]):
         found = read_manifest(directory)
         if found is not None:
             return found, directory
+    own_dir = name in DATASETS and os.path.normpath(data_dir or "") == os.path.normpath(DATASETS[name].default_dir)
+    if must_hold_data and not own_dir and not glob.glob(os.path.join(data_dir, f"{name}_train_*.bin")):
+        what = "no such directory" if not os.path.isdir(data_dir) else f"no {MANIFEST} and no {name} shards"
+        builtin = "build the embedded corpus there" if name == "stdlib" else f"read {name} shards from there"
+        raise DataError(f"--data_dir {data_dir}: {what}; prepare a data set there with `python -m bdiff.data prepare "
+                        f"INPUT --tokenizer T --out {data_dir}`, or pass --data {name} to {builtin}")
     if name in DATASETS:
         return DATASETS[name], data_dir or DATASETS[name].default_dir
     raise DataError(f"unknown data set {name!r}: the built-in ones are {', '.join(DATASETS)}; a prepared one is a "

@@ -12,6 +12,21 @@ if not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pytest_report_header(config):
+    """The releases a run used, first in its output: a failure after a new release names the release."""
+    import importlib.metadata as metadata
+    import platform
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    names = ("torch", "triton", "transformers", "tokenizers", "numpy")
+    return f"bdiff's dependencies: python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names)
+
+
 def pytest_collection_modifyitems(config, items):
     if INTERPRET:
         return

@@ -1,4 +1,5 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
+import contextlib
 import socket
 
 import torch
@@ -36,3 +37,22 @@ def seed_positions(tokens: list[int]) -> list[int]:
         last = i if tok == BOS else last
         out.append(i - last)
     return out
+
+
+@contextlib.contextmanager
+def torch_flags(allow_tf32: bool | None = None, deterministic: bool | None = None):
+    """PyTorch's global switches set for the block and restored after it, read and written through their own API.
+    Never monkeypatch.setattr on torch.backends.*: those are module objects whose attributes live behind
+    __getattr__/__setattr__, and pytest >= 9.2 undoes a patch of an attribute missing from __dict__ by deleting it
+    ("'cuBLASModule' object has no attribute 'allow_tf32'" at teardown)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        if allow_tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        if deterministic is not None:
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)  # warn: CPU ops need no proof here
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)

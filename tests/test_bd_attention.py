@@ -9,7 +9,7 @@ import bdiff.kernels.bd_attention as bda
 from bdiff.kernels import tiles
 from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens, flex_block_mask_entries
 from bdiff.kernels.reference import bd_attention_mask, bd_attention_ref
-from helpers import random_cu_seqlens
+from helpers import random_cu_seqlens, torch_flags
 
 
 def rule_mask(cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -450,9 +450,9 @@ def test_fp32_dots_follow_pytorchs_tf32_setting(monkeypatch, allow_tf32, want):
     seen = []
     launch = bda._query_kernel
     monkeypatch.setattr(bda, "_query_kernel", lambda *a, **kw: seen.append(a[6]) or launch(*a, **kw))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     cu = torch.tensor([0, 20, 40], dtype=torch.int32)
-    bda.bd_attention(*(torch.randn(80, 1, 16) for _ in range(3)), cu, 4)
+    with torch_flags(allow_tf32=allow_tf32):
+        bda.bd_attention(*(torch.randn(80, 1, 16) for _ in range(3)), cu, 4)
     assert seen == [want], f"fp32 dots ran {seen}, PyTorch allows TF32: {allow_tf32}"
     assert bda.precision(torch.bfloat16) == "tf32", "16-bit dots are tensor-core dots whatever the setting"
 
@@ -471,8 +471,8 @@ def test_deterministic_algorithms_turn_the_atomic_dq_off(gen, monkeypatch):
     cfg = dict(bda.kernel_config("dkdv", 16, torch.float32, precision="ieee"), ATOMIC_DQ=True)
     dq_cfg = bda.kernel_config("dq", 16, torch.float32, precision="ieee")
     atomic = bda._launch_backward(q, k, v, o, lse, do, schedule[0], schedule[1], 0.25, cfgs=(dq_cfg, cfg))
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    split = bda._launch_backward(q, k, v, o, lse, do, schedule[0], schedule[1], 0.25, cfgs=(dq_cfg, cfg))
+    with torch_flags(deterministic=True):
+        split = bda._launch_backward(q, k, v, o, lse, do, schedule[0], schedule[1], 0.25, cfgs=(dq_cfg, cfg))
     assert ran == [True, False], ran
     for name, a, b in zip("qkv", atomic, split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")

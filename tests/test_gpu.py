@@ -16,6 +16,7 @@ from bdiff.kernels.masked_ce import masked_linear_cross_entropy
 from bdiff.kernels.newton_schulz import newton_schulz
 from bdiff.kernels.reference import bd_attention_ref, masked_linear_cross_entropy_ref, newton_schulz_ref
 from conftest import INTERPRET
+from helpers import torch_flags
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                                                   reason="needs a CUDA GPU and the Triton interpreter off")]
@@ -61,15 +62,15 @@ PRECISION_LIMITS = [(torch.bfloat16, False, 3e-3), (torch.float32, False, 1e-5),
 
 
 @pytest.mark.parametrize("dtype,allow_tf32,limit", PRECISION_LIMITS)
-def test_bd_attention_precision_against_float64(monkeypatch, dtype, allow_tf32, limit):
+def test_bd_attention_precision_against_float64(dtype, allow_tf32, limit):
     """The record's heads on ~1000-token documents against the float64 reference on the same rounded inputs: fp32 runs
     IEEE fp32 dots unless PyTorch allows TF32 (torch.backends.cuda.matmul.allow_tf32)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     cu = documents([900, 2100, 96, 1000])
     q, k, v = (torch.randn(8192, 6, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     do = torch.randn(8192, 6, 128, device="cuda", dtype=dtype)
-    out = bd_attention(q, k, v, cu, 16)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    with torch_flags(allow_tf32=allow_tf32):
+        out = bd_attention(q, k, v, cu, 16)
+        grads = torch.autograd.grad(out, (q, k, v), do)
     exact = [x.detach().double().requires_grad_() for x in (q, k, v)]
     want = bd_attention_ref(*exact, cu, 16)
     want_grads = torch.autograd.grad(want, exact, do.double())
@@ -77,15 +78,15 @@ def test_bd_attention_precision_against_float64(monkeypatch, dtype, allow_tf32, 
         assert norm_error(got, w) <= limit, f"{name}: {norm_error(got, w):.2e} relative error (limit {limit:.0e})"
 
 
-def test_bd_attention_backward_is_deterministic_when_asked(monkeypatch):
+def test_bd_attention_backward_is_deterministic_when_asked():
     """torch.use_deterministic_algorithms(True): two backward passes give the same bits (an atomic dQ, whose sum order
     varies, is turned off)."""
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     cu = documents([300, 700, 24])
     q, k, v = (torch.randn(2048, 6, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(2048, 6, 128, device="cuda", dtype=torch.bfloat16)
-    first = torch.autograd.grad(bd_attention(q, k, v, cu, 16), (q, k, v), do)
-    second = torch.autograd.grad(bd_attention(q, k, v, cu, 16), (q, k, v), do)
+    with torch_flags(deterministic=True):
+        first = torch.autograd.grad(bd_attention(q, k, v, cu, 16), (q, k, v), do)
+        second = torch.autograd.grad(bd_attention(q, k, v, cu, 16), (q, k, v), do)
     for name, a, b in zip("qkv", first, second):
         assert torch.equal(a, b), f"d{name} differs between two runs"
 

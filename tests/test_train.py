@@ -110,6 +110,49 @@ def test_two_gloo_ranks_end_identical(stdlib_dir, tmp_path):
     assert tokens[-1] == 6 * 2 * 128, "tokens per step count both ranks"
 
 
+def torchrun(*args, timeout=300):
+    """train.py under torchrun on two CPU processes, as a user types it (the environment of this test's process
+    holds no torchrun variables)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(env, OMP_NUM_THREADS="1"))
+
+
+def test_torchrun_runs_the_demo_on_two_processes(stdlib_dir, tmp_path):
+    """`torchrun --standalone --nproc_per_node=2 train.py --steps 20`: the demo's one micro-step is rounded up to the
+    world size, said in one line, and the run ends with its model saved; an explicit --micro_steps that does not
+    divide is one error line, said once."""
+    ran = torchrun("--steps", "20", "--data_dir", stdlib_dir, "--out_dir", str(tmp_path), "--run_name", "tr")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    rounded = [line for line in ran.stdout.splitlines() if line.startswith("micro_steps:")]
+    assert rounded == ["micro_steps: the preset's 1 rounded up to 2, a multiple of the world size 2 (one micro-step "
+                       "of 512 tokens per rank per step; --micro_steps sets it)"], rounded
+    assert os.path.exists(os.path.join(str(tmp_path), "tr", "model", "model.safetensors"))
+    assert [e["tokens"] for e in read_log(str(tmp_path), "tr") if "train_loss" in e][-1] == 20 * 2 * 512
+    bad = torchrun("--steps", "2", "--micro_steps", "3", "--data_dir", stdlib_dir, "--out_dir", str(tmp_path),
+                   timeout=120)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and errors == ["error: --micro_steps 3 must be divisible by the world size 2 (each rank "
+                                              "runs micro_steps / world of every step); try --micro_steps 4"], errors
+
+
+def test_a_mistyped_data_dir_is_an_error(stdlib_dir, tmp_path):
+    """`--data_dir data/owm` (a typo) holds no data set: one line naming the path and the prepare command, nothing
+    built there; --data stdlib with the same path builds the embedded corpus there, as asked."""
+    typo = tmp_path / "owm"
+    result = run_train("--steps", "2", "--data_dir", str(typo), "--out_dir", str(tmp_path))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-1000:]
+    assert f"--data_dir {typo}: no such directory" in lines[0] and "python -m bdiff.data prepare" in lines[0], lines
+    assert not typo.exists(), "nothing is written into a mistyped path"
+    typo.mkdir()
+    assert "no bdiff.json and no stdlib shards" in run_train("--steps", "2", "--data_dir", str(typo)).stderr
+    train.main(["--device", "cpu", "--preset", "tiny", "--steps", "1", "--data", "stdlib", "--data_dir", str(typo),
+                "--out_dir", str(tmp_path)])
+    assert (typo / "stdlib_train_000000.bin").exists(), "--data stdlib builds the corpus where --data_dir says"
+
+
 def run_train(*args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([sys.executable, "train.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True,
