@@ -1,6 +1,8 @@
 """Block-diffusion attention in Triton, forward and backward (the attention rules of docs/design.md §2).
 
-q, k, v are (2L, H, D): rows 0..L-1 the noisy copy x_t, rows L..2L-1 the clean copy x_0. For a position p
+q is (2L, H, D), k and v (2L, Hkv, D) with Hkv dividing H (grouped-query attention, as Llama and Qwen use it: query
+head h reads key/value head h // (H / Hkv); Hkv = H is plain multi-head attention). Rows 0..L-1 are the noisy copy
+x_t, rows L..2L-1 the clean copy x_0. For a position p
 with document start s, document end e, block start b0 and block end b1 (blocks restart at each document),
 every rule of the mask is one contiguous range of positions:
 
@@ -19,10 +21,11 @@ count (BMD): both keep the work near the allowed entries (bench/bench_bd_attenti
 A grid of heads x tiles runs each tile's heads side by side, and with LPT (on unless a configuration says
 otherwise) the tiles most work first (tile_order), so that no long tile starts last and holds the GPU's last wave.
 
-Kernels: forward and dQ share `_bd_attn_query_kernel` (one tile of query rows); dK/dV `_bd_attn_dkdv_kernel`
-(one tile of key rows), which with ATOMIC_DQ also adds each chunk's dQ into an fp32 buffer (FlashAttention-2's
-one-pass backward: S and dP computed once per entry instead of twice, at the price of atomic adds and a sum
-order that varies from run to run); `_bd_attn_delta_kernel` the rowsum(dO * O) they share.
+Kernels: forward and dQ share `_bd_attn_query_kernel` (one tile of query rows, one query head); dK/dV
+`_bd_attn_dkdv_kernel` (one tile of key rows, one key/value head, summed over its group's query heads), which
+with ATOMIC_DQ also adds each chunk's dQ into an fp32 buffer (FlashAttention-2's one-pass backward: S and dP
+computed once per entry instead of twice, at the price of atomic adds and a sum order that varies from run to
+run); `_bd_attn_delta_kernel` the rowsum(dO * O) they share.
 
 Table columns: (lo, hi) pairs of segment 0 (diagonal, other-half rows 0..L-1), segment 1 (other rows
 0..L-1), segment 2 (other rows L..2L-1); named DIAGONAL, NOISY and CLEAN below. "Other" rows are keys for a query
@@ -182,11 +185,13 @@ def _bounds(BOUNDS, rows, COL: tl.constexpr):
 
 @triton.jit
 def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, ORDER, COUNTS, L, qk_scale, scale,
-                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DN: tl.constexpr,
-                          LPT: tl.constexpr, BACKWARD: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+                          H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          DN: tl.constexpr, LPT: tl.constexpr, BACKWARD: tl.constexpr, COUNT: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """Forward (O, LSE) or, with BACKWARD, dQ for one tile of BM query rows and one head: the clean keys of
     segment 2 in chunks of BN (partial, full, partial), then for noisy tiles their own blocks' noisy keys (the
-    diagonal) in partial chunks of DN, all in one online softmax (or one dQ sum) kept in registers."""
+    diagonal) in partial chunks of DN, all in one online softmax (or one dQ sum) kept in registers. Query head h
+    reads key/value head h // (H / HKV) (grouped-query attention; HKV == H without groups)."""
     h = tl.program_id(0)  # the grid's first axis runs fastest: a tile's heads side by side
     tile = tl.program_id(1)
     if LPT:  # the tiles most work first (tile_order)
@@ -195,9 +200,11 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, ORDER, COUNTS,
     half = tile // tiles_per_half  # noisy tiles first
     start = half * L + (tile % tiles_per_half) * BM
     rows, valid = _rows(start, half * L + L, BM)
-    stride = H * D  # (2L, H, D) contiguous
+    stride = H * D  # q, o, do, dq: (2L, H, D) contiguous
     cols = h * D + tl.arange(0, D)  # this head's columns
     offs = rows[:, None] * stride + cols[None, :]
+    k_stride = HKV * D  # k, v: (2L, HKV, D) contiguous
+    k_cols = h // (H // HKV) * D + tl.arange(0, D)  # its group's key/value head
     q = tl.load(Q + offs)  # (BM, D)
     acc = tl.zeros((BM, D), dtype=tl.float32)  # the output accumulator, or dQ
     m = tl.full((BM,), float("-inf"), dtype=tl.float32)
@@ -209,28 +216,29 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, ORDER, COUNTS,
         do = tl.load(DO + offs)
         lse = tl.load(LSE + h * 2 * L + rows)
         delta = tl.load(DELTA + h * 2 * L + rows)
-        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, a, f0, lo, hi, stride, cols, qk_scale,
+        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, a, f0, lo, hi, k_stride, k_cols, qk_scale,
                                   BM, BN, True, PRECISION)
-        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, f0, f1, lo, hi, stride, cols, qk_scale,
+        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, f0, f1, lo, hi, k_stride, k_cols, qk_scale,
                                   BM, BN, False, PRECISION)
-        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, f1, e, lo, hi, stride, cols, qk_scale,
+        acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, L, f1, e, lo, hi, k_stride, k_cols, qk_scale,
                                   BM, BN, True, PRECISION)
         if half == 0:
             lo, hi = _bounds(BOUNDS, rows, DIAGONAL)
             acc, entries = _dq_chunks(acc, entries, q, do, lse, delta, K, V, 0, tl.min(lo, axis=0),
-                                      tl.max(hi, axis=0), lo, hi, stride, cols, qk_scale, BM, DN, True, PRECISION)
+                                      tl.max(hi, axis=0), lo, hi, k_stride, k_cols, qk_scale, BM, DN, True,
+                                      PRECISION)
         tl.store(DQ + offs, (acc * scale).to(DQ.dtype.element_ty), mask=valid[:, None])
     else:
-        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, a, f0, lo, hi, stride, cols, qk_scale,
+        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, a, f0, lo, hi, k_stride, k_cols, qk_scale,
                                          BM, BN, True, PRECISION)
-        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, f0, f1, lo, hi, stride, cols, qk_scale,
+        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, f0, f1, lo, hi, k_stride, k_cols, qk_scale,
                                          BM, BN, False, PRECISION)
-        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, f1, e, lo, hi, stride, cols, qk_scale,
+        acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, L, f1, e, lo, hi, k_stride, k_cols, qk_scale,
                                          BM, BN, True, PRECISION)
         if half == 0:
             lo, hi = _bounds(BOUNDS, rows, DIAGONAL)
             acc, m, l, entries = _fwd_chunks(acc, m, l, entries, q, K, V, 0, tl.min(lo, axis=0), tl.max(hi, axis=0),
-                                             lo, hi, stride, cols, qk_scale, BM, DN, True, PRECISION)
+                                             lo, hi, k_stride, k_cols, qk_scale, BM, DN, True, PRECISION)
         tl.store(O + offs, (acc / l[:, None]).to(O.dtype.element_ty), mask=valid[:, None])  # l >= 1: a row sees itself
         tl.store(LSE + h * 2 * L + rows, m + tl.log2(l), mask=valid)
     if COUNT:  # entries computed, of which in full chunks
@@ -240,63 +248,92 @@ def _bd_attn_query_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, BOUNDS, ORDER, COUNTS,
 
 
 @triton.jit
-def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, first, end, L, qk_scale, scale, stride, cols, lse_offs,
-               ROWS: tl.constexpr, BN: tl.constexpr, NOISY_KEYS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """dK and dV of ROWS key rows from `first`: noisy keys over the noisy queries of their own block (the
-    diagonal, partial chunks of BN), clean keys over segment 1 (noisy queries of later blocks) and segment 2 (clean
-    queries), each in chunks of BN (partial, full, partial). Returns (entries computed, of which in full chunks)."""
-    D: tl.constexpr = cols.shape[0]
+def _dkdv_segment(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, query_row0, a, f0, f1, e, lo, hi, stride, cols,
+                  lse_offs, qk_scale, ROWS: tl.constexpr, BN: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """`_dkdv_chunks` over one segment's chunk classes for one query head: partial [a, f0), full [f0, f1), partial
+    [f1, e)."""
+    dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, query_row0, a, f0, lo, hi,
+                                   stride, cols, lse_offs, qk_scale, ROWS, BN, True, ATOMIC_DQ, PRECISION)
+    dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, query_row0, f0, f1, lo, hi,
+                                   stride, cols, lse_offs, qk_scale, ROWS, BN, False, ATOMIC_DQ, PRECISION)
+    return _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, query_row0, f1, e, lo, hi, stride, cols,
+                        lse_offs, qk_scale, ROWS, BN, True, ATOMIC_DQ, PRECISION)
+
+
+@triton.jit
+def _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, first, end, hk, L, qk_scale, scale, H: tl.constexpr,
+               HKV: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BN: tl.constexpr, NOISY_KEYS: tl.constexpr,
+               ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of ROWS key rows from `first` of key/value head hk, summed over the query heads of its group (H // HKV
+    of them: grouped-query attention, the keys never repeated in memory): noisy keys over the noisy queries of their
+    own block (the diagonal, partial chunks of BN), clean keys over segment 1 (noisy queries of later blocks) and
+    segment 2 (clean queries), each in chunks of BN (partial, full, partial). The ranges are the rows' own, read once
+    for the group. Without groups there is no head loop at all: a loop of one head costs the 16-bit 128-row tiles at
+    head dim 64 their last registers on sm_90 (they spilled), and an unrolled group spills too. Returns (entries
+    computed, of which in full chunks), summed over the group."""
+    GROUP: tl.constexpr = H // HKV
     rows, valid = _rows(first, end, ROWS)
-    offs = rows[:, None] * stride + cols[None, :]
-    k = tl.load(K + offs)  # (ROWS, D)
-    v = tl.load(V + offs)
+    kv_offs = rows[:, None] * (HKV * D) + (hk * D + tl.arange(0, D))[None, :]  # (2L, HKV, D) contiguous
+    k = tl.load(K + kv_offs)  # (ROWS, D)
+    v = tl.load(V + kv_offs)
     dk = tl.zeros((ROWS, D), dtype=tl.float32)
     dv = tl.zeros((ROWS, D), dtype=tl.float32)
     entries = first * 0  # int32 scalars the chunk loops carry
     full = first * 0
+    h0 = hk * GROUP  # the group's first query head; q, do, dq: (2L, H, D); lse, delta: (H, 2L)
     if NOISY_KEYS:
         lo, hi = _bounds(BOUNDS, rows, DIAGONAL)
-        dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, 0, tl.min(lo, axis=0),
-                                       tl.max(hi, axis=0), lo, hi, stride, cols, lse_offs, qk_scale, ROWS, BN, True,
-                                       ATOMIC_DQ, PRECISION)
+        c_lo, c_hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
+        if GROUP == 1:
+            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, 0, c_lo, c_hi, lo, hi,
+                                           H * D, h0 * D + tl.arange(0, D), h0 * 2 * L, qk_scale, ROWS, BN, True,
+                                           ATOMIC_DQ, PRECISION)
+        else:
+            for h in range(h0, h0 + GROUP):
+                dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, 0, c_lo, c_hi, lo,
+                                               hi, H * D, h * D + tl.arange(0, D), h * 2 * L, qk_scale, ROWS, BN,
+                                               True, ATOMIC_DQ, PRECISION)
     else:
         for seg in tl.static_range(2):  # segment 1 (noisy queries), then segment 2 (clean queries)
             lo, hi = _bounds(BOUNDS, rows, NOISY + 2 * seg)
             a, f0, f1, e = _chunk_classes(lo, hi, BN)
-            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, a, f0, lo,
-                                           hi, stride, cols, lse_offs, qk_scale, ROWS, BN, True, ATOMIC_DQ, PRECISION)
-            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, f0, f1, lo,
-                                           hi, stride, cols, lse_offs, qk_scale, ROWS, BN, False, ATOMIC_DQ, PRECISION)
-            dk, dv, entries = _dkdv_chunks(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, f1, e, lo,
-                                           hi, stride, cols, lse_offs, qk_scale, ROWS, BN, True, ATOMIC_DQ, PRECISION)
-            full += (f1 - f0) * ROWS
-    tl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=valid[:, None])
-    tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=valid[:, None])
+            if GROUP == 1:
+                dk, dv, entries = _dkdv_segment(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, a, f0,
+                                                f1, e, lo, hi, H * D, h0 * D + tl.arange(0, D), h0 * 2 * L, qk_scale,
+                                                ROWS, BN, ATOMIC_DQ, PRECISION)
+            else:
+                for h in range(h0, h0 + GROUP):
+                    dk, dv, entries = _dkdv_segment(dk, dv, entries, k, v, valid, Q, DO, LSE, DELTA, DQ, seg * L, a,
+                                                    f0, f1, e, lo, hi, H * D, h * D + tl.arange(0, D), h * 2 * L,
+                                                    qk_scale, ROWS, BN, ATOMIC_DQ, PRECISION)
+            full += (f1 - f0) * ROWS * GROUP
+    tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty), mask=valid[:, None])
+    tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=valid[:, None])
     return entries, full
 
 
 @triton.jit
 def _bd_attn_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, ORDER, COUNTS, L, qk_scale, scale,
-                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BMD: tl.constexpr,
-                         DN: tl.constexpr, LPT: tl.constexpr, ATOMIC_DQ: tl.constexpr, COUNT: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """dK and dV for one tile of key rows and one head (`_dkdv_tile`): BM-row tiles of clean keys first (they carry
-    most of the work), then BMD-row tiles of noisy keys, whose queries are their own block's (chunks of DN)."""
-    h = tl.program_id(0)  # the grid's first axis runs fastest: a tile's heads side by side
+                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         BMD: tl.constexpr, DN: tl.constexpr, LPT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                         COUNT: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV for one tile of key rows and one key/value head (`_dkdv_tile`, over its group's query heads): BM-row
+    tiles of clean keys first (they carry most of the work), then BMD-row tiles of noisy keys, whose queries are
+    their own block's (chunks of DN)."""
+    hk = tl.program_id(0)  # the grid's first axis runs fastest: a tile's heads side by side
     tile = tl.program_id(1)
     if LPT:  # the tiles most work first (tile_order)
         tile = tl.load(ORDER + tile)
-    cols = h * D + tl.arange(0, D)
     clean_tiles = tl.cdiv(L, BM)
     if tile < clean_tiles:
-        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, L + tile * BM, 2 * L, L,
-                                   qk_scale, scale, H * D, cols, h * 2 * L, BM, BN, False, ATOMIC_DQ, PRECISION)
+        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, L + tile * BM, 2 * L, hk, L,
+                                   qk_scale, scale, H, HKV, D, BM, BN, False, ATOMIC_DQ, PRECISION)
     else:
-        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, (tile - clean_tiles) * BMD,
-                                   L, L, qk_scale, scale, H * D, cols, h * 2 * L, BMD, DN, True, ATOMIC_DQ, PRECISION)
+        entries, full = _dkdv_tile(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, BOUNDS, (tile - clean_tiles) * BMD, L, hk, L,
+                                   qk_scale, scale, H, HKV, D, BMD, DN, True, ATOMIC_DQ, PRECISION)
     if COUNT:  # entries computed, of which in full chunks
-        slot = (h * tl.num_programs(1) + tile) * 2
+        slot = (hk * tl.num_programs(1) + tile) * 2
         tl.store(COUNTS + slot, entries)
         tl.store(COUNTS + slot + 1, full)
 
@@ -326,7 +363,8 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, precision: str = "tf32") -> TileConfig:
+def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, precision: str = "tf32", group: int = 1
+                  ) -> TileConfig:
     """The heuristic default of one kernel ("forward", "dq" or "dkdv"): what runs where the committed table
     (kernels/bd_attention_tiles.json) has no entry, and the first configuration a one-time autotune tries. Every
     target (sm_80/86/89/90) compiles it without register spills (kernels/compile_check.py checks each).
@@ -342,6 +380,8 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, preci
     fp32 operands are twice the bytes: 16-key chunks; TF32 dots keep 64-row tiles (dK/dV at head dim 128: 32 rows and
     a 2-stage pipeline, the one shape found without spills on sm_90), IEEE fp32 dots run on the CUDA cores with their
     operands in registers and take 32-row tiles (16 for dQ at head dim 128).
+    `group` (query heads per key/value head): a dK/dV program loops over its group's heads, which costs registers:
+    16-bit 128-row tiles take 8 warps at every head dim (at 64 on sm_90, 4 spilled).
     """
     wide = D >= 128
     if dtype == torch.float32:
@@ -356,6 +396,8 @@ def kernel_config(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, preci
                    num_warps=8 if wide or not hopper else 4, num_stages=3 if hopper else 2)
         if wide and not hopper:  # what fits 255 registers a thread without spilling there
             cfg.update({"forward": dict(BN=32), "dq": {}, "dkdv": dict(BM=64)}[kernel])
+        if kernel == "dkdv" and group > 1:
+            cfg.update(num_warps=8)
     if kernel != "dkdv":
         del cfg["BMD"]
     return cfg
@@ -388,34 +430,36 @@ RUNTIME_SPACE = {
 }
 
 
-def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, precision: str = "tf32"
+def kernel_configs(kernel: str, D: int, dtype: torch.dtype, arch: int = 90, precision: str = "tf32", group: int = 1
                    ) -> list[TileConfig]:
     """A one-time autotune's space for one kernel on one GPU: the default first, then RUNTIME_SPACE (16-bit only:
     fp32 keeps its one configuration)."""
-    default = kernel_config(kernel, D, dtype, arch, precision)
+    default = kernel_config(kernel, D, dtype, arch, precision, group)
     if dtype == torch.float32:
         return [default]
     extra = [dict(cfg, num_stages=default["num_stages"]) for cfg in RUNTIME_SPACE[kernel]]
     return [default] + [cfg for cfg in extra if cfg != default]
 
 
-def dtype_class(dtype: torch.dtype, precision: str) -> str:
-    """The dtype part of a shape class: fp32 configurations differ by the dots' precision."""
+def dtype_class(dtype: torch.dtype, precision: str, kernel: str = "", group: int = 1) -> str:
+    """The dtype part of a shape class: fp32 configurations differ by the dots' precision, and dK/dV's by the query
+    heads each key/value head serves (its programs loop over them)."""
     name = str(dtype).removeprefix("torch.")
-    return f"{name}-{precision}" if dtype == torch.float32 else name
+    name = f"{name}-{precision}" if dtype == torch.float32 else name
+    return f"{name}-g{group}" if kernel == "dkdv" and group > 1 else name
 
 
-def _pick(kernel: str, q: torch.Tensor, precision: str, launch) -> TileConfig:
+def _pick(kernel: str, q: torch.Tensor, k: torch.Tensor, precision: str, launch) -> TileConfig:
     """The configuration for this call (kernels/tiles.py: the committed table, the tile cache, or a one-time
     autotune that times each configuration of `kernel_configs` on the real inputs; the kernels write their outputs
     without accumulating, so trial runs leave no trace). The interpreter always takes the default."""
-    D, L = q.shape[-1], q.shape[0] // 2
-    space = kernel_configs(kernel, D, q.dtype, _arch(q), precision)
+    D, L, group = q.shape[-1], q.shape[0] // 2, q.shape[1] // k.shape[1]
+    space = kernel_configs(kernel, D, q.dtype, _arch(q), precision, group)
     if not q.is_cuda:
         return space[0]
     import triton.testing
 
-    key = tiles.shape_class(kernel, dtype_class(q.dtype, precision), D, L)
+    key = tiles.shape_class(kernel, dtype_class(q.dtype, precision, kernel, group), D, L)
     return tiles.choose("bd_attention", _arch(q), key, space,
                         lambda cfg: triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20))
 
@@ -514,12 +558,16 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True, scale=None
     if q.ndim != 3:
         raise ValueError(f"q must be (2L, H, D), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.ndim != 3 or t.shape[0] != q.shape[0] or t.shape[2] != q.shape[2] or t.shape != k.shape:
+            raise ValueError(f"{name} must be (2L, Hkv, D) with q's 2L={q.shape[0]} and D={q.shape[2]} (and k and v "
+                             f"alike), got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"k and v have {k.shape[1]} heads, which must divide q's {q.shape[1]} (grouped-query "
+                         f"attention: query head h reads key/value head h // (H / Hkv))")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number (the scores' factor, head_dim ** -0.5 by default), "
                          f"got {scale!r}")
@@ -573,7 +621,7 @@ def _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, do=None, delta=None
         Q=q, K=k, V=v, O=o, LSE=lse, DO=q if do is None else do, DELTA=lse if delta is None else delta,
         DQ=o if dq is None else dq, BOUNDS=bounds, ORDER=tile_order(bounds, "forward", cfg, orders) if cfg["LPT"]
         else bounds, COUNTS=lse if count is None else count, L=R // 2, qk_scale=scale * LOG2E, scale=scale, H=H,
-        D=D, BACKWARD=dq is not None, COUNT=count is not None, PRECISION=prec, **cfg)
+        HKV=k.shape[1], D=D, BACKWARD=dq is not None, COUNT=count is not None, PRECISION=prec, **cfg)
 
 
 def _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, bounds, scale, cfg, prec, count=None, orders=None):
@@ -583,10 +631,10 @@ def _dkdv_kernel(q, k, v, do, lse, delta, dk, dv, dq, bounds, scale, cfg, prec, 
     R, H, D = q.shape
     L = R // 2
     cfg = _with_defaults("dkdv", cfg)
-    return _bd_attn_dkdv_kernel[(H, triton.cdiv(L, cfg["BM"]) + triton.cdiv(L, cfg["BMD"]))](
+    return _bd_attn_dkdv_kernel[(k.shape[1], triton.cdiv(L, cfg["BM"]) + triton.cdiv(L, cfg["BMD"]))](
         Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, DK=dk, DV=dv, DQ=dq, BOUNDS=bounds,
         ORDER=tile_order(bounds, "dkdv", cfg, orders) if cfg["LPT"] else bounds,
-        COUNTS=lse if count is None else count, L=L, qk_scale=scale * LOG2E, scale=scale, H=H, D=D,
+        COUNTS=lse if count is None else count, L=L, qk_scale=scale * LOG2E, scale=scale, H=H, HKV=k.shape[1], D=D,
         COUNT=count is not None, PRECISION=prec, **cfg)
 
 
@@ -609,7 +657,7 @@ def _launch_forward(q, k, v, bounds, scale, count=None, cfg=None, orders=None):
     def launch(cfg):
         return _query_kernel(q, k, v, bounds, scale, cfg, prec, o, lse, count=count, orders=orders)
 
-    launch(cfg or _pick("forward", q, prec, launch))
+    launch(cfg or _pick("forward", q, k, prec, launch))
     return o, lse
 
 
@@ -620,7 +668,7 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
     _check_launch(q)
     prec = precision(q.dtype)
     delta = _delta_kernel(o, do)
-    dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
+    dq, dk, dv = (_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
     dq_count, dkdv_count = (None, None) if count is None else count
 
     def launch_dq(cfg):
@@ -632,7 +680,7 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
                             orders=orders)
 
     dq_cfg, dkdv_cfg = cfgs or (None, None)
-    dkdv_cfg = dkdv_cfg or _pick("dkdv", q, prec, launch_dkdv)
+    dkdv_cfg = dkdv_cfg or _pick("dkdv", q, k, prec, launch_dkdv)
     if dkdv_cfg.get("ATOMIC_DQ") and torch.are_deterministic_algorithms_enabled():
         dkdv_cfg = dict(dkdv_cfg, ATOMIC_DQ=False)
     if dkdv_cfg.get("ATOMIC_DQ"):
@@ -641,7 +689,7 @@ def _launch_backward(q, k, v, o, lse, do, q_bounds, k_bounds, scale, count=None,
                      orders=orders)
         dq.copy_(dq_sum * scale)
     else:
-        launch_dq(dq_cfg or _pick("dq", q, prec, launch_dq))
+        launch_dq(dq_cfg or _pick("dq", q, k, prec, launch_dq))
         launch_dkdv(dkdv_cfg)
     return dq, dk, dv
 
@@ -701,14 +749,21 @@ def _per_rows(x, rows):  # (1, H, n, ...) -> one (H, rows, ...) piece per slice 
         at += r.stop - r.start
 
 
+def _kv_heads_first(x, rows, group):  # (R, Hkv, D) rows -> (1, H, n, D): a chunk's keys repeated for each query head
+    return _heads_first(x, rows).repeat_interleave(group, 1)
+
+
 def _cpu_forward(q, k, v, cu_seqlens, block_size, scale):
     """The CPU path: the kernels SDPA itself runs on CPU (flash attention with a mask) one chunk at a time, which
-    also return each row's log-sum-exp for the backward."""
+    also return each row's log-sum-exp for the backward. Grouped keys and values are repeated per query head one
+    chunk at a time (the CPU's SDPA kernels take equal head counts)."""
     out = torch.empty_like(q)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    group = q.shape[1] // k.shape[1]
     for q_rows, k_rows, bias in _cpu_attention_calls(q, cu_seqlens, block_size):
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _heads_first(q, q_rows), _heads_first(k, k_rows), _heads_first(v, k_rows), attn_mask=bias, scale=scale)
+            _heads_first(q, q_rows), _kv_heads_first(k, k_rows, group), _kv_heads_first(v, k_rows, group),
+            attn_mask=bias, scale=scale)
         for rows, piece in _per_rows(o, q_rows):
             out[rows] = piece.transpose(0, 1)
         for rows, piece in _per_rows(l, q_rows):
@@ -718,11 +773,14 @@ def _cpu_forward(q, k, v, cu_seqlens, block_size, scale):
 
 def _cpu_backward(do, q, k, v, o, lse, cu_seqlens, block_size, scale):
     dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))  # a key's dK/dV sums over the chunks that see it
+    group = q.shape[1] // k.shape[1]
     for q_rows, k_rows, bias in _cpu_attention_calls(q, cu_seqlens, block_size):
         lse_rows = torch.cat([lse[:, rows] for rows in q_rows], 1) / LOG2E  # (H, 2n)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _heads_first(do, q_rows), _heads_first(q, q_rows), _heads_first(k, k_rows), _heads_first(v, k_rows),
-            _heads_first(o, q_rows), lse_rows[None], 0.0, False, attn_mask=bias, scale=scale)
+            _heads_first(do, q_rows), _heads_first(q, q_rows), _kv_heads_first(k, k_rows, group),
+            _kv_heads_first(v, k_rows, group), _heads_first(o, q_rows), lse_rows[None], 0.0, False, attn_mask=bias,
+            scale=scale)
+        gk, gv = (g.unflatten(1, (k.shape[1], group)).sum(2) for g in (gk, gv))  # each group's heads summed
         for g, grad, rows in ((dq, gq, q_rows), (dk, gk, k_rows), (dv, gv, k_rows)):
             for r, piece in _per_rows(grad, rows):
                 g[r] += piece.transpose(0, 1)
@@ -807,22 +865,22 @@ _bd_attention_op.register_autograd(_backward, setup_context=_setup_context)
 FLOPS_PER_ENTRY = {"forward": 4, "dq": 6, "dkdv": 8, "dkdv+dq": 10}  # times the head dim
 
 
-def configured(kernel: str, D: int, dtype: torch.dtype, arch: int, L: int) -> TileConfig:
+def configured(kernel: str, D: int, dtype: torch.dtype, arch: int, L: int, group: int = 1) -> TileConfig:
     """The configuration a call would run, without timing anything: the committed table's or the tile cache's,
     else the default."""
     prec = precision(dtype)
-    found = tiles.lookup("bd_attention", arch, tiles.shape_class(kernel, dtype_class(dtype, prec), D, L))
-    return (found and found[0]) or kernel_config(kernel, D, dtype, arch, prec)
+    found = tiles.lookup("bd_attention", arch, tiles.shape_class(kernel, dtype_class(dtype, prec, kernel, group), D, L))
+    return (found and found[0]) or kernel_config(kernel, D, dtype, arch, prec, group)
 
 
-def _flops(q, kernels, cu_seqlens, block_size, schedule):
+def _flops(q, k, kernels, cu_seqlens, block_size, schedule):
     R, H, D = q.shape
     with unset_fake_temporarily():  # the counter may run under a fake-tensor mode; the layout must be real
         if isinstance(schedule if schedule is not None else cu_seqlens, FakeTensor):
             raise ValueError("counting bd_attention FLOPs needs the real layout: pass real cu_seqlens/schedule "
                              "tensors (the FLOPs depend on the documents)")
         schedule = schedule_bounds(cu_seqlens.cpu(), R // 2, block_size) if schedule is None else schedule
-        cfgs = {kn: configured(kn, D, q.dtype, _arch(q), R // 2) for kn in ("forward", "dq", "dkdv")}
+        cfgs = {kn: configured(kn, D, q.dtype, _arch(q), R // 2, H // k.shape[1]) for kn in ("forward", "dq", "dkdv")}
         atomic = cfgs["dkdv"].get("ATOMIC_DQ") and not torch.are_deterministic_algorithms_enabled()
         if atomic and "dq" in kernels:
             kernels = ("dkdv+dq",)
@@ -832,16 +890,17 @@ def _flops(q, kernels, cu_seqlens, block_size, schedule):
 
 @register_flop_formula(torch.ops.bdiff.bd_attention, get_raw=True)
 def _(q, k, v, cu_seqlens, block_size, scale=None, schedule=None, *, out_val=None):
-    return _flops(q, ("forward",), cu_seqlens, block_size, schedule)
+    return _flops(q, k, ("forward",), cu_seqlens, block_size, schedule)
 
 
 @register_flop_formula(torch.ops.bdiff.bd_attention_backward, get_raw=True)
 def _(do, q, k, v, o, lse, cu_seqlens, block_size, scale=None, schedule=None, *, out_val=None):
-    return _flops(q, ("dq", "dkdv"), cu_seqlens, block_size, schedule)
+    return _flops(q, k, ("dq", "dkdv"), cu_seqlens, block_size, schedule)
 
 
 def bd_attention(q, k, v, cu_seqlens, block_size, scale=None, schedule=None):
-    """Block-diffusion attention, q/k/v (2L, H, D) -> (2L, H, D); semantics of `reference.bd_attention_ref`.
+    """Block-diffusion attention, q (2L, H, D), k and v (2L, Hkv, D) -> (2L, H, D), Hkv dividing H (query head h
+    reads key/value head h // (H / Hkv): grouped-query attention); semantics of `reference.bd_attention_ref`.
     CUDA runs the Triton kernels, CPU the reference (the kernels through the interpreter with
     TRITON_INTERPRET=1). `schedule`: `schedule_bounds(...)`, built once and shared by every layer."""
     return torch.ops.bdiff.bd_attention(q, k, v, cu_seqlens, block_size, scale, schedule)[0]
@@ -856,11 +915,12 @@ def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, conf
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     R, H, D = q.shape
     q_bounds, k_bounds = schedule_bounds(cu_seqlens, R // 2, block_size)
-    cfg = {kernel: (configs or {}).get(kernel) or kernel_config(kernel, D, q.dtype, _arch(q), precision(q.dtype))
+    cfg = {kernel: (configs or {}).get(kernel) or kernel_config(kernel, D, q.dtype, _arch(q), precision(q.dtype),
+                                                                H // k.shape[1])
            for kernel in ("forward", "dq", "dkdv")}
 
-    def counters(programs):  # two int32 per program: entries computed, of which in full chunks
-        return torch.zeros(2 * programs * H, dtype=torch.int32, device=q.device)
+    def counters(programs, heads=H):  # two int32 per program: entries computed, of which in full chunks
+        return torch.zeros(2 * programs * heads, dtype=torch.int32, device=q.device)
 
     L = R // 2
     fwd = counters(2 * triton.cdiv(L, cfg["forward"]["BM"]))
@@ -869,7 +929,7 @@ def count_work(q, k, v, cu_seqlens, block_size, scale=None, backward=False, conf
     result = {"forward": tuple(fwd.view(-1, 2).long().sum(0).tolist())}
     if backward:
         dq_c = counters(2 * triton.cdiv(L, cfg["dq"]["BM"]))
-        dkv_c = counters(triton.cdiv(L, cfg["dkdv"]["BM"]) + triton.cdiv(L, cfg["dkdv"]["BMD"]))
+        dkv_c = counters(triton.cdiv(L, cfg["dkdv"]["BM"]) + triton.cdiv(L, cfg["dkdv"]["BMD"]), k.shape[1])
         with on_device(q):
             _launch_backward(q, k, v, o, lse, torch.randn_like(o), q_bounds, k_bounds, scale, count=(dq_c, dkv_c),
                              cfgs=(cfg["dq"], cfg["dkdv"]))
@@ -914,16 +974,23 @@ def compile_configs(arch: int, space: bool = False) -> list[dict]:
                     if cfg in seen and "table" not in label:
                         continue
                     seen.append(cfg)
-                    constexprs = dict(H=6, D=D, COUNT=False, PRECISION=prec,
-                                      **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
-                    if kernel != "dkdv":
-                        constexprs["BACKWARD"] = kernel == "dq"
-                    configs.append(dict(
-                        name=f"bd_attention {kernel} {name} D={D}{label}",
-                        fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel, pointer=t,
-                        types=dict(types, DQ="*fp32") if cfg.get("ATOMIC_DQ") else types, constexprs=constexprs,
-                        options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
-                        hgmma=dtype != torch.float32))
+                    # the record's 6 heads; the bf16 defaults at Llama's and Qwen's head dims also with Qwen2.5-1.5B's
+                    # grouping (12 query heads on 2 key/value heads), whose dK/dV loops over each group's heads
+                    grouped = label == "" and dtype == torch.bfloat16 and D >= 64
+                    for heads, kv_heads in [(6, 6)] + [(12, 2)] * grouped:
+                        if heads != kv_heads:  # the default for groups of 6
+                            cfg = _with_defaults(kernel, kernel_config(kernel, D, dtype, arch, prec, heads // kv_heads))
+                        constexprs = dict(H=heads, HKV=kv_heads, D=D, COUNT=False, PRECISION=prec,
+                                          **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+                        if kernel != "dkdv":
+                            constexprs["BACKWARD"] = kernel == "dq"
+                        group = f" GQA {heads}/{kv_heads}" if heads != kv_heads else ""
+                        configs.append(dict(
+                            name=f"bd_attention {kernel} {name} D={D}{label}{group}",
+                            fn=_bd_attn_dkdv_kernel if kernel == "dkdv" else _bd_attn_query_kernel, pointer=t,
+                            types=dict(types, DQ="*fp32") if cfg.get("ATOMIC_DQ") else types, constexprs=constexprs,
+                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
+                            hgmma=dtype != torch.float32))
             if prec == "tf32":  # delta has no dot: one configuration per dtype
                 configs.append(dict(
                     name=f"bd_attention delta {name} D={D}", fn=_bd_attn_delta_kernel, pointer=t, types=types,

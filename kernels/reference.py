@@ -71,9 +71,11 @@ def document_rows(q: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int):
 
 def bd_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      block_size: int, scale: float | None = None) -> torch.Tensor:
-    """Softmax attention under `bd_attention_mask`, q/k/v (2L, H, D) -> (2L, H, D) in q's dtype, one
-    document at a time (`document_rows`)."""
+    """Softmax attention under `bd_attention_mask`, q (2L, H, D), k/v (2L, Hkv, D) -> (2L, H, D) in q's dtype, one
+    document at a time (`document_rows`). Hkv < H: each key/value head serves H / Hkv consecutive query heads,
+    repeated here as transformers' repeat_kv repeats them."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     cdt = _compute_dtype(q)
     out = torch.empty(q.shape, dtype=cdt, device=q.device)
     for rows, mask in document_rows(q, cu_seqlens, block_size):

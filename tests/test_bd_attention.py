@@ -118,18 +118,28 @@ def poison(monkeypatch):
                                                                                 device=device))
 
 
-def check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol):
+def check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol, kv_heads=None, configs=None):
+    """The op (or, given `configs`, the kernels with those tiles) against bd_attention_ref in float64: the output and
+    every gradient. kv_heads < heads: grouped-query attention, against the reference's repeated key/value heads."""
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     R = 2 * int(cu[-1])
-    q, k, v = (torch.randn(R, heads, dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    q = torch.randn(R, heads, dim, generator=gen).to(dtype).requires_grad_()
+    k, v = (torch.randn(R, kv_heads or heads, dim, generator=gen).to(dtype).requires_grad_() for _ in range(2))
     do = torch.randn(R, heads, dim, generator=gen).to(dtype)
-    out = bda.bd_attention(q, k, v, cu, block_size)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    if configs is None:
+        out = bda.bd_attention(q, k, v, cu, block_size)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    else:
+        schedule = bda.schedule_bounds(cu, R // 2, block_size)
+        out, lse = bda._launch_forward(q.detach(), k.detach(), v.detach(), schedule[0], dim ** -0.5,
+                                       cfg=configs["forward"])
+        grads = bda._launch_backward(q.detach(), k.detach(), v.detach(), out, lse, do, schedule[0], schedule[1],
+                                     dim ** -0.5, cfgs=(configs["dq"], configs["dkdv"]))
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     want = bd_attention_ref(*ref_in, cu, block_size)
     want_grads = torch.autograd.grad(want, ref_in, do.double())
     assert out.dtype == dtype, "output must be in the input dtype"
-    where = f"lengths {lengths}, block {block_size}, {dtype}"
+    where = f"lengths {lengths}, block {block_size}, {dtype}, {heads} query heads on {kv_heads or heads} kv heads"
     torch.testing.assert_close(out.double(), want, atol=atol, rtol=rtol, msg=lambda m: f"{where}: out: {m}")
     for name, g, w in zip("qkv", grads, want_grads):
         torch.testing.assert_close(g.double(), w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{where}: d{n}: {m}")
@@ -146,6 +156,39 @@ def check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol):
 ])
 def test_kernel_matches_reference(gen, lengths, block_size, heads, dim, dtype, atol, rtol):
     check_kernel(gen, lengths, block_size, heads, dim, dtype, atol, rtol)
+
+
+# Grouped-query attention: (query heads, key/value heads, head dim). Group sizes 1, 2, 4 and 8 and one key/value head
+# for all (multi-query); head dims 64 and 128, Qwen2.5-0.5B's (14 on 2, head dim 64) and Qwen2.5-1.5B's (12 on 2,
+# 128) groupings among them.
+GQA_SHAPES = [(2, 2, 64), (4, 2, 64), (14, 2, 64), (8, 1, 16), (8, 1, 128), (12, 2, 128)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("heads,kv_heads,dim", GQA_SHAPES)
+def test_grouped_query_attention_matches_reference(gen, heads, kv_heads, dim):
+    """q's heads share k's and v's in groups of heads / kv_heads: the output, dq and the group-summed dk and dv equal
+    the float64 reference over repeated key/value heads; documents that do not divide the tiles, a block that divides
+    no document."""
+    check_kernel(gen, [70, 3, 41], 16 if dim > 16 else 5, heads, dim, torch.float32, 2e-5, 2e-5, kv_heads)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("atomic", [False, True])
+def test_grouped_query_attention_in_other_tiles(gen, atomic):
+    """A group of 4 in the smallest 16-bit tiles of the autotune space (several dK/dV programs per key head and
+    chunk), with dQ apart or added atomically from dK/dV."""
+    dim = 64
+    configs = {kernel: bda.kernel_configs(kernel, dim, torch.float16)[-1] for kernel in ("forward", "dq", "dkdv")}
+    configs["dkdv"] = dict(configs["dkdv"], ATOMIC_DQ=atomic)
+    check_kernel(gen, [90, 37], 16, 4, dim, torch.float16, 5e-3, 5e-3, kv_heads=1, configs=configs)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 1)])
+def test_grouped_query_attention_on_the_cpu_path(gen, heads, kv_heads, monkeypatch):
+    """The CPU path (SDPA per chunk, keys repeated per chunk) against the reference, every gradient."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check_kernel(gen, [100, 7, 33], 16, heads, 32, torch.float32, 2e-5, 2e-5, kv_heads)
 
 
 @pytest.mark.interpreter
@@ -205,7 +248,10 @@ def good_inputs():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(k=torch.randn(20, 2, 32)), "k must have q's shape"),
+    (dict(k=torch.randn(20, 2, 32)), r"k must be \(2L, Hkv, D\) with q's 2L=20 and D=16"),
+    (dict(k=torch.randn(20, 1, 16)), "k and v alike"),
+    (dict(q=torch.randn(20, 3, 16), k=torch.randn(20, 2, 16), v=torch.randn(20, 2, 16)),
+     "k and v have 2 heads, which must divide q's 3"),
     (dict(v=torch.randn(20, 2, 16).double()), "v must have q's dtype"),
     (dict(k=torch.empty(20, 2, 16, device="meta")), "k must be on q's device"),
     (dict(q=torch.randn(20, 16)), "q must be"),
@@ -242,9 +288,11 @@ def test_a_sequence_too_long_for_one_launch_is_refused(rows, heads, dim):
 def test_opcheck(gen, cpu_path):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch, on both CPU paths."""
     cu = torch.tensor([0, 5, 29], dtype=torch.int32)  # L=29 fills no tile; block 4 divides no document
-    q, k, v = (torch.randn(58, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
-    for schedule in (None, bda.schedule_bounds(cu, 29, 4)):
-        torch.library.opcheck(torch.ops.bdiff.bd_attention.default, (q, k, v, cu, 4, None, schedule))
+    q = torch.randn(58, 2, 16, generator=gen, requires_grad=True)
+    for kv_heads in (2, 1):  # and grouped-query attention
+        k, v = (torch.randn(58, kv_heads, 16, generator=gen, requires_grad=True) for _ in range(2))
+        for schedule in (None, bda.schedule_bounds(cu, 29, 4)):
+            torch.library.opcheck(torch.ops.bdiff.bd_attention.default, (q, k, v, cu, 4, None, schedule))
 
 
 @pytest.mark.parametrize("chunk", [64, 10, 1])

@@ -30,7 +30,8 @@ def test_every_configuration_is_clean(report):
 
 def test_every_target_and_kernel_is_covered(report):
     """Each attention kernel's default at each head dim the kernels ship for, in 16-bit and in fp32 with both dot
-    precisions (PyTorch's TF32 setting decides which runs), and each entry of the committed tile table."""
+    precisions (PyTorch's TF32 setting decides which runs), in bf16 at head dims 64 and 128 also with grouped-query
+    heads, and each entry of the committed tile table."""
     for sm in TARGETS:
         names = {r["name"] for r in report if r["sm"] == sm}
         for D in (32, 64, 128):
@@ -39,6 +40,8 @@ def test_every_target_and_kernel_is_covered(report):
             for kernel in ("forward", "dq", "dkdv"):
                 for dtype in ("bfloat16", "float16", "float32-tf32", "float32-ieee"):
                     assert f"bd_attention {kernel} {dtype} D={D}" in names, f"sm_{sm} misses {kernel} {dtype} D={D}"
+                if D >= 64:
+                    assert f"bd_attention {kernel} bfloat16 D={D} GQA 12/2" in names, f"sm_{sm} misses GQA {kernel}"
         for key in tiles.table("bd_attention").get(f"sm_{sm}", {}):
             kernel, dtype, D, size = key.split()
             assert f"bd_attention {kernel} {dtype} {D} (table {size})" in names, f"sm_{sm} misses the table's {key}"
