@@ -15,10 +15,10 @@ from bdiff.config import (
     device_and_dtype,
 )
 from bdiff.data import tokenizer_of
+from bdiff.data.tokenizer import decode, load_tokenizer
 from bdiff.errors import command
-from bdiff.model import BlockDiffusionLM
-from bdiff.sampling import SamplingError, generate, prompt_ids
-from bdiff.tokenizer import decode, load_tokenizer
+from bdiff.generation.sampling import SamplingError, generate, prompt_ids
+from bdiff.models.nano import BlockDiffusionLM
 
 
 @command

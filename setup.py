@@ -7,8 +7,10 @@ setup(
     # The Triton kernels live in the top-level kernels/ directory and install as bdiff.kernels (bdiff/kernels is a
     # link to it): the name `kernels` belongs to Hugging Face's package. kernels/ has no __init__.py, so even
     # from the repository root it never shadows an installed `kernels` (a regular package wins over it).
-    # bdiff.hf: the transformers code copied into model directories. kernels/bd_attention_tiles.json: the tile table.
-    packages=["bdiff", "bdiff.kernels", "bdiff.hf"],
+    # bdiff.models.remote: the transformers code copied into model directories. kernels/bd_attention_tiles.json: the
+    # tile table.
+    packages=["bdiff", "bdiff.kernels", "bdiff.data", "bdiff.models", "bdiff.models.remote", "bdiff.training",
+              "bdiff.generation"],
     python_requires=">=3.10",
     # torch is left unpinned for GPU users; the README pins the CPU build for the CPU commands.
     # pytest-benchmark: bench/bench_<op>.py are both scripts and the benchmark suite's tests. safetensors: the
@@ -21,8 +23,9 @@ setup(
     # tokenizers; tiktoken: GPT-2 and OpenAI encodings; datasets: streaming a Hub dataset). The tests build a BPE
     # tokenizer with `tokenizers`.
     # ruff: the lint gate of the test command (README).
-    # judge: Hugging Face causal LMs (gpt2-large) as judges of samples (bdiff/judge.py); the tests build a tiny one.
-    # wandb, tensorboard: train.py --wandb / --tensorboard (bdiff/tracking.py); the tests log offline to both.
+    # judge: Hugging Face causal LMs (gpt2-large) as judges of samples (bdiff/generation/judge.py); the tests build
+    # a tiny one.
+    # wandb, tensorboard: train.py --wandb / --tensorboard (bdiff/training/tracking.py); the tests log offline to both.
     # eval: EleutherAI's lm-evaluation-harness, which bdiff models join as `bdiff` (bdiff/lm_eval.py); the tests run
     # its command line on local tasks.
     extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers",

@@ -30,8 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bdiff
-from bdiff import checkpoint, hub, tracking
-from bdiff.checkpoint import CheckpointError
+from bdiff import hub
 from bdiff.config import (
     PRESETS,
     RECORD_VAL_LOSS,
@@ -60,16 +59,18 @@ from bdiff.data import (
     tokenizer_of,
     unigram_entropy,
 )
-from bdiff.ema import WeightAverage
+from bdiff.data.formats import DataError, read_shard
+from bdiff.data.tokenizer import decode
 from bdiff.errors import BdiffError
 from bdiff.eval import validation_total
-from bdiff.formats import DataError, read_shard
-from bdiff.judge import corpus_words, known_word_fraction
-from bdiff.model import BlockDiffusionLM
-from bdiff.muon import Muon
-from bdiff.noise import document_layout, noise_seed
-from bdiff.sampling import generate, prompt_ids
-from bdiff.tokenizer import decode
+from bdiff.generation.judge import corpus_words, known_word_fraction
+from bdiff.generation.sampling import generate, prompt_ids
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models.objective import document_layout, noise_seed
+from bdiff.training import checkpoint, tracking
+from bdiff.training.checkpoint import CheckpointError
+from bdiff.training.ema import WeightAverage
+from bdiff.training.muon import Muon
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
 PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
@@ -428,7 +429,7 @@ def open_run(args, cfg: Config, proc: Process) -> tuple[str, str]:
 
 def start_log(log_path: str, run_dir: str, cfg: Config, proc: Process, model, resumed_at: int | None, args):
     """Open the run's JSONL log (appended to on resume) with a header line. Returns record(entry), which also sends
-    the entry to the trackers --wandb and --tensorboard ask for (bdiff/tracking.py), and those trackers (None
+    the entry to the trackers --wandb and --tensorboard ask for (bdiff/training/tracking.py), and those trackers (None
     without them)."""
     trackers = None
     if proc.master and (args.wandb is not None or args.tensorboard is not None):

@@ -40,7 +40,7 @@ class ModelConfig:
     lm_head_multiple: int = 128  # lm_head rows padded to a multiple of this (tensor-core friendly)
     # Where the document separator (BOS) sits: "opens" each document (the seed's layout, which the record rules fix;
     # no model learns where a document ends) or "closes" the one it follows (the model learns to end documents,
-    # sampling stops there). bdiff/noise.py: document_layout.
+    # sampling stops there). bdiff/models/objective.py: document_layout.
     separator: str = "opens"
 
     def validate(self) -> None:
@@ -72,9 +72,9 @@ class TrainConfig:
     noise_low: float = 0.3  # training noise t ~ U[noise_low, noise_high] per block (BD3-LM clipped schedule)
     noise_high: float = 0.8  # the upper end of the training noise range
     noise_stratified: bool = False  # the blocks' levels of a sequence as one stratified draw: the same objective,
-    # estimated with less variance (bdiff/noise.py, noise_blocks); validation always draws independently
+    # estimated with less variance (bdiff/models/objective.py, noise_blocks); validation always draws independently
     ema: float = 0.0  # decay of an average of the weights that validation, the saved model and its sample use
-    # (bdiff/ema.py; BD3-LM evaluates with 0.9999); 0: off, the trained weights themselves
+    # (bdiff/training/ema.py; BD3-LM evaluates with 0.9999); 0: off, the trained weights themselves
     val_every: int = 125  # validate every N steps (and at the end); 0 = only at the end
     val_tokens: int = 10_485_760  # validation tokens across all ranks (a smaller validation split is read whole)
     val_seq_len: int = 65536  # tokens per validation sequence per rank
@@ -87,7 +87,7 @@ class TrainConfig:
     muon_momentum_start: float = 0.85  # Muon momentum warms linearly from this ...
     muon_momentum_end: float = 0.95  # ... to this ...
     muon_momentum_warmup: int = 300  # ... over this many steps
-    muon_schedule: str = "quintic"  # Newton–Schulz coefficients: "quintic" or "polar_express" (bdiff/muon.py)
+    muon_schedule: str = "quintic"  # Newton–Schulz coefficients: "quintic" or "polar_express" (bdiff/training/muon.py)
     muon_weight_decay: float = 0.0  # decoupled weight decay on the hidden matrices
     lr_warmup: int = 0  # the LRs rise linearly over the first N steps, from 1/N of their value (0: none, as the seed)
     lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
@@ -152,8 +152,8 @@ def code_version() -> dict:
 
 @dataclass
 class SamplingConfig:
-    """How bdiff.sampling.generate samples; its fields are sample.py's flags, and train.py's end-of-run sample
-    uses the same defaults."""
+    """How bdiff.generation.sampling.generate samples; its fields are sample.py's flags, and train.py's end-of-run
+    sample uses the same defaults."""
     max_new_tokens: int = 256  # new tokens per prompt at most (a sequence also stops after its first BOS)
     steps_per_block: int | None = None  # denoising steps per block; None: block_size (one token a step)
     strategy: str = "random"  # which masked tokens a step reveals: "random", "confidence" or "threshold"
@@ -171,7 +171,7 @@ class SamplingConfig:
 
 
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")  # SamplingConfig.compile's choices
-DTYPES = ("bfloat16", "float32")  # --dtype choices: the activation dtype (bdiff/model.py, BlockDiffusionLM.set_dtype)
+DTYPES = ("bfloat16", "float32")  # --dtype choices: the activation dtype (bdiff/models/nano.py, set_dtype)
 
 
 def default_device() -> str:

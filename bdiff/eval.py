@@ -11,7 +11,7 @@ final validation loss. The data are fixed; the standard error is over the K nois
 noise levels (every block at t) shows where the model is weak: at t the loss is about the cross-entropy of the
 masked tokens (a fraction t of them, each weighted 1/t).
 
-With --judge (an autoregressive model: bdiff/judge.py), the evaluation also prices sampling strategies: it
+With --judge (an autoregressive model: bdiff/generation/judge.py), the evaluation also prices sampling strategies: it
 continues the first tokens of N validation documents under each strategy asked for and prints, per strategy,
 model calls per token, tokens/s, the continuations' generative perplexity under the judge and their entropy,
 beside the same numbers for the documents' own continuations.
@@ -27,7 +27,7 @@ import torch
 
 from bdiff.config import COMPILE_MODES, ArgumentParser, SamplingConfig, add_device_flags, device_and_dtype
 from bdiff.errors import command
-from bdiff.noise import noise_seed
+from bdiff.models.objective import noise_seed
 
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -36,7 +36,7 @@ def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> li
     """(tokens, layout) of the first tokens // seq_len validation sequences (all of them, where the split holds
     fewer), on the CPU."""
     from bdiff.data import DistributedLoader
-    from bdiff.noise import document_layout
+    from bdiff.models.objective import document_layout
 
     loader = DistributedLoader(files, seq_len)
     out = []
@@ -125,7 +125,7 @@ def validation_prompts(files: list[str], count: int, prompt_tokens: int, new_tok
     documents that hold as many (documents are the runs between separators; no separator in either)."""
     import numpy as np
 
-    from bdiff.formats import read_shard
+    from bdiff.data.formats import read_shard
 
     tokens = np.concatenate([read_shard(f) for f in files]).astype(np.int64)
     cuts = np.flatnonzero(tokens == bos_id)
@@ -144,8 +144,8 @@ def price_strategies(model, judge, prompts, continuations, strategies: list[dict
                      log=None) -> list[dict]:
     """One row per strategy (and one for the documents' own continuations): calls per token, tokens/s, Gen PPL
     under `judge`, mean entropy of the texts. All prompts are sampled as one batch."""
-    from bdiff.judge import gen_ppl, token_entropy
-    from bdiff.sampling import generate
+    from bdiff.generation.judge import gen_ppl, token_entropy
+    from bdiff.generation.sampling import generate
 
     def judged(texts):
         return dict(gen_ppl=gen_ppl(judge, prompts, texts),
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     from bdiff.data import check_model_fits_data, find_dataset, shard_files
-    from bdiff.model import BlockDiffusionLM
+    from bdiff.models.nano import BlockDiffusionLM
 
     device, dtype = device_and_dtype(args)
     model = BlockDiffusionLM.from_pretrained(args.model, device)
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     judge = None
     if args.judge:  # a judge that cannot judge this model fails before the long work
         from bdiff.data import tokenizer_of
-        from bdiff.judge import JudgeError, load_judge
+        from bdiff.generation.judge import JudgeError, load_judge
 
         if args.plot:
             try:

@@ -4,8 +4,8 @@
     config.json         {"bdiff_version", "tokenizer", "block_size", "model": ModelConfig, "train": TrainConfig,
                          "step", "tokens", "val_loss"}, and for transformers "model_type" and "auto_map"
     configuration_bdiff.py, modeling_bdiff.py
-                        the model for transformers, PyTorch alone (bdiff/hf/): AutoModelForMaskedLM.from_pretrained(
-                        dir or Hub id, trust_remote_code=True)
+                        the model for transformers, PyTorch alone (bdiff/models/remote/):
+                        AutoModelForMaskedLM.from_pretrained(dir or Hub id, trust_remote_code=True)
     README.md           the model card: data, tokens, final validation loss, the loss plot, a sample, and the
                         command that reproduces the run
     loss.png            the loss plot, where matplotlib was there to draw it
@@ -36,10 +36,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import bdiff
-from bdiff import checkpoint, hf
 from bdiff.config import ArgumentParser
 from bdiff.data import DATASETS, default_prompt, tokenizer_of
 from bdiff.errors import BdiffError, command
+from bdiff.models import remote
+from bdiff.training import checkpoint
 
 WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
 TOKENIZER = "tokenizer.json"  # a prepared data set's tokenizer file, copied into the model directory
@@ -77,9 +78,9 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
     meta = {"bdiff_version": bdiff.__version__, "tokenizer": tokenizer,
             "block_size": config["model"]["block_size"], "model": config["model"], "train": config["train"],
             "dataset": dataset, "code": config.get("code") or {}, "step": step, "tokens": tokens, "val_loss": val_loss,
-            "model_type": "bdiff", "architectures": ["BdiffForMaskedLM"], "auto_map": hf.AUTO_MAP}
-    for name in hf.REMOTE_CODE:  # the model for transformers (trust_remote_code), beside the weights
-        source = os.path.join(hf.DIRECTORY, name)
+            "model_type": "bdiff", "architectures": ["BdiffForMaskedLM"], "auto_map": remote.AUTO_MAP}
+    for name in remote.REMOTE_CODE:  # the model for transformers (trust_remote_code), beside the weights
+        source = os.path.join(remote.DIRECTORY, name)
         _atomic_write(os.path.join(directory, name), lambda p, source=source: shutil.copyfile(source, p))
     _atomic_write(os.path.join(directory, CONFIG), lambda p: _write_text(p, json.dumps(meta, indent=2) + "\n"))
     write_card(directory)
@@ -176,7 +177,7 @@ def resolve(name: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT, TOKENIZER, *hf.REMOTE_CODE])
+        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT, TOKENIZER, *remote.REMOTE_CODE])
     except RepositoryNotFoundError:
         raise HubError(f"{name}: no such model on the Hub (or it is private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
@@ -192,7 +193,7 @@ def read_pretrained(name: str) -> tuple[dict, dict, str]:
     (user/name, through huggingface_hub's cache). BlockDiffusionLM.from_pretrained, the loader of every command,
     builds the model from them; a damaged or foreign file is refused in one line."""
     if os.path.isfile(name):
-        if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER, *hf.REMOTE_CODE):
+        if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER, *remote.REMOTE_CODE):
             raise HubError(f"{name}: not a model directory, run directory or Hub id; name the directory that holds it")
         return (*checkpoint.read_final(name), name)
     directory = resolve(name)

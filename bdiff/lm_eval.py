@@ -15,8 +15,8 @@ A diffusion model has no exact likelihood; lm-eval's three kinds of request are 
   numbers: the choices of one question are scored under the same draws). is_greedy: every continuation token is
   the model's argmax with the whole continuation masked.
 - loglikelihood_rolling(text) (perplexity tasks): the same over lm-eval's rolling windows of `max_length` tokens.
-- generate_until(context, {until, max_gen_toks, ...}): bdiff's sampler (bdiff/sampling.py), which stops a sequence
-  after the block where a stop string appears (checked on the host with the block's one read), then the text is
+- generate_until(context, {until, max_gen_toks, ...}): bdiff's sampler (bdiff/generation/sampling.py), which stops a
+  sequence after the block where a stop string appears (checked on the host with the block's one read), then the text is
   cut at the first stop string.
 
 Model arguments (--model_args k=v,...): pretrained (a model directory, run directory, final.pt or Hub id),
@@ -34,7 +34,7 @@ import sys
 import torch
 
 from bdiff.errors import BdiffError, command
-from bdiff.noise import bounds_layout, loss_weights, noise_blocks, noise_seed
+from bdiff.models.objective import bounds_layout, loss_weights, noise_blocks, noise_seed
 
 try:
     from lm_eval.api.model import LM
@@ -143,8 +143,8 @@ class BdiffLM(LM):
         super().__init__()
         from bdiff.config import default_dtype, parse_device
         from bdiff.data import tokenizer_of
-        from bdiff.model import BlockDiffusionLM
-        from bdiff.tokenizer import load_tokenizer
+        from bdiff.data.tokenizer import load_tokenizer
+        from bdiff.models.nano import BlockDiffusionLM
 
         mc_samples, max_length = _count("mc_samples", mc_samples), _count("max_length", max_length)
         batch_size = 16 if batch_size == "auto" else _count("batch_size", batch_size)  # lm-eval passes a string
@@ -213,7 +213,7 @@ class BdiffLM(LM):
         from tqdm import tqdm
 
         from bdiff.config import SamplingConfig
-        from bdiff.sampling import generate
+        from bdiff.generation.sampling import generate
 
         out = [""] * len(requests)
         groups: dict[str, list[int]] = {}  # requests with the same generation settings share batches

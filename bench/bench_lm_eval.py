@@ -63,8 +63,8 @@ metric_list:
 def validation_documents(config: dict, count: int, max_chars: int) -> list[str]:
     """The text of the first `count` validation documents of the model's data, each cut to max_chars."""
     from bdiff.data import find_dataset, shard_files, tokenizer_of
-    from bdiff.formats import read_shard
-    from bdiff.tokenizer import decode
+    from bdiff.data.formats import read_shard
+    from bdiff.data.tokenizer import decode
 
     train = config["train"]
     dataset, data_dir = find_dataset(train["data"], train["data_dir"])
@@ -143,7 +143,7 @@ def main() -> int:
     parser.add_argument("--variance_seeds", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from bdiff.model import BlockDiffusionLM
+    from bdiff.models.nano import BlockDiffusionLM
 
     config = BlockDiffusionLM.from_pretrained(args.model).run_config
     docs = validation_documents(config, args.docs, args.max_chars)

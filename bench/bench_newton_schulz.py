@@ -43,8 +43,8 @@ def gpu_bench():
     from bdiff.config import record
     from bdiff.kernels.newton_schulz import newton_schulz
     from bdiff.kernels.reference import newton_schulz_ref
-    from bdiff.model import BlockDiffusionLM
-    from bdiff.muon import Muon
+    from bdiff.models.nano import BlockDiffusionLM
+    from bdiff.training.muon import Muon
 
     dev = "cuda"
     compiled_ref = torch.compile(newton_schulz_ref)

@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bdiff.data import stdlib_sources
-from bdiff.prepare import prepare
+from bdiff.data.prepare import prepare
 
 
 def corpus(folder: str, megabytes: float) -> int:

@@ -31,7 +31,7 @@ def loops(compile_mode: str | None) -> dict:
     """name -> generate(model, prompts, **options) of each loop timed."""
     from sampling_baseline import generate as generate_before
 
-    from bdiff.sampling import generate
+    from bdiff.generation.sampling import generate
 
     out = {"before (7d29e14)": generate_before,
            "now, eager": lambda model, prompts, **kw: generate(model, prompts, compile="none", **kw)}
@@ -86,8 +86,8 @@ def test_sampling(measure, op, batch, candidate, compare_with):
     from sampling_baseline import generate as generate_before
 
     from bdiff.config import PRESETS
-    from bdiff.model import BlockDiffusionLM
-    from bdiff.sampling import generate
+    from bdiff.generation.sampling import generate
+    from bdiff.models.nano import BlockDiffusionLM
 
     cuda = torch.cuda.is_available()
     if candidate == "CUDA graphs" and not cuda:
@@ -119,8 +119,8 @@ def main():
                                                                       "default; with --gpu always reduce-overhead)")
     args = parser.parse_args()
     from bdiff.data import default_prompt, tokenizer_of
-    from bdiff.model import BlockDiffusionLM
-    from bdiff.sampling import prompt_ids
+    from bdiff.generation.sampling import prompt_ids
+    from bdiff.models.nano import BlockDiffusionLM
 
     batches = [int(b) for b in args.batch.split(",") if b.strip().isdigit() and int(b) > 0]
     if len(batches) != len(args.batch.split(",")):
@@ -129,7 +129,7 @@ def main():
         parser.error(f"--repeats: expected at least 1, got {args.repeats}")
     if args.gpu:
         from bdiff.config import record
-        from bdiff.model import BlockDiffusionLM
+        from bdiff.models.nano import BlockDiffusionLM
 
         model = BlockDiffusionLM(record().model).cuda().eval().set_dtype(torch.bfloat16)
         print(f"{torch.cuda.get_device_name()}, bf16, random weights")

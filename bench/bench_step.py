@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bdiff.config import PRESETS
 from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod
-from bdiff.model import BlockDiffusionLM
-from bdiff.muon import Muon
-from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models.objective import Layout, document_layout, loss_weights, noise_blocks
+from bdiff.training.muon import Muon
 
 # (atol, rtol) of the seed formulation's loss and gradients against ours on CPU in float32: the same
 # arithmetic up to summation order (softmax over allowed keys, the loss over rows), so float32 rounding only.

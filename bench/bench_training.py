@@ -12,8 +12,8 @@ differ when their means differ by more than about twice the standard error of th
 sqrt(se_a² + se_b²).
 
 --variance: the training loss and its gradient at fixed weights on one batch, over many noise draws, with
-each block's level drawn independently and as one stratified set (bdiff/noise.py, noise_blocks): the mean, the
-standard deviation of the loss, and the mean squared distance of the gradient from its mean over the draws.
+each block's level drawn independently and as one stratified set (bdiff/models/objective.py, noise_blocks): the
+mean, the standard deviation of the loss, and the mean squared distance of the gradient from its mean over the draws.
 """
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ def variance(preset: str, ckpt: str | None, draws: int, seed: int) -> list[dict]
     """Loss and gradient over `draws` noise draws at fixed weights on one training batch, iid and stratified."""
     from bdiff.config import get_preset
     from bdiff.data import DistributedLoader, find_dataset, shard_files
-    from bdiff.model import BlockDiffusionLM
-    from bdiff.noise import document_layout
+    from bdiff.models.nano import BlockDiffusionLM
+    from bdiff.models.objective import document_layout
 
     cfg = get_preset(preset)
     if ckpt:

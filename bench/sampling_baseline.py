@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bdiff.config import SamplingConfig
-from bdiff.sampling import Generation, _choose
+from bdiff.generation.sampling import Generation, _choose
 
 
 class KVCache:

@@ -543,7 +543,7 @@ def validate_cu_seqlens(cu_seqlens: torch.Tensor, L: int) -> None:
     """Boundaries must increase strictly from cu_seqlens[0] <= 0 (minus the first document's offset: how many
     of its tokens precede the sequence) to L, with cu_seqlens[1] > 0. Reads the values: on a GPU tensor that is
     a host sync, so the op checks them only for CPU tensors; the training path checks its host-side copy once
-    per sequence (bdiff/noise.py)."""
+    per sequence (bdiff/models/objective.py)."""
     c = cu_seqlens
     if not (int(c[0]) <= 0 < int(c[1]) and int(c[-1]) == L and bool((c[1:] > c[:-1]).all())):
         raise ValueError(f"cu_seqlens must increase strictly from a value <= 0 (minus the first document's offset) "
@@ -554,7 +554,7 @@ def _validate(q, k, v, cu_seqlens, block_size, schedule, values=True, scale=None
     """Shapes, dtypes and devices; with `values`, also cu_seqlens' boundaries, on every path alike (the reference,
     the interpreter, the GPU) whenever no `schedule` is given, and for CPU tensors always. On a GPU, reading them
     is a host sync: a caller that passes the schedule (the model does, built and checked on the host from the
-    loader's tokens, bdiff/noise.py) vouches for the boundaries it was built from."""
+    loader's tokens, bdiff/models/objective.py) vouches for the boundaries it was built from."""
     if q.ndim != 3:
         raise ValueError(f"q must be (2L, H, D), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):

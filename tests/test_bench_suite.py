@@ -177,7 +177,7 @@ def test_sampling_bench_reports_medians_and_a_loop_whose_tokens_differ(monkeypat
     import bench_sampling
 
     from bdiff.config import tiny
-    from bdiff.model import BlockDiffusionLM
+    from bdiff.models.nano import BlockDiffusionLM
 
     torch.manual_seed(0)
     model = BlockDiffusionLM(tiny().model).eval()

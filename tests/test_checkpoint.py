@@ -1,5 +1,5 @@
-"""Runs that survive (bdiff/checkpoint.py, train.py): SIGKILL or SIGTERM and resume gives the same losses bit for
-bit (one process and 2 gloo ranks), a write error keeps the previous checkpoint, a damaged one is detected by its
+"""Runs that survive (bdiff/training/checkpoint.py, train.py): SIGKILL or SIGTERM and resume gives the same losses bit
+for bit (one process and 2 gloo ranks), a write error keeps the previous checkpoint, a damaged one is detected by its
 checksums and skipped by auto-resume, partial checkpoints are never resumed, a NaN stops the run with the last
 good checkpoint intact, no token range is consumed twice, and mismatched resumes are refused."""
 import errno
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import train
-from bdiff import checkpoint
-from bdiff.model import BlockDiffusionLM
+from bdiff.models.nano import BlockDiffusionLM
 from bdiff.plot import read_log
+from bdiff.training import checkpoint
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 

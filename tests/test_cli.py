@@ -62,7 +62,7 @@ CASES = [
 def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     from bdiff.config import tiny
-    from bdiff.model import BlockDiffusionLM
+    from bdiff.models.nano import BlockDiffusionLM
 
     cfg = tiny()
     torch.save({"model": BlockDiffusionLM(cfg.model).state_dict(), "config": cfg.to_dict()}, tmp / "final.pt")

@@ -1,6 +1,6 @@
 """The GPU's precision and devices, exercised on a CPU.
 
-A GPU run computes in bfloat16 with no autocast (bdiff/model.py): the embedding's dtype is every activation's.
+A GPU run computes in bfloat16 with no autocast (bdiff/models/nano.py): the embedding's dtype is every activation's.
 So `--dtype bfloat16` on a CPU executes the same dtype flow, and these tests check what reaches each op: q, k, v
 and the hidden states in bf16, the loss in fp32, for the training step (eager and compiled), evaluation and
 sampling (cached and uncached), against the float32 run of the same weights and noise. Where only shapes, dtypes
@@ -16,12 +16,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bdiff.kernels.newton_schulz  # decorated now, while conftest's TRITON_INTERPRET is set
-import bdiff.model
+import bdiff.models.nano
 from bdiff.config import tiny
 from bdiff.eval import evaluate
-from bdiff.model import BlockDiffusionLM
-from bdiff.noise import document_layout
-from bdiff.sampling import generate
+from bdiff.generation.sampling import generate
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models.objective import document_layout
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path of the ops: the PyTorch references
 
@@ -36,7 +36,7 @@ class Seen:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        attention, loss = bdiff.model.bd_attention, bdiff.model.masked_linear_cross_entropy
+        attention, loss = bdiff.models.nano.bd_attention, bdiff.models.nano.masked_linear_cross_entropy
 
         def bd_attention(q, k, v, *args):
             self.calls.append(("attention", q.dtype, k.dtype, v.dtype, q.device))
@@ -47,8 +47,8 @@ class Seen:
             self.calls.append(("loss", hidden.dtype, out.dtype, hidden.device))
             return out
 
-        monkeypatch.setattr(bdiff.model, "bd_attention", bd_attention)
-        monkeypatch.setattr(bdiff.model, "masked_linear_cross_entropy", masked_linear_cross_entropy)
+        monkeypatch.setattr(bdiff.models.nano, "bd_attention", bd_attention)
+        monkeypatch.setattr(bdiff.models.nano, "masked_linear_cross_entropy", masked_linear_cross_entropy)
 
     def of(self, op):
         return [c[1:] for c in self.calls if c[0] == op]
@@ -128,7 +128,7 @@ def test_sampling_in_bfloat16(monkeypatch, cache):
 def test_kv_cache_keeps_the_activation_dtype(monkeypatch):
     model = tiny_model(torch.bfloat16).eval()
     dtypes, stored = [], []
-    attention, write = torch.nn.functional.scaled_dot_product_attention, bdiff.sampling.KVCache.write
+    attention, write = torch.nn.functional.scaled_dot_product_attention, bdiff.generation.sampling.KVCache.write
 
     def record_attention(q, k, v, **kw):
         dtypes.append((q.dtype, k.dtype, v.dtype))
@@ -139,7 +139,7 @@ def test_kv_cache_keeps_the_activation_dtype(monkeypatch):
         return write(self, rows, lengths, k, v)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record_attention)
-    monkeypatch.setattr(bdiff.sampling.KVCache, "write", record_write)
+    monkeypatch.setattr(bdiff.generation.sampling.KVCache, "write", record_write)
     generate(model, [[256, 100, 101]], max_new_tokens=32)
     assert dtypes and set(dtypes) == {(torch.bfloat16,) * 3}, f"q, cached and new keys must be bf16, got {set(dtypes)}"
     assert stored and set(stored) == {(torch.bfloat16,) * 2}, f"the cache must hold bf16, got {set(stored)}"

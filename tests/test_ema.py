@@ -1,4 +1,4 @@
-"""The weights' average (bdiff/ema.py, TrainConfig.ema): the update is the exponential moving average written
+"""The weights' average (bdiff/training/ema.py, TrainConfig.ema): the update is the exponential moving average written
 out, kept in float32 under a bf16 model; applying it swaps the weights in and back bit for bit; a run that keeps
 one validates and saves the average, checkpoints it, and resumes it exactly."""
 import os
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import train
-from bdiff.checkpoint import checkpoint_dir, safe_load
 from bdiff.config import tiny
-from bdiff.ema import WeightAverage
-from bdiff.model import BlockDiffusionLM
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.training.checkpoint import checkpoint_dir, safe_load
+from bdiff.training.ema import WeightAverage
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 

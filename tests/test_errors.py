@@ -2,13 +2,13 @@
 `error: ...` line and exit code 2."""
 import pytest
 
-from bdiff.checkpoint import CheckpointError
 from bdiff.config import ConfigError
 from bdiff.data import DataError
+from bdiff.data.tokenizer import TokenizerError
 from bdiff.errors import BdiffError, command
+from bdiff.generation.sampling import SamplingError
 from bdiff.hub import HubError
-from bdiff.sampling import SamplingError
-from bdiff.tokenizer import TokenizerError
+from bdiff.training.checkpoint import CheckpointError
 
 
 @pytest.mark.parametrize("error", [CheckpointError, ConfigError, DataError, HubError, SamplingError, TokenizerError])

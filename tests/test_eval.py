@@ -1,5 +1,5 @@
 """Evaluation (bdiff/eval.py): draw 0 of `python -m bdiff.eval` is the run's own final validation loss (one
-validation loop and one noise seed for both, bdiff.eval.validation_total and bdiff.noise.noise_seed)."""
+validation loop and one noise seed for both, bdiff.eval.validation_total and bdiff.models.objective.noise_seed)."""
 import json
 
 import pytest

@@ -164,7 +164,7 @@ def test_compiled_training_then_evaluation_and_sampling(stdlib_dir, tmp_path):
     default there); then its evaluation and sampling, cached and uncached, run on the GPU in bf16."""
     from bdiff.data import shard_files
     from bdiff.eval import evaluate, validation_sequences
-    from bdiff.sampling import generate
+    from bdiff.generation.sampling import generate
 
     model = train.main(["--preset", "tiny", "--model_dim", "128", "--num_heads", "2", "--head_dim", "64",
                         "--steps", "20", "--compile", "--data_dir", stdlib_dir, "--out_dir", str(tmp_path),
@@ -196,7 +196,7 @@ def test_compiled_training_then_evaluation_and_sampling(stdlib_dir, tmp_path):
 def test_cpu_rng_gives_a_gpu_run_the_cpu_runs_weights_and_noise(stdlib_dir, tmp_path):
     """--cpu_rng: a GPU run starts from the CPU run's weights and draws its noise, so in float32 their first losses
     agree to arithmetic (CUDA's own streams give other weights and masks: losses a few percent apart)."""
-    from bdiff.noise import noise_blocks
+    from bdiff.models.objective import noise_blocks
 
     tokens = torch.randint(0, 256, (4096,))
     blocks = torch.arange(4096) // 16

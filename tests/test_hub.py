@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
-from bdiff import checkpoint, hub
+from bdiff import hub
 from bdiff.config import get_preset
 from bdiff.data import shard_files
 from bdiff.eval import evaluate, validation_sequences
-from bdiff.model import BlockDiffusionLM
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.training import checkpoint
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -212,7 +213,7 @@ def test_transformers_loads_a_model_directory_without_bdiff(trained, tmp_path):
     Triton cannot be imported: bdiff's logits to 1e-5 (float32) on packed sequences of several documents, one that
     starts inside a document and one that opens with BOS, and a generate() that writes tokens. Reference: bdiff's
     model on the same x_t ⊕ x_0 layout (document_layout, the seed's offset rule)."""
-    from bdiff.noise import document_layout
+    from bdiff.models.objective import document_layout
 
     model, config, run, _ = trained
     directory = run / "model"

@@ -1,5 +1,5 @@
-"""Judges of samples (bdiff/judge.py): a block-size-1 bdiff model is an autoregressive model (reference: the same
-model run token by token under a causal mask), Gen PPL of text is exp of the judge's loss on it, a Hugging Face
+"""Judges of samples (bdiff/generation/judge.py): a block-size-1 bdiff model is an autoregressive model (reference: the
+same model run token by token under a causal mask), Gen PPL of text is exp of the judge's loss on it, a Hugging Face
 judge scores as its own logits say, and judges that cannot read the model's text are refused in one line."""
 import dataclasses
 import math
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from bdiff.config import tiny
-from bdiff.judge import BdiffJudge, JudgeError, gen_ppl, load_judge, token_entropy
-from bdiff.model import BlockDiffusionLM
-from bdiff.noise import document_layout
+from bdiff.generation.judge import BdiffJudge, JudgeError, gen_ppl, load_judge, token_entropy
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models.objective import document_layout
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -100,8 +100,8 @@ def test_token_entropy():
 
 
 def test_known_word_fraction(tmp_path):
-    from bdiff.formats import write_shard
-    from bdiff.judge import corpus_words, known_word_fraction
+    from bdiff.data.formats import write_shard
+    from bdiff.generation.judge import corpus_words, known_word_fraction
 
     write_shard(str(tmp_path / "train_000.bin"), list(b"def main():\n    return value_1 + other\n"))
     words = corpus_words([str(tmp_path / "train_000.bin")], "bytes")

@@ -12,7 +12,7 @@ import torch
 
 import train
 from bdiff.eval import evaluate
-from bdiff.noise import document_layout
+from bdiff.models.objective import document_layout
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 
@@ -106,12 +106,12 @@ def test_cut_at_stops():
 def test_generation_stops_at_a_stop_string_within_its_block(model_dir, monkeypatch):
     """generate_until: a sequence stops after the block where a stop string appears (the sampler's one read of the
     block carries its tokens to the host), not after max_gen_toks; the text is cut at the string."""
-    import bdiff.sampling
+    import bdiff.generation.sampling
 
     lm = BdiffLM(model_dir, device="cpu")
     calls = []
-    generate = bdiff.sampling.generate
-    monkeypatch.setattr(bdiff.sampling, "generate",
+    generate = bdiff.generation.sampling.generate
+    monkeypatch.setattr(bdiff.generation.sampling, "generate",
                         lambda *args, **kwargs: calls.append(generate(*args, **kwargs)) or calls[-1])
     logits = lm.model.logits
     space = lm.tokenizer.encode(" ")[0]

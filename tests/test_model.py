@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bdiff.config import PRESETS, record, tiny
-from bdiff.model import BlockDiffusionLM
-from bdiff.noise import document_layout, noise_blocks
+from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models.objective import document_layout, noise_blocks
 from helpers import BOS, MASK, random_tokens, seed_positions
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references

@@ -1,4 +1,4 @@
-"""Muon (bdiff/muon.py): sharded over ranks, identical everywhere and equal to one process; bad parameters."""
+"""Muon (bdiff/training/muon.py): sharded over ranks, identical everywhere and equal to one process; bad parameters."""
 import os
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bdiff.muon import Muon
+from bdiff.training.muon import Muon
 from helpers import free_port
 
 # ---- Muon: sharded over ranks, identical everywhere, equal to one process --------------------------

@@ -4,7 +4,7 @@ import torch
 
 import bdiff.kernels.newton_schulz as nsk
 from bdiff.kernels.reference import QUINTIC, newton_schulz_ref
-from bdiff.muon import SCHEDULES
+from bdiff.training.muon import SCHEDULES
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (96, 64), (3, 40, 24)])

@@ -1,10 +1,10 @@
-"""Document layout, block ids and block noising of one packed sequence (bdiff/noise.py), against the seed's
+"""Document layout, block ids and block noising of one packed sequence (bdiff/models/objective.py), against the seed's
 position rule written out (helpers.seed_positions) and the definition of the noise: one t per block, each token
 masked with probability t; and the noise seeds, each stream in one place."""
 import pytest
 import torch
 
-from bdiff.noise import document_layout, noise_blocks, noise_seed
+from bdiff.models.objective import document_layout, noise_blocks, noise_seed
 from helpers import BOS, MASK, random_tokens, seed_positions
 
 
@@ -66,7 +66,7 @@ def test_stratified_noise_estimates_the_same_objective(gen):
     """The mean loss over many noise draws at fixed weights is the same, iid or stratified (within 4.5 standard
     errors of the difference, measured from the draws themselves)."""
     from bdiff.config import tiny
-    from bdiff.model import BlockDiffusionLM
+    from bdiff.models.nano import BlockDiffusionLM
 
     model = BlockDiffusionLM(tiny().model)
     with torch.no_grad():

@@ -32,8 +32,8 @@ def test_wheel_holds_bdiff_kernels_and_no_top_level_kernels(tmp_path):
     names = zipfile.ZipFile(tmp_path / wheel).namelist()
     for module in ("bd_attention", "masked_ce", "newton_schulz", "reference", "compile_check", "tiles"):
         assert f"bdiff/kernels/{module}.py" in names, f"{module} missing from the wheel"
-    for data in ("bdiff/kernels/bd_attention_tiles.json", "bdiff/hf/configuration_bdiff.py",
-                 "bdiff/hf/modeling_bdiff.py"):
+    for data in ("bdiff/kernels/bd_attention_tiles.json", "bdiff/models/remote/configuration_bdiff.py",
+                 "bdiff/models/remote/modeling_bdiff.py"):
         assert data in names, f"{data} missing from the wheel"
     assert not [n for n in names if n.startswith("kernels/")], "the wheel must not install a top-level `kernels`"
 

@@ -1,4 +1,4 @@
-"""Your own text as a data set (bdiff/prepare.py, `python -m bdiff.data prepare`), offline: a folder of text files
+"""Your own text as a data set (bdiff/data/prepare.py, `python -m bdiff.data prepare`), offline: a folder of text files
 prepared with bytes and with a BPE tokenizer built here, trained on and sampled from; a tokenizer past 65,536 ids
 stored as uint32 and read back; version-1 shards still read; a stopped prepare resumed gives the same bytes; bad
 input fails in one line with nothing left under the final name. Reference: the tokenizer's own encoding of the
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import train
-from bdiff import data, prepare
-from bdiff.sampling import generate
-from bdiff.tokenizer import decode, encode, load_tokenizer
+from bdiff import data
+from bdiff.data import prepare
+from bdiff.data.tokenizer import decode, encode, load_tokenizer
+from bdiff.generation.sampling import generate
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 

@@ -1,4 +1,4 @@
-"""Sampling (bdiff/sampling.py, sample.py): the KV cache is exact, seeds reproduce, batches equal single
+"""Sampling (bdiff/generation/sampling.py, sample.py): the KV cache is exact, seeds reproduce, batches equal single
 prompts, stopping rules hold, and bad input ends in one error line."""
 import functools
 import os
@@ -10,8 +10,8 @@ import torch
 
 import train
 from bdiff.config import SamplingConfig, tiny
-from bdiff.model import BlockDiffusionLM
-from bdiff.sampling import SamplingError, generate
+from bdiff.generation.sampling import SamplingError, generate
+from bdiff.models.nano import BlockDiffusionLM
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -153,7 +153,7 @@ def counted(monkeypatch):
     graph it compiles counted."""
     from torch._dynamo.testing import CompileCounter
 
-    import bdiff.sampling as sampling
+    import bdiff.generation.sampling as sampling
 
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -187,7 +187,7 @@ def test_compiled_decode_step_has_one_shape(model, gen, counted, strategy, tempe
 def test_threshold_asks_while_the_next_step_runs(model, gen, monkeypatch):
     """On a GPU the threshold strategy reads whether its block is complete after queueing the next step: the same
     text, no more than one read per step, and at most one call more per block than asking at once."""
-    import bdiff.sampling as sampling
+    import bdiff.generation.sampling as sampling
 
     prompts = random_prompts(gen, [5, 21])
     kw = dict(max_new_tokens=48, strategy="threshold", threshold=0.2, temperature=0)
@@ -274,9 +274,9 @@ def test_what_the_trainer_teaches_is_what_the_sampler_reads(tmp_path, capsys):
     holds. Greedy sampling from each document's first four
     characters gives it back exactly and then stops at the separator, with the cache and without, one token per call
     and with threshold decoding."""
-    from bdiff.prepare import prepare
-    from bdiff.sampling import prompt_ids
-    from bdiff.tokenizer import decode
+    from bdiff.data.prepare import prepare
+    from bdiff.data.tokenizer import decode
+    from bdiff.generation.sampling import prompt_ids
 
     docs = tmp_path / "docs"
     docs.mkdir()

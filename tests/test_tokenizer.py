@@ -1,10 +1,10 @@
-"""Tokenizers (bdiff/tokenizer.py): bytes round-trip, a tokenizer.json built here, and what cannot load fails
+"""Tokenizers (bdiff/data/tokenizer.py): bytes round-trip, a tokenizer.json built here, and what cannot load fails
 in one line naming what to install or pass."""
 import sys
 
 import pytest
 
-from bdiff.tokenizer import TokenizerError, decode, encode, load_tokenizer
+from bdiff.data.tokenizer import TokenizerError, decode, encode, load_tokenizer
 
 
 def test_byte_text_round_trip():

@@ -1,5 +1,5 @@
-"""Experiment tracking (bdiff/tracking.py) through train.py, offline: a W&B run directory and a TensorBoard event
-file hold the JSONL's scalars, a resumed run continues both, a failing tracker costs a warning, a missing package
+"""Experiment tracking (bdiff/training/tracking.py) through train.py, offline: a W&B run directory and a TensorBoard
+event file hold the JSONL's scalars, a resumed run continues both, a failing tracker costs a warning, a missing package
 fails before training."""
 import glob
 import json
@@ -8,7 +8,7 @@ import os
 import pytest
 
 import train
-from bdiff import tracking
+from bdiff.training import tracking
 
 pytestmark = pytest.mark.usefixtures("reference_ops")
 

@@ -234,7 +234,7 @@ def test_data_smaller_than_the_run(tmp_path, capsys, monkeypatch):
     """A data set of 40 small documents: the training split is read again, epoch after epoch, as the run says at
     start; a validation split smaller than val_tokens, and than one val_seq_len sequence, is read whole, as the run
     says at start; the trained weights are on disk before the final validation, which cannot lose them."""
-    from bdiff.prepare import prepare
+    from bdiff.data.prepare import prepare
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bdiff.errors import BdiffError
-from bdiff.noise import document_layout
+from bdiff.models.objective import document_layout
 
 
 class JudgeError(BdiffError):
@@ -87,7 +87,7 @@ def load_judge(name: str, device="cpu", tokenizer: str | None = None, dtype=None
         judge = HFJudge(name[3:], device)
     else:
         from bdiff.data import tokenizer_of
-        from bdiff.model import BlockDiffusionLM
+        from bdiff.models.nano import BlockDiffusionLM
 
         model = BlockDiffusionLM.from_pretrained(name, device)
         config = model.run_config
@@ -115,7 +115,7 @@ def gen_ppl(judge, prompts: list[list[int]], samples: list[list[int]]) -> float:
 
 def token_entropy(ids: list[int]) -> float:
     """Entropy in nats of one text's token frequencies (BD3-LM's sample entropy); 0 for a repeated token."""
-    from bdiff.sampling import window_entropy
+    from bdiff.generation.sampling import window_entropy
 
     return float(window_entropy(torch.tensor([ids]), max(ids) + 1)[0])
 
@@ -127,8 +127,8 @@ def corpus_words(files: list[str], tokenizer: str, max_tokens: int = 8_000_000) 
     """The words of the first `max_tokens` tokens of a data set's shards, decoded."""
     import numpy as np
 
-    from bdiff.formats import read_shard
-    from bdiff.tokenizer import decode
+    from bdiff.data.formats import read_shard
+    from bdiff.data.tokenizer import decode
 
     words, left = set(), max_tokens
     for path in files:

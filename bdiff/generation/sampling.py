@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from bdiff.config import COMPILE_MODES, ModelConfig, SamplingConfig
+from bdiff.data.tokenizer import load_tokenizer
 from bdiff.errors import BdiffError
-from bdiff.model import BlockDiffusionLM
-from bdiff.tokenizer import load_tokenizer
+from bdiff.models.nano import BlockDiffusionLM
 
 STRATEGIES = ("confidence", "threshold", "random")
 

@@ -29,9 +29,9 @@ import torch
 
 from bdiff.config import ModelConfig
 from bdiff.data import DistributedLoader
-from bdiff.ema import WeightAverage
 from bdiff.errors import BdiffError
-from bdiff.noise import noise_seed
+from bdiff.models.objective import noise_seed
+from bdiff.training.ema import WeightAverage
 
 COMPLETE = "COMPLETE"
 
@@ -40,7 +40,7 @@ COMPLETE = "COMPLETE"
 class TrainState:
     """What a checkpoint holds and a resume puts back, passed whole: the model (not its DDP wrapper), both
     optimizers, the loader (its position) and this rank's noise stream, at `step` optimizer steps done."""
-    model: torch.nn.Module  # bdiff.model.BlockDiffusionLM
+    model: torch.nn.Module  # bdiff.models.nano.BlockDiffusionLM
     adam: torch.optim.Optimizer
     muon: torch.optim.Optimizer
     loader: DistributedLoader
@@ -237,7 +237,7 @@ def restore(path: str, state: TrainState, rank: int, world: int, config: dict) -
     """Put a complete checkpoint back into `state`: the model, both optimizers, the loader's position, the step,
     and this rank's noise and RNG streams. Returns the number of ranks that wrote it: on another number than
     `world`, Muon's state is re-sharded and the noise streams start fresh (one per rank and step,
-    bdiff.noise.noise_seed), so the run no longer continues bit for bit."""
+    bdiff.models.objective.noise_seed), so the run no longer continues bit for bit."""
     shared, mine = load(path, rank, world, config)
     state.model.load_state_dict(shared["model"])
     state.adam.load_state_dict(shared["adam"])

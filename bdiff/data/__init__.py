@@ -1,13 +1,13 @@
 """Token shards on disk and the distributed loader (format: docs/design.md §4).
 
-Shards and a data set's record: bdiff/formats.py.
+Shards and a data set's record: bdiff/data/formats.py.
 Loader: each step takes the next world_size * seq_len tokens in file order; rank r takes slice r. A shard's
 tail too short for a whole step is skipped, so no token is used twice in an epoch; a run longer than its data
 reads it again, each later epoch in an order of its own (DistributedLoader).
 
     python -m bdiff.data finewebedu 10      # FineWeb-Edu val shard + 10 train shards (100M tokens each)
     python -m bdiff.data stdlib             # build the embedded byte-level corpus
-    python -m bdiff.data prepare INPUT --tokenizer T --out DIR     # your own text (bdiff/prepare.py)
+    python -m bdiff.data prepare INPUT --tokenizer T --out DIR     # your own text (bdiff/data/prepare.py)
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 
 from bdiff.config import ArgumentParser
 from bdiff.errors import command
-from bdiff.formats import MANIFEST, DataError, DataSet, read_shard, write_shard
+from bdiff.data.formats import MANIFEST, DataError, DataSet, read_shard, write_shard
 
 FINEWEB_REPO = "kjj0/finewebedu10B-gpt2"  # Hugging Face dataset of GPT-2-tokenized FineWeb-Edu 10B
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     fw.add_argument("--dir", default="data/finewebedu10B")
     sd = sub.add_parser("stdlib", help="build the embedded byte-level corpus from Python's standard library")
     sd.add_argument("--dir", default="data/stdlib")
-    from bdiff import prepare
+    from bdiff.data import prepare
 
     pp = sub.add_parser("prepare", help="tokenize your own text into a data set (python -m bdiff.data prepare -h)",
                         description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,7 +299,3 @@ def main(argv: list[str] | None = None) -> int:
             (path,) = shard_files("stdlib", args.dir, split)
             print(f"{path}: {len(read_shard(path)):,} tokens")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

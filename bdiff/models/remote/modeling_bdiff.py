@@ -1,5 +1,5 @@
 """A bdiff block-diffusion language model (BD3-LM objective, nano-block-diffusion architecture) for 🤗 transformers
-(trust_remote_code): the network of bdiff/model.py in plain PyTorch, its attention PyTorch's SDPA under the
+(trust_remote_code): the network of bdiff/models/nano.py in plain PyTorch, its attention PyTorch's SDPA under the
 block-diffusion mask. Needs transformers and torch only.
 
     model = AutoModelForMaskedLM.from_pretrained("user/name", trust_remote_code=True)

@@ -1,5 +1,5 @@
 """The on-disk formats of data: token shards and a data set's record (docs/design.md §4). Read by bdiff.data (the
-registry and the loader) and written by bdiff.prepare.
+registry and the loader) and written by bdiff.data.prepare.
 
 Shard: a header of 256 int32 (magic 20240520, version, token count, and in version 2 the bytes per token), then
 the tokens: uint16 in version 1; uint16 or uint32 in version 2.
@@ -24,7 +24,7 @@ class DataSet:
     """What a data set is and what its token ids mean: every module reads this one record (a model trained on it
     must share its BOS and fit its ids; sampling decodes with its tokenizer)."""
     name: str  # shards are NAME_train_*.bin and NAME_val_*.bin
-    tokenizer: str  # bdiff.tokenizer.load_tokenizer's spec: "bytes", "gpt2", a tokenizer.json, a Hub name
+    tokenizer: str  # bdiff.data.tokenizer.load_tokenizer's spec: "bytes", "gpt2", a tokenizer.json, a Hub name
     num_ids: int  # ids 0..num_ids-1 occur in the data (BOS included)
     bos_id: int  # the document separator
     mask_id: int  # a MASK id that fits: the first id past the data's

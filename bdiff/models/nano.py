@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bdiff.config import ModelConfig
 from bdiff.kernels.bd_attention import schedule_bounds
-from bdiff.noise import Layout, document_layout, loss_weights, noise_blocks
+from bdiff.models.objective import Layout, document_layout, loss_weights, noise_blocks
 from bdiff.ops import bd_attention, masked_linear_cross_entropy
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the activation dtypes (config.DTYPES's names)
@@ -69,7 +69,8 @@ class Rotary(nn.Module):
 
 class Attention(nn.Module):
     """Projections, value residual, QK-norm and rotary; which keys each query sees is the caller's `attend`:
-    block-diffusion attention over the 2L training layout, or a KV cache when sampling (bdiff/sampling.py)."""
+    block-diffusion attention over the 2L training layout, or a KV cache when sampling
+    (bdiff/generation/sampling.py)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()

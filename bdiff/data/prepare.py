@@ -5,7 +5,7 @@
 INPUT: a folder of text files (every file under it, one document each), a glob ("src/**/*.py"), a .txt file (one
 document, or several with --doc_sep), a .jsonl file (one document a line, its --text_field), or a Hugging Face
 dataset name (user/name, streamed through `datasets`: pip install datasets). T: bytes, a tiktoken encoding (gpt2,
-cl100k_base, ...), a local tokenizer.json or a Hugging Face tokenizer name (bdiff/tokenizer.py).
+cl100k_base, ...), a local tokenizer.json or a Hugging Face tokenizer name (bdiff/data/tokenizer.py).
 
 Every document is BOS followed by its tokens. Validation is held out by whole documents, deterministically (the first
 document and every k-th after it for --val_fraction, so any input of two documents or more has both splits; the
@@ -32,8 +32,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from bdiff.formats import MANIFEST, DataError, DataSet, write_shard
-from bdiff.tokenizer import load_tokenizer
+from bdiff.data.formats import MANIFEST, DataError, DataSet, write_shard
+from bdiff.data.tokenizer import load_tokenizer
 
 STATE = "prepare_state.json"  # in DIR.partial/: where a stopped run continues
 BATCH_BYTES = 1 << 20  # text per task of the process pool: large enough to amortise the hand-off
