@@ -18,7 +18,7 @@ from bdiff.data import tokenizer_of
 from bdiff.data.tokenizer import decode, load_tokenizer
 from bdiff.errors import command
 from bdiff.generation.sampling import SamplingError, generate, prompt_ids
-from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models import from_pretrained
 
 
 @command
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     apply_flags(args, sampling)
     device, dtype = device_and_dtype(args)  # before any file is read: the real cause first
 
-    model = BlockDiffusionLM.from_pretrained(args.ckpt, device)
+    model = from_pretrained(args.ckpt, device)
     config = model.run_config
     model.set_dtype(dtype)
     cfg = model.cfg

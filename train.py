@@ -66,13 +66,15 @@ from bdiff.eval import validation_total
 from bdiff.generation.judge import corpus_words, known_word_fraction
 from bdiff.generation.sampling import generate, prompt_ids
 from bdiff.models.nano import BlockDiffusionLM
-from bdiff.models.objective import document_layout, noise_seed
+from bdiff.models.objective import BlockDiffusionModel, document_layout, noise_seed
 from bdiff.training import checkpoint, tracking
 from bdiff.training.checkpoint import CheckpointError
 from bdiff.training.ema import WeightAverage
 from bdiff.training.muon import Muon
 
 RECORD_PARAMS = 162_166_314  # the seed's parameter count: the record rules' ceiling
+NETWORK_FIELDS = ("num_layers", "model_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_ratio", "lm_head_multiple",
+                  "vocab_size")  # ModelConfig's fields that --init's model decides
 PREEMPTED = 75  # exit code after SIGTERM/SIGINT: stopped cleanly with a checkpoint (EX_TEMPFAIL: run it again)
 
 
@@ -100,15 +102,23 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
     add_device_flags(parser)
     preset = ArgumentParser(add_help=False)
     preset.add_argument("--preset")
-    defaults = get_preset(preset.parse_known_args(argv)[0].preset or "demo")  # what --help shows for each field
+    preset.add_argument("--init", default="")
+    known = preset.parse_known_args(argv)[0]
+    args_preset = known.preset or ("adapt" if known.init else "demo")  # --init's runs default to `adapt`
+    defaults = get_preset(args_preset)  # what --help shows for each field
     add_flags(parser.add_argument_group("model (the preset's value as default)"), ModelConfig, defaults.model)
     add_flags(parser.add_argument_group("training (the preset's value as default)"), TrainConfig, defaults.train)
     args = parser.parse_args(argv)
     tracking.require(args.wandb, args.tensorboard)
     args.device = args.device or default_device()
-    cfg = get_preset(args.preset or "demo")
+    cfg = get_preset(args_preset)
     apply_flags(args, cfg.model)
     apply_flags(args, cfg.train)
+    if cfg.model.init:
+        given = [f"--{name}" for name in NETWORK_FIELDS if getattr(args, name) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: the network of --init {cfg.model.init} is that model's; these "
+                              "flags shape the nano network only")
     use_dataset(cfg, args)
     cfg.code = code_version()
     cfg.validate()
@@ -125,6 +135,9 @@ def use_dataset(cfg: Config, args: argparse.Namespace) -> None:
     bdiff.json) sets the data's name and, unless given as flags, the model's vocabulary, BOS and MASK to fit it. A
     --data_dir given without --data must hold data (a mistyped path is an error, not a new copy of the preset's
     corpus)."""
+    if cfg.model.init and not cfg.train.data and args.data_dir is None:
+        raise ConfigError(f"--init {cfg.model.init} trains on text prepared with its tokenizer: `python -m bdiff.data "
+                          f"prepare INPUT --tokenizer {cfg.model.init} --out DIR`, then --data_dir DIR")
     given_dir = args.data_dir is not None or args.data is None  # --data alone: that data set's own directory
     data, cfg.train.data_dir = find_dataset(cfg.train.data, cfg.train.data_dir if given_dir else None,
                                             must_hold_data=args.data_dir is not None and args.data is None)
@@ -332,18 +345,27 @@ def rng_device(cfg: Config, proc: Process) -> torch.device:
     return torch.device("cpu") if cfg.train.cpu_rng else proc.device
 
 
-def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionLM, dict]:
+def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionModel, dict]:
     """The model (on the meta device for --dry_run), after logging versions, hardware, config and the record
-    rules it meets. Returns it and those rules."""
+    rules it meets. Returns it and those rules. A model from --init is the pretrained one (bdiff/models/adapted.py),
+    its network's fields and transformers config recorded in `cfg`."""
     torch.manual_seed(cfg.train.seed)
-    with torch.device("meta" if meta else rng_device(cfg, proc)):
-        model = BlockDiffusionLM(cfg.model).to("meta" if meta else proc.device)
+    if cfg.model.init:
+        from bdiff.models.adapted import AdaptedLM
+
+        model = (AdaptedLM.on_meta(cfg.model.init, cfg.model) if meta else
+                 AdaptedLM.from_base(cfg.model.init, cfg.model, log=proc.log).to(proc.device))
+        cfg.model, cfg.hf = model.cfg, model.lm.config.to_dict()
+    else:
+        with torch.device("meta" if meta else rng_device(cfg, proc)):
+            model = BlockDiffusionLM(cfg.model).to("meta" if meta else proc.device)
     num_params = sum(p.numel() for p in model.parameters())
     rules = {
         f"parameters {num_params:,} <= {RECORD_PARAMS:,}": num_params <= RECORD_PARAMS,
         f"block_size {cfg.model.block_size} == 16": cfg.model.block_size == 16,
         f"data {cfg.train.data} == finewebedu": cfg.train.data == "finewebedu",
         f"separator {cfg.model.separator} == opens": cfg.model.separator == "opens",  # the seed's objective
+        "the nano architecture": not cfg.model.init,
     }
     proc.log(f"bdiff {bdiff.__version__} | python {platform.python_version()} | torch {torch.__version__} | "
              f"numpy {np.__version__} | triton {_version('triton')}")
@@ -357,10 +379,14 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionL
     return model, rules
 
 
-def prepare_model(model: BlockDiffusionLM, proc: Process, compile_flag: bool | None, ema: float):
-    """The activation dtype (the embedding's, as the seed keeps it in bf16), compilation on a GPU, DDP across
-    ranks. Returns the model to call."""
+def prepare_model(model: BlockDiffusionModel, proc: Process, compile_flag: bool | None, ema: float,
+                  checkpointing: bool):
+    """The activation dtype (the nano model's embedding's, as the seed keeps it in bf16), activation checkpointing,
+    compilation on a GPU, DDP across ranks. Returns the model to call."""
     model.set_dtype(proc.dtype)
+    model.set_activation_checkpointing(checkpointing)
+    if checkpointing:
+        proc.log("activation checkpointing: each transformer block's activations recomputed in the backward")
     compile_model = proc.device.type == "cuda" if compile_flag is None else compile_flag
     if compile_model:
         model.compile_objective()
@@ -383,15 +409,31 @@ def batch(loader: DistributedLoader, model_cfg, device) -> tuple[torch.Tensor, o
 
 # ---- optimizers: Adam for embedding, head and scalars; Muon for every hidden matrix ---------------------------
 
-def build_optimizers(model: BlockDiffusionLM, train_cfg) -> tuple[torch.optim.Adam, Muon]:
-    groups = model.optimizer_groups()
-    adam = torch.optim.Adam([dict(params=groups["head"], lr=train_cfg.lr_head),
-                             dict(params=groups["embed"], lr=train_cfg.lr_embed),
-                             dict(params=groups["scalars"], lr=train_cfg.lr_scalar)],
-                            betas=train_cfg.adam_betas, eps=train_cfg.adam_eps)
-    muon = Muon(groups["matrices"], lr=train_cfg.lr_muon,
-                momentum=train_cfg.muon_momentum_start, schedule=train_cfg.muon_schedule,
-                weight_decay=train_cfg.muon_weight_decay)
+def build_optimizers(model: BlockDiffusionModel, train_cfg, adapted: bool) -> tuple[torch.optim.Optimizer, Muon]:
+    """(the Adam-family optimizer, Muon), by TrainConfig.optimizer. "muon": the seed's split for the nano model
+    (Adam for the head, the embedding and the scalars at their own rates), for an adapted model AdamW at `lr` for all
+    but the hidden matrices; Muon for those. "adamw": AdamW at `lr` on every parameter, and a Muon with nothing to
+    do (the checkpoint's layout stays one). Weight decay on matrices only, never on norms, biases and scalars."""
+    groups, t = model.optimizer_groups(), train_cfg
+    decay = dict(weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        matrices, muon_params = groups["head"] + groups["embed"] + groups["matrices"], []
+        adam = torch.optim.AdamW([dict(params=matrices, lr=t.lr, **decay),
+                                  dict(params=groups["scalars"], lr=t.lr, weight_decay=0.0)],
+                                 betas=t.adam_betas, eps=t.adam_eps)
+    elif adapted:
+        muon_params = groups["matrices"]
+        adam = torch.optim.AdamW([dict(params=groups["head"] + groups["embed"], lr=t.lr, **decay),
+                                  dict(params=groups["scalars"], lr=t.lr, weight_decay=0.0)],
+                                 betas=t.adam_betas, eps=t.adam_eps)
+    else:
+        muon_params = groups["matrices"]
+        adam = torch.optim.Adam([dict(params=groups["head"], lr=t.lr_head),
+                                 dict(params=groups["embed"], lr=t.lr_embed),
+                                 dict(params=groups["scalars"], lr=t.lr_scalar)],
+                                betas=t.adam_betas, eps=t.adam_eps)
+    muon = Muon([dict(params=muon_params)], lr=t.lr_muon, momentum=t.muon_momentum_start, schedule=t.muon_schedule,
+                weight_decay=t.muon_weight_decay)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -466,13 +508,13 @@ def resume(path: str, state: checkpoint.TrainState, cfg: Config, proc: Process) 
 
 # ---- evaluation and one training step ----------------------------------------------------------------------
 
-def averaged(ema: WeightAverage | None, model: BlockDiffusionLM):
+def averaged(ema: WeightAverage | None, model: BlockDiffusionModel):
     """The model holds the weights' average inside the block where the run keeps one (TrainConfig.ema)."""
     return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
 
 
 @torch.no_grad()
-def evaluate(model, raw_model: BlockDiffusionLM, data: Data, cfg: Config, proc: Process) -> float:
+def evaluate(model, raw_model: BlockDiffusionModel, data: Data, cfg: Config, proc: Process) -> float:
     """The record's validation loss: t ~ U[0, 1], the same noise draw at every evaluation."""
     train_cfg = cfg.train
     model.eval()
@@ -501,7 +543,7 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
         sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
         with sync:
             loss = model(tokens, noise_range=(train_cfg.noise_low, train_cfg.noise_high), generator=noise_gen,
-                         layout=layout, stratified=train_cfg.noise_stratified)
+                         layout=layout, stratified=train_cfg.noise_stratified, complementary=train_cfg.complementary)
             (loss / accum).backward()
         loss_sum += loss.detach().float()
     if proc.ddp:
@@ -509,7 +551,7 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
     return loss_sum, consumed
 
 
-def optimizer_step(model: BlockDiffusionLM, adam, muon, ema, loss_sum, step: int, train_cfg, last_checkpoint):
+def optimizer_step(model: BlockDiffusionModel, adam, muon, ema, loss_sum, step: int, train_cfg, last_checkpoint):
     """Check the loss and gradient norm (a non-finite one stops the run before the step, naming the last good
     checkpoint), set the schedules, step both optimizers (and the weights' average), clear the gradients. Returns
     (gradient norm, LR multiplier)."""
@@ -529,7 +571,7 @@ def optimizer_step(model: BlockDiffusionLM, adam, muon, ema, loss_sum, step: int
 
 # ---- the run ----------------------------------------------------------------------------------------------
 
-def main(argv=None) -> BlockDiffusionLM | None:
+def main(argv=None) -> BlockDiffusionModel | None:
     """Train; returns the trained model (None for --dry_run)."""
     try:
         cfg, args = parse_args(argv)
@@ -537,16 +579,17 @@ def main(argv=None) -> BlockDiffusionLM | None:
         e.every_rank = True  # from the command line and the files it names: every rank fails alike, rank 0 says it
         raise
     proc = setup_process(cfg.train.collective_timeout_s, args.device, args.dtype)
-    proc.log(preset_note(args.preset))
+    proc.log(preset_note(args.preset, cfg.model.init))
     fit_micro_steps(cfg.train, proc, given=args.micro_steps is not None)
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
     if args.dry_run:
         return None
-    model = prepare_model(raw_model, proc, args.compile, cfg.train.ema)
+    model = prepare_model(raw_model, proc, args.compile, cfg.train.ema, cfg.train.activation_checkpointing)
     data = open_data(cfg, proc)
     rules[f"each training token read once ({data.epochs:.2f} epochs)"] = data.epochs <= 1
     noise = torch.Generator(rng_device(cfg, proc)).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # one per rank
-    state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train), data.loader, noise,
+    state = checkpoint.TrainState(raw_model, *build_optimizers(raw_model, cfg.train, bool(cfg.model.init)), data.loader,
+                                  noise,
                                   ema=WeightAverage(raw_model, cfg.train.ema) if cfg.train.ema else None)
     run_dir, log_path = open_run(args, cfg, proc)
     last_checkpoint = checkpoint.resolve(args.resume, run_dir, log=proc.log) if args.resume else None
@@ -665,7 +708,7 @@ def stop(stopped: list, step: int, last_checkpoint: str, run_dir: str, train_cfg
 
 # ---- the end ----------------------------------------------------------------------------------------------
 
-def end_of_run(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_time: float, train_files,
+def end_of_run(model: BlockDiffusionModel, cfg: Config, rules: dict, val_loss: float, train_time: float, train_files,
                run_dir: str, log_path: str, proc: Process, argv) -> None:
     """Rank 0, once the final checkpoint is written: final.pt and the model directory, then the extras (summary,
     sample, model card), none of which can lose what is saved."""
@@ -684,7 +727,7 @@ def end_of_run(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: floa
              f"python -m bdiff.hub push {model_dir} USER/NAME")
 
 
-def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, train_files, tokens: int,
+def finish(model: BlockDiffusionModel, cfg: Config, rules: dict, val_loss: float, train_files, tokens: int,
            log) -> str | None:
     """The summary and a sample (returned), once the model is saved."""
     if cfg.train.data != "finewebedu":
@@ -698,19 +741,30 @@ def finish(model: BlockDiffusionLM, cfg: Config, rules: dict, val_loss: float, t
     return extra("sample", lambda: end_of_run_sample(model, cfg, train_files, log))
 
 
-def end_of_run_sample(model: BlockDiffusionLM, cfg: Config, train_files, log) -> str:
+def end_of_run_sample(model: BlockDiffusionModel, cfg: Config, train_files, log) -> str:
     """200 tokens from the model just trained, in the tokenizer of the data it was trained on, with the fraction of
     its words that are words of the training text (a readable measure: letter soup scores low); returns the text."""
     model.eval()
     tokenizer = tokenizer_of(cfg.to_dict())
     prompt = default_prompt(cfg.to_dict())
-    out = generate(model, [prompt_ids(prompt, tokenizer, cfg.model)], SamplingConfig(max_new_tokens=200))
+    ids = prompt_ids(prompt, tokenizer, cfg.model)
+    if not ids and cfg.model.token_shift:  # a model that predicts from the token before needs one: a document's start
+        ids = document_start(train_files, cfg.model.bos_id)
+        prompt = decode(ids, tokenizer)
+    out = generate(model, [ids], SamplingConfig(max_new_tokens=200))
     new = decode(out.tokens[0], tokenizer)
     known = known_word_fraction(new, corpus_words(train_files, tokenizer))
     words = "no words" if known is None else f"{known:.0%} of its words occur in the training text"
     graphs = f", {out.compile_seconds:.1f} s of it compiling the model call" if out.compile_seconds else ""
     log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache{graphs}; {words}):\n{prompt + new}")
     return prompt + new
+
+
+def document_start(files: list[str], separator: int, tokens: int = 8) -> list[int]:
+    """The first `tokens` ids of the first whole document of `files` (after the first separator that closes one)."""
+    ids = read_shard(files[0])[:65536].tolist()
+    after = ids.index(separator) + 1 if separator in ids[:-tokens] else 0
+    return [t for t in ids[after:after + tokens] if t != separator] or ids[:1]
 
 
 def model_card(model_dir: str, sample: str | None, log_path: str, launcher: str, argv) -> None:

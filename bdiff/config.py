@@ -42,8 +42,28 @@ class ModelConfig:
     # no model learns where a document ends) or "closes" the one it follows (the model learns to end documents,
     # sampling stops there). bdiff/models/objective.py: document_layout.
     separator: str = "opens"
+    # A Hugging Face causal LM to start from instead of the nano architecture (bdiff/models/adapted.py): a local
+    # transformers directory or a Hub id (Llama, Qwen2, Qwen3, Mistral, ...). Its architecture then fills the fields
+    # above that describe the network (num_layers, model_dim, num_heads, num_kv_heads, head_dim); "" trains the
+    # nano network from scratch.
+    init: str = ""
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention, from --init's model); 0: num_heads
+    # The prediction of position i comes from the row of position i-1 (Fast-dLLM v2's token shift): a block's first
+    # position from the clean row before it, the others from the noisy row before them, so an adapted model's
+    # next-token head keeps its meaning; a document's first token is never predicted
+    token_shift: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     def validate(self) -> None:
+        self.validate_objective()
+        if self.init:  # the network is the pretrained model's
+            return
+        if self.num_kv_heads not in (0, self.num_heads):
+            raise ConfigError(f"num_kv_heads applies to models from --init; the nano network has num_heads key/value "
+                              f"heads, got {self.num_kv_heads}")
         if self.num_layers < 2 or self.num_layers % 2:
             raise ConfigError(f"num_layers must be even and >= 2 (U-net skips), got {self.num_layers}")
         if self.head_dim % 4:
@@ -51,6 +71,9 @@ class ModelConfig:
         if self.num_heads * self.head_dim != self.model_dim:
             raise ConfigError(
                 f"num_heads * head_dim must equal model_dim, got {self.num_heads}*{self.head_dim} != {self.model_dim}")
+
+    def validate_objective(self) -> None:
+        """The fields every family shares: block size, vocabulary, MASK, BOS, separator."""
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
         for name in ("mask_id", "bos_id"):
@@ -73,11 +96,19 @@ class TrainConfig:
     noise_high: float = 0.8  # the upper end of the training noise range
     noise_stratified: bool = False  # the blocks' levels of a sequence as one stratified draw: the same objective,
     # estimated with less variance (bdiff/models/objective.py, noise_blocks); validation always draws independently
+    complementary: bool = False  # each sequence trained twice a step, with its mask and with the complement (at level
+    # 1 - t), so every token carries loss once (Fast-dLLM v2); twice the model calls of a step
     ema: float = 0.0  # decay of an average of the weights that validation, the saved model and its sample use
     # (bdiff/training/ema.py; BD3-LM evaluates with 0.9999); 0: off, the trained weights themselves
     val_every: int = 125  # validate every N steps (and at the end); 0 = only at the end
     val_tokens: int = 10_485_760  # validation tokens across all ranks (a smaller validation split is read whole)
     val_seq_len: int = 65536  # tokens per validation sequence per rank
+    # "muon": the seed's split, Adam for the embedding, head and scalars at lr_embed/lr_head/lr_scalar and Muon for
+    # every hidden matrix at lr_muon (for a model from --init: AdamW at lr for all but the hidden matrices); "adamw":
+    # AdamW at lr on every parameter (the default for a model from --init)
+    optimizer: str = "muon"
+    lr: float = 2e-5  # AdamW's learning rate (optimizer adamw; with --init, also the rate beside Muon)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     lr_head: float = 0.0011  # Adam lr for lm_head
     lr_embed: float = 0.06  # Adam lr for the embedding
     lr_scalar: float = 0.04  # Adam lr for the scalar parameters (mixing weights, skip weights)
@@ -92,6 +123,8 @@ class TrainConfig:
     lr_warmup: int = 0  # the LRs rise linearly over the first N steps, from 1/N of their value (0: none, as the seed)
     lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
     lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward: memory
+    # for about a third more compute (both model families)
     seed: int = 0  # model init and noise
     cpu_rng: bool = False  # model init and noise from CPU generators on any device: a GPU run then starts from
     # the weights and draws the noise of a CPU run of the same seed (CUDA's streams differ): arithmetic apart, alike
@@ -114,6 +147,10 @@ class TrainConfig:
             raise ConfigError(f"ema must lie in [0, 1) (0: off), got {self.ema}")
         if not 0.0 <= self.noise_low <= self.noise_high <= 1.0:
             raise ConfigError(f"need 0 <= noise_low <= noise_high <= 1, got {self.noise_low}, {self.noise_high}")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.muon_schedule not in ("quintic", "polar_express"):
             raise ConfigError(f"muon_schedule must be 'quintic' or 'polar_express', got {self.muon_schedule!r}")
         if not 0.0 <= self.lr_constant_frac <= 1.0:
@@ -125,6 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dataset: dict = field(default_factory=dict)  # the data set's record (bdiff.data.DataSet), filled in by train.py
+    hf: dict = field(default_factory=dict)  # --init's transformers config (its to_dict()), filled in by train.py
     code: dict = field(default_factory=dict)  # the code that ran: code_version(), filled in by train.py
 
     def validate(self) -> None:
@@ -268,9 +306,10 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
-    """One --flag per field of the dataclass `cls`, defaulting to None (unset); a boolean field gives the flag that
-    changes it: --no_<name> where it defaults to True, --<name> where it defaults to False. The help is the field's
-    comment and its value in `defaults` (an instance: the chosen preset's), or the class's default."""
+    """One --flag per field of the dataclass `cls`, defaulting to None (unset); a boolean field gives both --<name>
+    and --no_<name>, and --help shows the one that changes its default (the preset's: --no_<name> where it is on).
+    The help is the field's comment and its value in `defaults` (an instance: the chosen preset's), or the class's
+    default."""
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, type) else eval(f.type)  # "from __future__" annotations are strings
@@ -279,10 +318,11 @@ def add_flags(parser: argparse.ArgumentParser, cls, defaults=None) -> None:
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
         shown = ("on" if default else "off") if kind is bool else shown
         text = f"{comments.get(f.name, f.name).replace('%', '%%')} (default: {shown})"
-        if kind is bool and f.default is True:
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=None, help=text)
-        elif kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", default=None, help=text)
+        if kind is bool:
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=None,
+                                help=text if default else argparse.SUPPRESS)
+            parser.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=None,
+                                help=argparse.SUPPRESS if default else text)
         elif getattr(kind, "__origin__", None) is tuple:
             parser.add_argument(f"--{f.name}", type=float, nargs=2, default=None, help=text)
         else:
@@ -325,7 +365,19 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS = {"demo": demo, "record": record, "tiny": tiny}
+def adapt() -> Config:
+    """A Hugging Face causal LM (--init) fine-tuned into a block-diffusion model, on a data set prepared with its
+    tokenizer: AdamW with a warm-up and a linear decay (the usual fine-tuning schedule; Fast-dLLM v2 and SDAR train
+    this way), the seed's objective and block size, documents that end (separator "closes"), token shift on
+    (bench/bench_adapt.py measured it against no shift). The network's fields come from the model."""
+    model = ModelConfig(separator="closes", token_shift=True)
+    train = TrainConfig(data="", data_dir="", seq_len=2048, micro_steps=8, steps=1000, val_every=100,
+                        val_tokens=262_144, val_seq_len=2048, optimizer="adamw", lr=1e-5, adam_betas=(0.9, 0.95),
+                        adam_eps=1e-8, lr_warmup=50, lr_constant_frac=0.0, lr_final_frac=0.1, lr_muon=0.002)
+    return Config(model, train)
+
+
+PRESETS = {"demo": demo, "record": record, "tiny": tiny, "adapt": adapt}
 RENAMED = {"cpu": "demo"}  # presets' former names, still understood
 
 
@@ -335,8 +387,10 @@ def get_preset(name: str) -> Config:
     return PRESETS[RENAMED.get(name, name)]()
 
 
-def preset_note(name: str | None) -> str:
+def preset_note(name: str | None, init: str = "") -> str:
     """The line a run starts with: which preset it took, and why."""
+    if name is None and init:
+        return f"preset: adapt (the default with --init: fine-tuning {init} into a block-diffusion model)"
     if name is None:
         return ("preset: demo (the default: a small byte-level model on the embedded Python corpus; "
                 "--preset record for the nano-block-diffusion record on FineWeb-Edu)")

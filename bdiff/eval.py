@@ -34,11 +34,12 @@ LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> list:
     """(tokens, layout) of the first tokens // seq_len validation sequences (all of them, where the split holds
-    fewer), on the CPU."""
+    fewer; shorter ones where a shard holds less than one), on the CPU."""
     from bdiff.data import DistributedLoader
+    from bdiff.data.formats import read_shard
     from bdiff.models.objective import document_layout
 
-    loader = DistributedLoader(files, seq_len)
+    loader = DistributedLoader(files, min(seq_len, max(len(read_shard(f)) for f in files)))
     out = []
     for _ in range(min(max(1, tokens // seq_len), loader.steps_per_epoch())):  # a small split: all it holds
         seq = loader.next()
@@ -248,10 +249,10 @@ def main(argv=None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     from bdiff.data import check_model_fits_data, find_dataset, shard_files
-    from bdiff.models.nano import BlockDiffusionLM
+    from bdiff.models import from_pretrained
 
     device, dtype = device_and_dtype(args)
-    model = BlockDiffusionLM.from_pretrained(args.model, device)
+    model = from_pretrained(args.model, device)
     config = model.run_config
     model.set_dtype(dtype)
     judge = None
@@ -273,6 +274,7 @@ def main(argv=None) -> int:
     check_model_fits_data(dataset, model_cfg.vocab_size, model_cfg.bos_id, model_cfg.mask_id)
     seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
     sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, model_cfg)
+    seq_len = sequences[0][0].numel()  # a split smaller than one sequence is read whole
     seed = train["seed"] if args.seed is None else args.seed
     if judge is not None:
         prompts, continuations = validation_prompts(shard_files(data, data_dir, "val"), args.samples,

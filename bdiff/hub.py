@@ -1,20 +1,25 @@
-"""Models in the format the Hugging Face ecosystem shares: a directory, or a Hub repository, holding
+"""Models in the format the Hugging Face ecosystem shares: a directory, or a Hub repository. A nano model's holds
 
     model.safetensors   the weights (safetensors: no code runs when it is read)
     config.json         {"bdiff_version", "tokenizer", "block_size", "model": ModelConfig, "train": TrainConfig,
                          "step", "tokens", "val_loss"}, and for transformers "model_type" and "auto_map"
-    configuration_bdiff.py, modeling_bdiff.py
+    configuration_bdiff.py, modeling_bdiff.py, layout_bdiff.py
                         the model for transformers, PyTorch alone (bdiff/models/remote/):
                         AutoModelForMaskedLM.from_pretrained(dir or Hub id, trust_remote_code=True)
     README.md           the model card: data, tokens, final validation loss, the loss plot, a sample, and the
                         command that reproduces the run
     loss.png            the loss plot, where matplotlib was there to draw it
 
+A model adapted from a causal LM (--init, bdiff/models/adapted.py) is the base model's directory as transformers
+writes it (its config.json, with bdiff's run config under "bdiff" and an auto_map; model.safetensors), the base
+family's block-diffusion class (modeling_bdiff_adapted.py, layout_bdiff.py: AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)), the tokenizer's files with MASK, the card and the plot.
+
 train.py writes one at the end of every run (logs/RUN/model/). From the command line:
 
     python -m bdiff.hub push logs/RUN user/name       # upload a run's model directory (or any model directory)
 
-From Python, huggingface_hub's mixin convention: `BlockDiffusionLM.from_pretrained("user/name")` (or a directory, a
+From Python, huggingface_hub's mixin convention: `bdiff.models.from_pretrained("user/name")` (or a directory, a
 run directory, a final.pt; the run's config is `model.run_config`), `model.save_pretrained(dir)`,
 `model.push_to_hub("user/name")`: one loader (over `read_pretrained`) and one writer (`save_pretrained` here).
 A Hub id is fetched through huggingface_hub's cache (HF_HUB_CACHE), so once fetched it loads offline
@@ -43,6 +48,7 @@ from bdiff.models import remote
 from bdiff.training import checkpoint
 
 WEIGHTS, CONFIG, CARD, PLOT = "model.safetensors", "config.json", "README.md", "loss.png"
+SHARDED = "model.safetensors.index.json"  # transformers' index of a model saved in several files
 TOKENIZER = "tokenizer.json"  # a prepared data set's tokenizer file, copied into the model directory
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # user/name, as the Hub spells repository ids
 
@@ -68,6 +74,19 @@ def save_pretrained(model, directory: str, config: dict, step: int | None = None
     """Write weights, config.json and a model card into `directory` (created). `config` is the run's config dict
     (Config.to_dict(): "model" and "train"). Returns the directory."""
     os.makedirs(directory, exist_ok=True)
+    if config["model"].get("init"):  # an adapted causal LM: the directory transformers reads
+        from bdiff.models.adapted import save_directory
+
+        dataset = dict(config.get("dataset") or {})
+        spec = dataset.get("tokenizer")
+        if spec:
+            dataset["tokenizer"] = TOKENIZER  # the copy in the directory, MASK added
+        meta = {"bdiff_version": bdiff.__version__, "tokenizer": TOKENIZER if spec else None,
+                "model": config["model"], "train": config["train"], "dataset": dataset,
+                "code": config.get("code") or {}, "step": step, "tokens": tokens, "val_loss": val_loss}
+        save_directory(model, directory, meta, spec)
+        write_card(directory)
+        return directory
     weights = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _atomic_write(os.path.join(directory, WEIGHTS), lambda p: save_file(weights, p, metadata={"format": "pt"}))
     dataset = dict(config.get("dataset") or {})
@@ -101,6 +120,8 @@ def read_config(directory: str) -> dict:
         raise HubError(f"{directory}: no {CONFIG}; a bdiff model directory holds {WEIGHTS} and {CONFIG}") from None
     except (OSError, ValueError) as e:
         raise HubError(f"{path}: not readable JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(meta, dict) and isinstance(meta.get("bdiff"), dict):  # an adapted model: transformers' config
+        meta = dict(meta["bdiff"], hf={k: v for k, v in meta.items() if k != "bdiff"})
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "train" not in meta:
         raise HubError(f"{path}: not a bdiff model config (no \"model\" and \"train\" entries)")
     return meta
@@ -118,12 +139,20 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
     dataset = meta.get("dataset") or (asdict(DATASETS[name]) if name in DATASETS else {})
     data = dataset.get("description", name or "nothing yet (a model saved untrained)")
     m = meta["model"]
+    adapted = f" (adapted from {m['init']})" if m.get("init") else ""
+    heads = f"{m['num_heads']} heads" + (f" on {m['num_kv_heads']} key/value heads" if m.get("num_kv_heads") and
+                                        m["num_kv_heads"] != m["num_heads"] else "")
+    use = ("`AutoModelForCausalLM.from_pretrained(\"THIS_REPO_OR_DIR\", trust_remote_code=True)`: "
+           "`model.generate(prompt_ids, max_new_tokens=64)`, `model(x_t, clean_ids=x_0).logits`" if adapted else
+           "`AutoModelForMaskedLM.from_pretrained(\"THIS_REPO_OR_DIR\", trust_remote_code=True)`: `model(x_t, "
+           "clean_ids=x_0).logits`, `model.generate(prompt_ids)`")
     lines = [
         "---", "library_name: bdiff", "tags:", "- block-diffusion", "- bd3-lm", "- text-generation", "- custom_code",
         *(["datasets:", f"- {dataset['source']}"] if dataset.get("source") else []), "---", "",
         "# A block-diffusion language model trained with bdiff", "",
-        f"- Architecture: {m['num_layers']} layers, width {m['model_dim']}, {m['num_heads']} heads of {m['head_dim']}, "
-        f"vocabulary {m['vocab_size']} (MASK {m['mask_id']}, BOS {m['bos_id']}), block size {m['block_size']}",
+        f"- Architecture{adapted}: {m['num_layers']} layers, width {m['model_dim']}, {heads} of {m['head_dim']}, "
+        f"vocabulary {m['vocab_size']} (MASK {m['mask_id']}, BOS {m['bos_id']}), block size {m['block_size']}"
+        + (", token shift" if m.get("token_shift") else ""),
         f"- Trained on: {data}; tokenizer `{meta['tokenizer']}`",
         f"- Steps: {meta.get('step')}, tokens: {meta['tokens']:,}" if meta.get("tokens") else
         f"- Steps: {meta.get('step')}",
@@ -134,9 +163,8 @@ def write_card(directory: str, sample: str | None = None, command: str | None = 
         "## Use", "", "```bash",
         "python -m bdiff.eval --model THIS_REPO_OR_DIR --draws 4",
         f"python sample.py --ckpt THIS_REPO_OR_DIR --prompt {shlex.quote(default_prompt(meta) or 'TEXT')}",
-        "```", "", "With bdiff, `BlockDiffusionLM.from_pretrained(\"THIS_REPO_OR_DIR\")`; with transformers alone, "
-        "`AutoModelForMaskedLM.from_pretrained(\"THIS_REPO_OR_DIR\", trust_remote_code=True)`: `model(x_t, "
-        "clean_ids=x_0).logits`, `model.generate(prompt_ids)`.", "",
+        "```", "", f"With bdiff, `bdiff.models.from_pretrained(\"THIS_REPO_OR_DIR\")`; with transformers alone, {use}.",
+        "",
         "## Reproduce", "", "<!-- command -->", "```bash", command, "```", "",
     ]
     if os.path.exists(os.path.join(directory, PLOT)):
@@ -166,7 +194,7 @@ def resolve(name: str) -> str:
     (downloaded into, or found in, huggingface_hub's cache)."""
     if os.path.isdir(name):
         for candidate in (name, os.path.join(name, "model")):
-            if os.path.exists(os.path.join(candidate, WEIGHTS)):
+            if any(os.path.exists(os.path.join(candidate, f)) for f in (WEIGHTS, SHARDED)):
                 return candidate
         raise HubError(f"{name}: a directory without {WEIGHTS} (nor a model/ holding one)")
     if os.path.exists(name):
@@ -177,7 +205,8 @@ def resolve(name: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(name, allow_patterns=[WEIGHTS, CONFIG, CARD, PLOT, TOKENIZER, *remote.REMOTE_CODE])
+        return snapshot_download(name, allow_patterns=["*.safetensors", "*.json", "*.py", CARD, PLOT, "merges.txt",
+                                                       "tokenizer.model", "chat_template.jinja"])
     except RepositoryNotFoundError:
         raise HubError(f"{name}: no such model on the Hub (or it is private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
@@ -190,8 +219,10 @@ def resolve(name: str) -> str:
 def read_pretrained(name: str) -> tuple[dict, dict, str]:
     """(weights, config dict with "model", "train" and "dataset", the file they came from) of whatever a user names:
     a checkpoint file (final.pt, written by train.py), a model directory, a run directory (its model/) or a Hub id
-    (user/name, through huggingface_hub's cache). BlockDiffusionLM.from_pretrained, the loader of every command,
-    builds the model from them; a damaged or foreign file is refused in one line."""
+    (user/name, through huggingface_hub's cache). bdiff.models.from_pretrained, the loader of every command, builds
+    the model from them; a damaged or foreign file is refused in one line. An adapted model's directory gives no
+    weights (None) and itself as the place: transformers reads them there; its config has "hf", the transformers
+    config."""
     if os.path.isfile(name):
         if os.path.basename(name) in (CARD, CONFIG, WEIGHTS, PLOT, TOKENIZER, *remote.REMOTE_CODE):
             raise HubError(f"{name}: not a model directory, run directory or Hub id; name the directory that holds it")
@@ -200,6 +231,8 @@ def read_pretrained(name: str) -> tuple[dict, dict, str]:
     meta = read_config(directory)
     if (meta.get("dataset") or {}).get("tokenizer") == TOKENIZER:  # the copy in this directory
         meta["dataset"]["tokenizer"] = os.path.join(directory, TOKENIZER)
+    if meta["model"].get("init"):
+        return None, meta, directory
     path = os.path.join(directory, WEIGHTS)
     try:
         return load_file(path, device="cpu"), meta, path  # moved by load_state_dict, as every load (checkpoint.py)

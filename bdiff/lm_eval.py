@@ -144,12 +144,12 @@ class BdiffLM(LM):
         from bdiff.config import default_dtype, parse_device
         from bdiff.data import tokenizer_of
         from bdiff.data.tokenizer import load_tokenizer
-        from bdiff.models.nano import BlockDiffusionLM
+        from bdiff.models import from_pretrained
 
         mc_samples, max_length = _count("mc_samples", mc_samples), _count("max_length", max_length)
         batch_size = 16 if batch_size == "auto" else _count("batch_size", batch_size)  # lm-eval passes a string
         self._device = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = BlockDiffusionLM.from_pretrained(str(pretrained), self._device)
+        self.model = from_pretrained(str(pretrained), self._device)
         config = self.model.run_config
         self.model.set_dtype(dtype or default_dtype(self._device))
         self.tokenizer = load_tokenizer(tokenizer_of(config))

@@ -143,9 +143,9 @@ def main() -> int:
     parser.add_argument("--variance_seeds", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from bdiff.models.nano import BlockDiffusionLM
+    from bdiff.models import from_pretrained
 
-    config = BlockDiffusionLM.from_pretrained(args.model).run_config
+    config = from_pretrained(args.model).run_config
     docs = validation_documents(config, args.docs, args.max_chars)
     data = write_tasks(args.out, docs)
     print(f"tasks: {os.path.abspath(args.out)} ({len(docs)} validation documents, {data})", flush=True)

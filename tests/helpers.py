@@ -56,3 +56,47 @@ def torch_flags(allow_tf32: bool | None = None, deterministic: bool | None = Non
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
+
+
+TEXT = ("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+        "The quick brown fox jumps over the lazy dog. A block-diffusion model denoises blocks of tokens.\n")
+
+
+def tiny_tokenizer(directory: str, vocab: int = 300, mask: bool = False) -> int:
+    """A byte-level BPE tokenizer trained here on a few lines (no download), saved into `directory` as transformers
+    saves one (tokenizer.json, tokenizer_config.json), with <|endoftext|> as its end of text and, with `mask`, a
+    mask token of its own. Returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>"] + (["<|mask|>"] if mask else [])
+    tok.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=vocab, special_tokens=special,
+                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    extra = {"mask_token": "<|mask|>"} if mask else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", **extra).save_pretrained(directory)
+    return tok.get_vocab_size()
+
+
+def tiny_causal_lm(directory: str, family: str, vocab: int, seed: int = 0, spare_rows: int = 0, **overrides):
+    """A random transformers causal LM of `family` (llama; qwen2, with its q/k/v biases; qwen3, with its q/k norms),
+    4 query heads on 2 key/value heads of 16, two layers, saved into `directory`; embeddings of vocab + spare_rows
+    rows. Returns the model (fp32, eval)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "qwen3": transformers.Qwen3Config}[family]
+    config = config_class(vocab_size=vocab + spare_rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                          tie_word_embeddings=False, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if family == "qwen2":  # biases start at zero: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    return model.eval()

@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bdiff.kernels.newton_schulz  # decorated now, while conftest's TRITON_INTERPRET is set
-import bdiff.models.nano
+import bdiff.models.objective
 from bdiff.config import tiny
 from bdiff.eval import evaluate
 from bdiff.generation.sampling import generate
@@ -36,7 +36,7 @@ class Seen:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        attention, loss = bdiff.models.nano.bd_attention, bdiff.models.nano.masked_linear_cross_entropy
+        attention, loss = bdiff.models.objective.bd_attention, bdiff.models.objective.masked_linear_cross_entropy
 
         def bd_attention(q, k, v, *args):
             self.calls.append(("attention", q.dtype, k.dtype, v.dtype, q.device))
@@ -47,8 +47,8 @@ class Seen:
             self.calls.append(("loss", hidden.dtype, out.dtype, hidden.device))
             return out
 
-        monkeypatch.setattr(bdiff.models.nano, "bd_attention", bd_attention)
-        monkeypatch.setattr(bdiff.models.nano, "masked_linear_cross_entropy", masked_linear_cross_entropy)
+        monkeypatch.setattr(bdiff.models.objective, "bd_attention", bd_attention)
+        monkeypatch.setattr(bdiff.models.objective, "masked_linear_cross_entropy", masked_linear_cross_entropy)
 
     def of(self, op):
         return [c[1:] for c in self.calls if c[0] == op]

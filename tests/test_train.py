@@ -346,7 +346,7 @@ def test_learning_rate_schedule_warms_holds_and_decays():
     cfg = train.get_preset("tiny").train
     cfg.steps, cfg.lr_warmup, cfg.lr_constant_frac, cfg.lr_final_frac = 100, 10, 0.5, 0.2
     model = train.BlockDiffusionLM(train.get_preset("tiny").model)
-    adam, muon = train.build_optimizers(model, cfg)
+    adam, muon = train.build_optimizers(model, cfg, adapted=False)
     mults = [train.set_schedules(adam, muon, step, cfg) for step in range(cfg.steps)]
     assert mults[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]), "warm-up from 1/N to 1"
     assert mults[10:50] == pytest.approx([1.0] * 40), "constant after the warm-up, until lr_constant_frac"

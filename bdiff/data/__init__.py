@@ -104,7 +104,7 @@ def check_model_fits_data(data: DataSet, vocab_size: int, bos_id: int, mask_id: 
         problems.append(f"the data marks documents with BOS {v.bos_id}, the model's bos_id is {bos_id}")
     if vocab_size < v.num_ids + 1:
         problems.append(f"the data's ids go up to {v.num_ids - 1}, the model's vocab_size is {vocab_size}")
-    if mask_id < v.num_ids:
+    if mask_id < v.num_ids and mask_id != v.mask_id:  # the tokenizer's own mask token is in no text
         problems.append(f"mask_id {mask_id} is one of the data's ids (0..{v.num_ids - 1})")
     if problems:
         fits = f"--vocab_size {v.vocab_size} --bos_id {v.bos_id} --mask_id {v.mask_id}"

@@ -326,8 +326,11 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
     if os.path.isfile(tokenizer):  # the data set carries its tokenizer: DIR stays usable wherever it goes
         shutil.copyfile(tokenizer, os.path.join(work, "tokenizer.json"))
         tokenizer_field = "tokenizer.json"
+    elif os.path.isdir(tokenizer):  # a model's directory (--init's): named where it is, from anywhere
+        tokenizer_field = os.path.abspath(tokenizer)
+    mask_id = tok.num_ids if tok.mask_id is None else tok.mask_id  # the tokenizer's own, else a new id after it
     record = DataSet(name=name, tokenizer=tokenizer_field, num_ids=tok.num_ids, bos_id=tok.bos_id,
-                     mask_id=tok.num_ids, default_dir=out, description=f"{source}, prepared with the {tokenizer} "
+                     mask_id=mask_id, default_dir=out, description=f"{source}, prepared with the {tokenizer} "
                      "tokenizer", prompt="", source=source if not os.path.exists(source) else "")
     seconds = time.perf_counter() - started
     manifest = dict(dataset=asdict(record), settings=settings, token_bytes=token_bytes, shard_version=2,
@@ -350,7 +353,7 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
 def add_arguments(p) -> None:
     p.add_argument("input", help="a folder of text files, a glob, a .txt or .jsonl file, or a Hub dataset user/name")
     p.add_argument("--tokenizer", required=True, help="bytes, gpt2 (or another tiktoken encoding), a tokenizer.json, "
-                                                      "or a Hugging Face tokenizer name")
+                                                      "or a transformers model's directory or Hub name (--init's)")
     p.add_argument("--out", required=True, help="the data set's directory (created; must not exist)")
     p.add_argument("--name", help="the data set's name (default: the directory's)")
     split = p.add_mutually_exclusive_group()

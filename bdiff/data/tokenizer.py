@@ -5,12 +5,14 @@ A tokenizer is named by one string (`load_tokenizer`):
 - "bytes": UTF-8 bytes as ids 0..255, BOS 256;
 - a tiktoken encoding ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"; `pip install tiktoken`, which
   downloads its vocabulary once): BOS is its end-of-text token;
-- a local `tokenizer.json`, or a Hugging Face tokenizer name (`pip install tokenizers`): BOS is its end-of-text or
-  end-of-sequence token where it has one, otherwise a new id after its vocabulary.
+- a local `tokenizer.json`, a directory holding one (a transformers model's), or a Hugging Face tokenizer or model
+  name (`pip install tokenizers`): BOS is its end-of-text or end-of-sequence token where it has one, otherwise a new
+  id after its vocabulary; MASK its own mask token where its tokenizer_config.json names one.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import numpy as np
@@ -31,6 +33,7 @@ class Tokenizer:
     num_ids: int  # ids the data can hold, BOS included: a model needs vocab_size > num_ids (MASK after them)
     bos_id: int  # the document separator
     text_ids: int  # ids below this map to text
+    mask_id: int | None = None  # the tokenizer's own mask token, where it has one (else MASK is num_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -81,7 +84,8 @@ class TiktokenTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-    """The `tokenizers` library's: a tokenizer.json file or a Hub name."""
+    """The `tokenizers` library's: a tokenizer.json file, a directory holding one (a transformers model's), or a Hub
+    name. The tokenizer_config.json beside it, where there is one, names its mask token (`mask_id`)."""
 
     def __init__(self, spec: str):
         try:
@@ -89,10 +93,12 @@ class HFTokenizer(Tokenizer):
         except ImportError:
             raise TokenizerError(f"tokenizer {spec!r} needs the tokenizers library: `pip install tokenizers` (or "
                                  "pip install -e \".[data]\")") from None
+        path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
         try:
-            self.tok = Rust.from_file(spec) if os.path.isfile(spec) else Rust.from_pretrained(spec)
+            self.tok = Rust.from_file(path) if os.path.isfile(path) else Rust.from_pretrained(spec)
         except Exception as e:  # noqa: BLE001 (a bad file, an unknown name, no network: one line each way)
-            what = "not a readable tokenizer.json" if os.path.isfile(spec) else \
+            what = "not a readable tokenizer.json" if os.path.isfile(path) else \
+                "no tokenizer.json there" if os.path.isdir(spec) else \
                 "no such file, and not a tokenizer on the Hugging Face Hub (or the Hub cannot be reached)"
             cause = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
             raise TokenizerError(f"unknown tokenizer {spec!r}: {what} ({cause})"
@@ -104,6 +110,17 @@ class HFTokenizer(Tokenizer):
         self.bos_id = ends[0] if ends else size
         self.num_ids = max(size, self.bos_id + 1)
         self.text_ids = size
+        self.mask_id = self._own_mask(os.path.dirname(path) if os.path.isfile(path) else None)
+
+    def _own_mask(self, directory: str | None) -> int | None:
+        """The id of the mask token tokenizer_config.json names beside the tokenizer, where it names one."""
+        try:
+            with open(os.path.join(directory or "", "tokenizer_config.json")) as f:
+                mask = json.load(f).get("mask_token")
+        except (OSError, ValueError, AttributeError):
+            return None
+        mask = mask.get("content") if isinstance(mask, dict) else mask
+        return self.tok.token_to_id(mask) if isinstance(mask, str) else None
 
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]

@@ -81,15 +81,15 @@ class HFJudge:
 
 def load_judge(name: str, device="cpu", tokenizer: str | None = None, dtype=None):
     """`hf:NAME` (a Hugging Face causal LM: a Hub name or a local directory) or anything
-    BlockDiffusionLM.from_pretrained reads (run in `dtype`, BlockDiffusionLM.set_dtype's, when given). `tokenizer`:
+    bdiff.models.from_pretrained reads (run in `dtype`, the model's set_dtype's, when given). `tokenizer`:
     the judged model's; a judge that reads other token ids is refused."""
     if name.startswith("hf:"):
         judge = HFJudge(name[3:], device)
     else:
         from bdiff.data import tokenizer_of
-        from bdiff.models.nano import BlockDiffusionLM
+        from bdiff.models import from_pretrained
 
-        model = BlockDiffusionLM.from_pretrained(name, device)
+        model = from_pretrained(name, device)
         config = model.run_config
         if dtype is not None:
             model.set_dtype(dtype)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from bdiff.config import COMPILE_MODES, ModelConfig, SamplingConfig
 from bdiff.data.tokenizer import load_tokenizer
 from bdiff.errors import BdiffError
-from bdiff.models.nano import BlockDiffusionLM
+from bdiff.models.objective import BlockDiffusionModel
 
 STRATEGIES = ("confidence", "threshold", "random")
 
@@ -32,12 +32,12 @@ class SamplingError(BdiffError):
 
 class KVCache:
     """Keys and values of every layer for the finished clean blocks of each sequence, preallocated in the
-    activations' dtype (no casts): (layers, batch, max_len, heads, head_dim). Denoising steps only read it: each
-    call attends to the first `span` slots (slot j of sequence i visible when j < its clean length) and to its own
-    block; `write` stores a block's keys/values once the block is clean."""
+    activations' dtype (no casts): (layers, batch, max_len, key/value heads, head_dim). Denoising steps only read it:
+    each call attends to the first `span` slots (slot j of sequence i visible when j < its clean length) and to its
+    own block; `write` stores a block's keys/values once the block is clean."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -56,25 +56,27 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
-def cached_call(model: BlockDiffusionLM, tokens, positions, K, V, visible, keep_kv: bool = False):
+def cached_call(model: BlockDiffusionModel, tokens, positions, K, V, visible, keep_kv: bool = False):
     """The model on one block per sequence, tokens and positions (b, B), attending to the cached keys/values
-    K, V (layers, b, span, H, D) where `visible` (b, span) and to its whole block. float32 logits (b, B, vocab); with
-    keep_kv the block's keys and values instead, (layers, b, B, H, D) each, for the cache. Every shape is fixed
-    within a block, so `torch.compile` serves a block's steps with one graph (SamplingConfig.compile)."""
+    K, V (layers, b, span, Hkv, D) where `visible` (b, span) and to its whole block. float32 logits (b, B, vocab); with
+    keep_kv the block's keys and values instead, (layers, b, B, Hkv, D) each, for the cache, and with token shift the
+    logits of its last row (b, vocab): the prediction of the next block's first position (else None). Every shape is
+    fixed within a block, so `torch.compile` serves a block's steps with one graph (SamplingConfig.compile)."""
     mask = torch.cat([visible, visible.new_ones(tokens.shape)], 1)[:, None, None, :]  # (b, 1, 1, span + B)
     kept = []
 
-    def attend(layer, q, k, v):  # (b, B, H, D) each
+    def attend(layer, q, k, v, scale=None):  # q (b, B, H, D), k and v (b, B, Hkv, D)
         if keep_kv:
             kept.append((k, v))
-        keys, values = torch.cat([K[layer], k], 1), torch.cat([V[layer], v], 1)  # (b, span + B, H, D)
+        keys, values = torch.cat([K[layer], k], 1), torch.cat([V[layer], v], 1)  # (b, span + B, Hkv, D)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask)
+                                             attn_mask=mask, scale=scale, enable_gqa=k.shape[-2] != q.shape[-2])
         return out.transpose(1, 2)
 
     hidden = model.run_layers(tokens, positions, attend)
     if keep_kv:
-        return torch.stack([k for k, _ in kept]), torch.stack([v for _, v in kept])
+        last = model.logits(hidden[:, -1]) if model.cfg.token_shift else None
+        return torch.stack([k for k, _ in kept]), torch.stack([v for _, v in kept]), last
     return model.logits(hidden)
 
 
@@ -160,7 +162,7 @@ def _compiled_call(mode: str):
 _WORKSPACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its KV cache for compiled calls
 
 
-def _workspace(model: BlockDiffusionLM, batch: int, total: int, device, dtype) -> KVCache:
+def _workspace(model: BlockDiffusionModel, batch: int, total: int, device, dtype) -> KVCache:
     """The KV cache a compiled decode step reads, kept with the model from one generate() call to the next of the same
     batch and length, at fixed addresses (torch._dynamo.mark_static_address): its CUDA graphs replay as captured, and
     the cache is never copied into them. A call of another shape replaces it."""
@@ -181,7 +183,7 @@ def _overlap_reads(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: SamplingConfig | None = None, *,
+def generate(model: BlockDiffusionModel, prompts: list[list[int]], config: SamplingConfig | None = None, *,
              keep_logits: bool = False, stop_when=None, **options) -> Generation:
     """Generate after each prompt (lists of token ids), block by block, as `config` says (SamplingConfig: its
     defaults are sample.py's); keyword `options` override single fields: generate(model, prompts, seed=3).
@@ -246,24 +248,31 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
 
     def block_logits(block, positions, K, V, visible):  # the current blocks (b, B) -> float32 logits (b, B, V)
         if c.cache:
-            return model_call(block, positions, K, V, visible)
+            logits = model_call(block, positions, K, V, visible)
+            # token shift: a block's first position from the clean pass before it, the others from the row before
+            return torch.cat([first[:, None], logits[:, :-1]], 1) if cfg.token_shift else logits
         out = []
         for i in range(len(active)):  # no cache: the whole x_t ⊕ x_0 layout of this sequence, from scratch
             L = start[active[i]] + B
             clean = torch.cat([seq[i, :L - B], block[i]])
             cu = torch.tensor([0, L], dtype=torch.int32, device=device)
-            h = model.hidden_states(torch.cat([clean, clean]), torch.arange(L, device=device), cu)
+            h, _ = model.predicting_states(torch.cat([clean, clean]), torch.arange(L, device=device), cu)
             out.append(model.logits(h[L - B:L]))
         return torch.stack(out)
 
+    # token shift: the prediction of each sequence's current block's first position, from the last row of the clean
+    # pass before it (b, vocab)
+    first = torch.zeros(bsz, cfg.vocab_size, device=device) if cfg.token_shift and c.cache else None
     if c.cache:  # prefill: each prompt's complete blocks, block by block, one sequence at a time, eagerly
         rows_all, block_starts = torch.arange(bsz, device=device), torch.arange(0, total, B, device=device)
         for i in range(bsz):
             for b0 in range(0, start[i], B):
                 visible = torch.ones(1, b0, dtype=torch.bool, device=device)
-                k, v = cached_call(model, seq[i:i + 1, b0:b0 + B], (b0 + arange_b)[None], cache.k[:, i:i + 1, :b0],
-                                   cache.v[:, i:i + 1, :b0], visible, keep_kv=True)
+                k, v, last = cached_call(model, seq[i:i + 1, b0:b0 + B], (b0 + arange_b)[None],
+                                         cache.k[:, i:i + 1, :b0], cache.v[:, i:i + 1, :b0], visible, keep_kv=True)
                 cache.write(rows_all[i:i + 1], block_starts[b0 // B:b0 // B + 1], k, v)  # slices: no transfers
+                if last is not None:
+                    first[i] = last[0]
                 calls, sequence_calls = calls + 1, sequence_calls + 1
 
     active = list(range(bsz))  # the prompts still generating (host); eager: also the order of seq's rows
@@ -307,8 +316,9 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
                     complete = None
         seq.scatter_(1, idx, block)
         if c.cache:  # the finished block, once more as clean context: its keys/values go into the cache
-            k, v = model_call(block, idx, K, V, visible, keep_kv=True)
+            k, v, last = model_call(block, idx, K, V, visible, keep_kv=True)
             cache.write(torch.arange(len(begin), device=device), begin, k, v)
+            first = last if last is not None else first
             calls, sequence_calls = calls + 1, sequence_calls + len(active)
         stop = ((block == cfg.bos_id) & (idx >= prompt_len[:, None])).any(-1)  # (b,) ended its text
         for i in active:
@@ -345,6 +355,7 @@ def generate(model: BlockDiffusionLM, prompts: list[list[int]], config: Sampling
             active = [active[j] for j in keep]
             if c.cache:
                 cache.keep(kept)
+            first = first[kept] if first is not None else None
     ids = torch.stack([finished[i] for i in range(bsz)]).tolist()
     return Generation([_cut(ids[i][lengths[i]:], c.max_new_tokens, cfg) for i in range(bsz)], calls,
                       sequence_calls, time.perf_counter() - t0, cache_bytes, reads, step_logits, compile_seconds)
@@ -370,6 +381,9 @@ def _validate(prompts, cfg, c: SamplingConfig, steps_per_block: int):
         raise SamplingError("no prompts given")
     if cfg.separator == "opens" and any(len(p) == 0 for p in prompts):
         raise SamplingError("every prompt needs at least one token (BOS: this model's documents open with it)")
+    if cfg.token_shift and any(len(p) == 0 for p in prompts):
+        raise SamplingError("every prompt needs at least one token: this model predicts each token from the one "
+                            "before it (token shift)")
     for p in prompts:
         if any(not 0 <= t < cfg.vocab_size or t == cfg.mask_id for t in p):
             raise SamplingError(f"prompt tokens must lie in [0, {cfg.vocab_size}) and not be MASK ({cfg.mask_id})")

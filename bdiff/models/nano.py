@@ -13,7 +13,6 @@ dtype explicit, `--dtype bfloat16` on a CPU runs exactly the GPU's flow.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -21,9 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdiff.config import ModelConfig
-from bdiff.kernels.bd_attention import schedule_bounds
-from bdiff.models.objective import Layout, document_layout, loss_weights, noise_blocks
-from bdiff.ops import bd_attention, masked_linear_cross_entropy
+from bdiff.models.objective import BlockDiffusionModel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the activation dtypes (config.DTYPES's names)
 
@@ -124,7 +121,9 @@ class Block(nn.Module):
         return x, v1
 
 
-class BlockDiffusionLM(nn.Module):
+class BlockDiffusionLM(BlockDiffusionModel):
+    """The nano-block-diffusion network (the module docstring); the objective is BlockDiffusionModel's."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -140,55 +139,9 @@ class BlockDiffusionLM(nn.Module):
         """The activation dtype: the embedding's (every other activation follows it)."""
         return self.embed.weight.dtype
 
-    # ---- sharing: huggingface_hub's mixin convention, over bdiff.hub's one loader and one writer ----------------
-
-    run_config: dict | None = None  # the run's config (Config.to_dict()) where the model came from a run or a file
-
-    @classmethod
-    def from_pretrained(cls, name: str, device="cpu") -> BlockDiffusionLM:
-        """A model (in eval mode) from a model directory, a run directory, a final.pt or a Hub id (user/name, through
-        huggingface_hub's cache): the loader of every command. Its config dict ("model", "train", "dataset") is
-        `model.run_config`. Weights that are not this config's model are refused in one line (bdiff.hub.HubError)."""
-        from bdiff.hub import HubError, read_pretrained
-
-        weights, config, where = read_pretrained(name)
-        try:
-            model = cls(ModelConfig(**config["model"]))
-        except (TypeError, ValueError) as e:
-            raise HubError(f"{where}: not a valid model config ({str(e).splitlines()[0]})") from None
-        expected = set(model.state_dict())
-        if set(weights) != expected:
-            missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-            raise HubError(f"{where}: not this model's weights (missing {missing[:3]}"
-                           f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                           f"{'...' if len(unexpected) > 3 else ''})")
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise HubError(f"{where}: weights do not match the config ({' '.join(str(e).split())[:300]})") from None
-        model.run_config = config
-        return model.to(device).eval()
-
-    def save_pretrained(self, directory: str, config: dict | None = None) -> str:
-        """Write a model directory (bdiff.hub.save_pretrained: safetensors, config.json, the transformers code, a
-        card). `config`: the run's config dict; by default the one it was loaded or trained with, else its model
-        config alone. Returns the directory."""
-        from bdiff import hub
-
-        config = config or self.run_config or {"model": dataclasses.asdict(self.cfg), "train": {}, "dataset": {}}
-        return hub.save_pretrained(self, directory, config, config.get("step"), config.get("tokens"),
-                                   config.get("val_loss"))
-
-    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
-                    config: dict | None = None) -> str:
-        """Save the model (save_pretrained) and upload it to the Hub repository `repo_id` (bdiff.hub.push: created if
-        needed; the token from `token`, HF_TOKEN or `hf auth login`). Returns the repository's URL."""
-        import tempfile
-
-        from bdiff import hub
-
-        with tempfile.TemporaryDirectory() as directory:
-            return hub.push(self.save_pretrained(directory, config), repo_id, private=private, token=token)
+    @property
+    def head(self) -> torch.Tensor:
+        return self.lm_head.weight
 
     def set_dtype(self, dtype: torch.dtype | str) -> BlockDiffusionLM:
         """Compute in `dtype` (torch.bfloat16 / "bfloat16" or float32): the embedding is stored in it, as the seed
@@ -199,26 +152,12 @@ class BlockDiffusionLM(nn.Module):
         self.embed.to(dtype)
         return self
 
-    def hidden_states(self, tokens_2l: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
-                      schedule: torch.Tensor | None = None, out_rows: int | None = None):
-        """Final normalised hidden states (2L, dim) of the x_t ⊕ x_0 rows, or of the first `out_rows` rows.
-        `schedule`: the attention range tables of the layout, shared by every layer (built from cu_seqlens
-        when not given)."""
-        block_size = self.cfg.block_size
-        if schedule is None:  # once for every layer
-            schedule = schedule_bounds(cu_seqlens, tokens_2l.numel() // 2, block_size)
-
-        def attend(layer, q, k, v):
-            return bd_attention(q, k, v, cu_seqlens, block_size, None, schedule)
-
-        return self.run_layers(tokens_2l, torch.cat([positions, positions]), attend, out_rows)
-
     def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, out_rows: int | None = None
                    ) -> torch.Tensor:
         """The transformer on rows of any leading shape: tokens and positions (...) -> normalised hidden
-        states (..., dim). `attend(layer, q, k, v)` decides which rows see which. `out_rows`: only the first `out_rows`
-        rows' states are returned, and the last layer computes queries, projection and MLP for those rows only
-        (the rows after them are still read there as keys and values)."""
+        states (..., dim). `attend(layer, q, k, v, scale=None)` decides which rows see which. `out_rows`: only the
+        first `out_rows` rows' states are returned, and the last layer computes queries, projection and MLP for those
+        rows only (the rows after them are still read there as keys and values)."""
         x = x0 = norm(self.embed(tokens))
         angles = self.blocks[0].attn.rotary.angles(positions)  # the same for every layer
         v1, skips = None, []
@@ -226,14 +165,19 @@ class BlockDiffusionLM(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= half:
                 x = x + self.skip_weights[i - half] * skips.pop()
-            x, v1 = block(x, x0, v1, angles, attend, out_rows if i == len(self.blocks) - 1 else None)
+            rows = out_rows if i == len(self.blocks) - 1 else None
+            if self.activation_checkpointing and torch.is_grad_enabled():  # activations recomputed in the backward
+                x, v1 = torch.utils.checkpoint.checkpoint(block, x, x0, v1, angles, attend, rows, use_reentrant=False)
+            else:
+                x, v1 = block(x, x0, v1, angles, attend, rows)
             if i < half:
                 skips.append(x)
         return norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits over the real vocabulary (padding rows of lm_head dropped)."""
-        return (hidden @ self.lm_head.weight[:self.cfg.vocab_size].to(hidden.dtype).T).float()
+    activation_checkpointing = False  # TrainConfig.activation_checkpointing: each block recomputed in the backward
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        self.activation_checkpointing = on
 
     def optimizer_groups(self) -> dict[str, list[nn.Parameter]]:
         """Which parameters each optimizer takes (the seed's split): Adam the lm_head, the embedding and the scalars
@@ -241,39 +185,3 @@ class BlockDiffusionLM(nn.Module):
         return {"head": [self.lm_head.weight], "embed": [self.embed.weight],
                 "scalars": [p for p in self.parameters() if p.ndim < 2],
                 "matrices": [p for p in self.blocks.parameters() if p.ndim == 2]}
-
-    def forward(self, tokens: torch.Tensor, *, noise_range: tuple[float, float],
-                generator: torch.Generator | None = None, layout: Layout | None = None,
-                stratified: bool = False) -> torch.Tensor:
-        """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar. `noise_range`: each block's
-        t ~ U[low, high] (training: TrainConfig.noise_low/high; the record's validation: (0, 1)).
-
-        `layout`: document_layout(tokens) on tokens' device, built by the caller where it is free (the trainer
-        builds it from the loader's CPU tokens); computed here otherwise. Noise is drawn here, eagerly, from
-        `generator` (`stratified`: the blocks' levels as one low-discrepancy set, noise.noise_blocks); the rest is
-        `objective`, which `compile_objective` compiles."""
-        if tokens.ndim != 1:
-            raise ValueError(f"tokens must be one packed sequence of shape (L,), got {tuple(tokens.shape)}")
-        cfg = self.cfg
-        layout = document_layout(tokens, cfg.bos_id, cfg.block_size, separator=cfg.separator) if layout is None \
-            else layout
-        x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator,
-                                      num_blocks=layout.num_blocks, stratified=stratified)
-        # The document count changes every sequence: one compiled graph serves them all.
-        torch._dynamo.maybe_mark_dynamic(layout.cu_seqlens, 0)
-        return self.objective(x_t, tokens, loss_weights(masked, t), layout.positions, layout.cu_seqlens,
-                              layout.schedule)
-
-    def objective(self, x_t: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
-                  cu_seqlens: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
-        """sum_i weights_i · CE(logits of noisy row i, tokens_i) / L over x_t ⊕ x_0; all shapes fixed by L.
-        Only the noisy half's final states are read, so the last layer skips the clean rows' queries, attention
-        projection and MLP (their keys and values still serve the noisy rows)."""
-        L = tokens.numel()
-        h = self.hidden_states(torch.cat([x_t, tokens]), positions, cu_seqlens, schedule, out_rows=L)  # (L, dim)
-        return masked_linear_cross_entropy(h, self.lm_head.weight, tokens, weights, self.cfg.vocab_size) / L
-
-    def compile_objective(self, **options) -> None:
-        """Compile `objective` as one graph (fullgraph: a graph break is an error, not a silent slowdown).
-        The three ops are opaque operators inside it; noise drawing and the layout stay eager."""
-        self.objective = torch.compile(self.objective, fullgraph=True, **options)

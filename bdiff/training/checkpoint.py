@@ -264,7 +264,7 @@ def save_model(path: str, model, config: dict, step: int, val_loss: float) -> No
 
 def read_final(path: str) -> tuple[dict, dict]:
     """The weights (a state dict, on the CPU) and the config dict of a final.pt (or any file with "model" and
-    "config"): what BlockDiffusionLM.from_pretrained, the loader of every command, builds the model from."""
+    "config"): what bdiff.models.from_pretrained, the loader of every command, builds the model from."""
     ckpt = safe_load(path, required=("model", "config"))
     if not isinstance(ckpt["config"], dict) or "model" not in ckpt["config"]:
         raise CheckpointError(f"{path}: not a bdiff checkpoint (no model config)")

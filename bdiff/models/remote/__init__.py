@@ -1,9 +1,13 @@
-"""bdiff models for 🤗 transformers: `configuration_bdiff.py` and `modeling_bdiff.py` are copied into every model
-directory (bdiff/hub.py), whose config.json maps AutoConfig and AutoModelForMaskedLM to them, so that
-`AutoModelForMaskedLM.from_pretrained(dir_or_hub_id, trust_remote_code=True)` loads a bdiff model with transformers
-and PyTorch alone. bdiff itself never imports them (transformers is an optional extra)."""
+"""bdiff models for 🤗 transformers, copied into every model directory (bdiff/hub.py) so that transformers and PyTorch
+alone load them (trust_remote_code). bdiff itself never imports them (transformers is an optional extra).
+- The nano network: `configuration_bdiff.py` and `modeling_bdiff.py`, which config.json's auto_map names for
+  AutoConfig and AutoModelForMaskedLM.
+- A model adapted from a causal LM (bdiff/models/adapted.py): `modeling_bdiff_adapted.py`, a subclass of the base
+  model's own class (its import rewritten per model), which config.json's auto_map names for AutoModelForCausalLM.
+- Both: `layout_bdiff.py`, the layout and the block-diffusion mask, imported by the modeling files."""
 import os
 
-REMOTE_CODE = ("configuration_bdiff.py", "modeling_bdiff.py")  # the files a model directory carries
+LAYOUT = "layout_bdiff.py"
+REMOTE_CODE = ("configuration_bdiff.py", "modeling_bdiff.py", LAYOUT)  # the files a nano model directory carries
 AUTO_MAP = {"AutoConfig": "configuration_bdiff.BdiffConfig", "AutoModelForMaskedLM": "modeling_bdiff.BdiffForMaskedLM"}
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_bdiff import BdiffConfig
+from .layout_bdiff import block_diffusion_mask, layout
 
 
 def norm(x):
@@ -95,36 +96,6 @@ class Block(nn.Module):
         y, v1 = self.attn(norm(x), v1, positions, mask)
         x = x + y
         return x + self.mlp(norm(x)), v1
-
-
-def layout(clean_ids, bos_id, block_size, separator, starts_document=False):
-    """Per sequence of clean tokens (B, L): (document index, position inside the document, block inside it), (B, L)
-    each. Documents start at each BOS ("opens") or after it ("closes"); the first fragment of a sequence that does not
-    open a document counts its positions from 1 (bdiff's and the seed's rule), unless `starts_document` says the
-    sequence's first token is a document's first (a prompt)."""
-    L = clean_ids.shape[1]
-    index = torch.arange(L, device=clean_ids.device).expand_as(clean_ids)
-    starts = clean_ids == bos_id
-    if separator == "closes":
-        starts = torch.cat([torch.zeros_like(starts[:, :1]), starts[:, :-1]], 1)  # the token after a closing BOS
-    starts[:, 0] = False
-    doc = starts.cumsum(1)
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values  # the index of its document's start
-    opens = ((clean_ids[:, :1] == bos_id) & (separator == "opens")) | starts_document
-    offset = torch.where((doc == 0) & ~opens, 1, 0)  # the leading fragment: positions from 1
-    positions = index - first + offset
-    return doc, positions, positions // block_size
-
-
-def block_diffusion_mask(doc, block):
-    """(B, 1, 2L, 2L) bool: the attention rules over x_t ⊕ x_0 (module docstring)."""
-    L = doc.shape[1]
-    same_doc = (doc[:, :, None] == doc[:, None, :]).repeat(1, 2, 2)
-    qb, kb = block.repeat(1, 2)[:, :, None], block.repeat(1, 2)[:, None, :]
-    noisy = torch.arange(2 * L, device=doc.device) < L
-    q_noisy, k_noisy = noisy[None, :, None], noisy[None, None, :]
-    rule = torch.where(q_noisy, torch.where(k_noisy, kb == qb, kb < qb), ~k_noisy & (kb <= qb))
-    return (rule & same_doc)[:, None]
 
 
 class BdiffForMaskedLM(PreTrainedModel):
