@@ -28,8 +28,11 @@ setup(
     # wandb, tensorboard: train.py --wandb / --tensorboard (bdiff/training/tracking.py); the tests log offline to both.
     # eval: EleutherAI's lm-evaluation-harness, which bdiff models join as `bdiff` (bdiff/lm_eval.py); the tests run
     # its command line on local tasks.
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers",
+    # hf: train.py --init, a transformers causal LM adapted to block diffusion (bdiff/models/adapted.py): transformers
+    # 5 hands a forward's keyword arguments to the attention function bdiff registers; tokenizers for its tokenizer.
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers>=5",
                              "wandb", "tensorboard", "lm_eval"],
+                    "hf": ["transformers>=5", "tokenizers"],
                     "plot": ["matplotlib"],
                     "judge": ["transformers"],
                     "wandb": ["wandb"],

@@ -91,13 +91,15 @@ def _score(model, chunk: list, nelbo: torch.Tensor, greedy: list[bool]) -> None:
     x_t = torch.cat([e[3] for e in chunk])  # (L,)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
     layout = bounds_layout(cu_seqlens.to(tokens.device), L, cfg.block_size)
-    hidden = model.hidden_states(torch.cat([x_t, tokens]), layout.positions, layout.cu_seqlens, layout.schedule,
-                                 out_rows=L)  # (L, dim)
+    # (L, dim): the state predicting each position; with token shift a document's first token has none (no loss)
+    hidden, has_source = model.predicting_states(torch.cat([x_t, tokens]), layout.positions, layout.cu_seqlens,
+                                                 layout.schedule)
     values = []  # one device scalar per entry, read back together: one transfer per call, not one per entry
     for (r, k, doc, _, weights, start), begin, n in zip(chunk, itertools.accumulate([0] + lengths), lengths):
         rows = slice(begin, begin + n)
         if k >= 0:
-            values.append(masked_linear_cross_entropy(hidden[rows], model.lm_head.weight, doc, weights,
+            weights = weights if has_source is None else weights * has_source[rows]
+            values.append(masked_linear_cross_entropy(hidden[rows], model.head, doc, weights,
                                                       cfg.vocab_size).float())
         else:
             guess = model.logits(hidden[begin + start:begin + n]).argmax(-1)  # (n - start,)

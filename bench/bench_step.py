@@ -20,6 +20,7 @@ computes the seed's objective.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -332,6 +333,107 @@ def memory_table(L: int = 16384, mean_doc: int = 1000) -> dict:
     return dict(L=L, categories=categories, saved_by_dtype=saved)
 
 
+# Transformers configs of the shapes bench_step --memory --model measures (no download: the shapes as published).
+HF_SHAPES = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False),
+}
+
+
+def _fake_hf(shape: str, device):
+    """A transformers causal LM of HF_SHAPES[shape] with fake fp32 parameters on `device` (FakeTensorMode must be
+    active): the adapted model (bdiff's attention) and the same weights under transformers' SDPA."""
+    import transformers
+
+    from bdiff.config import ModelConfig
+    from bdiff.models.adapted import ATTENTION, AdaptedLM, register_attention
+
+    register_attention()
+    config = transformers.AutoConfig.for_model(**HF_SHAPES[shape])
+    with torch.device("meta"):
+        lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
+    for module in lm.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device))
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+    lm.tie_weights()
+    cfg = ModelConfig(vocab_size=config.vocab_size, mask_id=config.vocab_size - 1, bos_id=config.vocab_size - 2,
+                      block_size=16, separator="closes", token_shift=True, init=shape)
+    from bdiff.models.adapted import fill_network
+
+    return AdaptedLM(lm, fill_network(cfg, config), check=False)
+
+
+def adapted_memory_table(shape: str = "qwen2.5-1.5b", L: int = 8192, mean_doc: int = 1000,
+                         checkpointing: bool = False) -> dict:
+    """Peak memory of one training step of a transformers model adapted by bdiff (HF_SHAPES[shape], fp32 weights,
+    bf16 autocast, AdamW, L tokens: 2L rows), as a GPU would hold it, measured without one (MemTracker under
+    FakeTensorMode), against the same model as a user of transformers alone would train it: SDPA under the dense
+    (2L, 2L) block-diffusion mask and the full fp32 logits of the noisy half into a weighted cross-entropy. Not seen:
+    the temporaries inside bdiff's loss op (one chunk of logits), the CUDA context and the allocator's slack."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from bdiff.config import ModelConfig
+
+    vocab = HF_SHAPES[shape]["vocab_size"]
+    b = make_batch(ModelConfig(vocab_size=vocab, mask_id=vocab - 1, bos_id=vocab - 2), L, mean_doc, 0, "cpu")  # real
+    results = {}
+    for name in ("bdiff", "transformers"):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            dev = torch.device("cpu")  # fake CPU tensors: bytes do not depend on the device
+            model = _fake_hf(shape, dev).set_dtype(torch.bfloat16)
+            model.set_activation_checkpointing(checkpointing)
+            model.train()
+
+            def fake(t):
+                return torch.empty(t.shape, dtype=t.dtype, device=dev)
+
+            lay = b.layout
+            layout = Layout(fake(lay.cu_seqlens), fake(lay.positions), fake(lay.blocks), fake(lay.schedule),
+                            lay.num_blocks)
+            tokens, x_t, weights = fake(b.tokens), fake(b.x_t), fake(b.weights)
+            mask = torch.empty(1, 1, 2 * L, 2 * L, dtype=torch.bool, device=dev)
+
+            def loss_fn():
+                if name == "bdiff":
+                    return model.objective(x_t, tokens, weights, layout.positions, layout.cu_seqlens, layout.schedule)
+                lm = model.lm
+                lm.config._attn_implementation = "sdpa"
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = lm(input_ids=torch.cat([x_t, tokens])[None], position_ids=layout.positions.repeat(2)[None],
+                                attention_mask=mask, use_cache=False).logits[0, :L].float()
+                return (F.cross_entropy(logits, tokens, reduction="none") * weights).sum() / L
+
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            tracker = MemTracker()
+            tracker.track_external(model, opt)
+            with tracker:  # two steps: the second with AdamW's state alive
+                for _ in range(2):
+                    tracker.reset_mod_stats()
+                    loss_fn().backward()
+                    opt.step()
+                    model.zero_grad(set_to_none=True)
+                peak = tracker.get_tracker_snapshot("peak")
+        results[name] = {str(k).split(".")[-1].lower(): v for k, v in next(iter(peak.values())).items()}
+    params = sum(math.prod(s) for s in _shapes(shape))
+    return dict(shape=shape, L=L, params=params, checkpointing=checkpointing, categories=results)
+
+
+def _shapes(shape: str) -> list[tuple]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return [tuple(p.shape) for p in _fake_hf(shape, torch.device("cpu")).parameters()]
+
+
 # The suite (bench/conftest.py): a whole step, documents of ~300 tokens. On a GPU the record model at L=16,384:
 # ours and the seed's, eager and compiled. On a CPU the demo preset: ours against the seed's at L=1024 (2x the
 # preset's, where the dense mask's cost shows), ours compiled against eager at the preset's own L=512 (the demo).
@@ -366,7 +468,23 @@ def main() -> int:
     parser.add_argument("--flops", action="store_true", help="FLOPs of one record step by op, both formulations")
     parser.add_argument("--memory", action="store_true", help="peak memory of one record step (fake tensors)")
     parser.add_argument("--mean-doc", type=int, default=1000, help="mean document length of the batches")
+    parser.add_argument("--model", choices=sorted(HF_SHAPES), help="with --memory: a transformers model of this "
+                        "shape adapted by bdiff, against transformers with SDPA and full logits")
+    parser.add_argument("--tokens", type=int, default=8192, help="with --model: tokens per step (2L rows)")
+    parser.add_argument("--activation_checkpointing", action="store_true", help="with --model: recompute each "
+                        "decoder layer in the backward")
     args = parser.parse_args()
+    if args.memory and args.model:
+        r = adapted_memory_table(args.model, args.tokens, args.mean_doc, args.activation_checkpointing)
+        print(f"{r['shape']} ({r['params'] / 1e9:.2f}B parameters, fp32 weights, bf16 autocast, AdamW), one step at "
+              f"L={r['L']} tokens ({2 * r['L']} rows), activation checkpointing "
+              f"{'on' if r['checkpointing'] else 'off'}: peak by category (GiB)")
+        names = list(r["categories"]["bdiff"])
+        print(f"{'':>14} {'bdiff':>8} {'transformers (SDPA, dense mask, full logits)':>46}")
+        for name in names:
+            print(f"{name:>14} {r['categories']['bdiff'][name] / 2**30:8.2f} "
+                  f"{r['categories']['transformers'].get(name, 0) / 2**30:46.2f}")
+        return 0
     if args.gpu:
         gpu_bench(mean_doc=args.mean_doc)
         return 0

@@ -291,3 +291,32 @@ with torch.no_grad():
 print(json.dumps({"logits": logits, "generated": generated, "mask_token_id": model.config.mask_token_id,
                   "tokenizer_mask": AutoTokenizer.from_pretrained(where).mask_token_id}))
 """
+
+
+def test_the_commands_read_an_adapted_model(adapted_run, reference_ops):
+    """sample.py, bdiff.eval and bdiff.lm_eval on an adapted model's directory: a sample in its tokenizer, the
+    validation loss, and lm-eval's log-likelihood equal to minus bdiff.eval's loss on the same text and draws
+    (with token shift: a document's first token carries none)."""
+    _, root = adapted_run
+    directory = str(root / "adapt" / "model")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sample = subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--ckpt", directory, "--prompt",
+                             "def add", "--max_new_tokens", "16"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert sample.returncode == 0 and "--- 'def add'\ndef add" in sample.stdout, sample.stderr[-2000:]
+    evaluated = subprocess.run([sys.executable, "-m", "bdiff.eval", "--device", "cpu", "--model", directory,
+                                "--draws", "2", "--levels", "0.5"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=300)
+    assert evaluated.returncode == 0 and "validation loss, t ~ U[0, 1]" in evaluated.stdout, evaluated.stderr[-2000:]
+    pytest.importorskip("lm_eval")
+    from bdiff.eval import evaluate
+    from bdiff.lm_eval import BdiffLM, continuation_nelbo
+
+    lm = BdiffLM(directory, mc_samples=2, seed=3, device="cpu")
+    ids = lm.tokenizer.encode(TEXT)
+    tokens = torch.tensor(ids)
+    layout = document_layout(tokens, lm.cfg.bos_id, lm.cfg.block_size, first_offset=0, separator=lm.cfg.separator)
+    reference = evaluate(lm.model, [(tokens, layout)], draws=2, seed=3, levels=())
+    nelbo, _ = continuation_nelbo(lm.model, [([], ids)], 2, seed=3)
+    torch.testing.assert_close(nelbo[0], torch.tensor(reference["draws"]) * len(ids), rtol=1e-5, atol=1e-4)

@@ -45,9 +45,10 @@ class BdiffJudge:
         tokens = tokens.to(self.device)
         layout = document_layout(tokens, cfg.bos_id, 1, first_offset, cfg.separator)
         x_t = torch.full_like(tokens, cfg.mask_id)
-        hidden = self.model.hidden_states(torch.cat([x_t, tokens]), layout.positions, layout.cu_seqlens,
-                                          layout.schedule, out_rows=tokens.numel())
-        return F.cross_entropy(self.model.logits(hidden), tokens, reduction="none")
+        hidden, has_source = self.model.predicting_states(torch.cat([x_t, tokens]), layout.positions,
+                                                          layout.cu_seqlens, layout.schedule)
+        nll = F.cross_entropy(self.model.logits(hidden), tokens, reduction="none")
+        return nll if has_source is None else nll * has_source  # token shift: a document's first token, unscored
 
     def document_nll(self, ids: list[int]) -> torch.Tensor:
         """(len(ids),): `ids` read as one document from its start (after a BOS where this judge's documents open
