@@ -3,6 +3,7 @@
     python sample.py --ckpt logs/RUN/final.pt --prompt "def main():"
     python sample.py --ckpt logs/RUN/model --prompt "def main():"        # a model directory (or user/name on the Hub)
     python sample.py --ckpt logs/RUN/final.pt --prompt "The ocean" --max_new_tokens 256 --strategy threshold
+    python sample.py --ckpt logs/chat/model --chat "What is 2 + 2?"       # one answer, in the model's chat template
 """
 import sys
 
@@ -26,7 +27,10 @@ def main(argv=None) -> int:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--ckpt", required=True, help="final.pt, a model or run directory (logs/RUN/model, "
                                                       "logs/RUN) or a Hub id (user/name)")
-    parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    asked = parser.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    asked.add_argument("--chat", help="a question: the model's one answer, asked as its training conversations were "
+                                      "(python -m bdiff.chat for a conversation)")
     add_flags(parser, SamplingConfig)
     parser.add_argument("--block_size", type=int, default=None, help="checked against the checkpoint")
     add_device_flags(parser)
@@ -44,6 +48,11 @@ def main(argv=None) -> int:
                             f"{cfg.block_size}")
     tokenizer = tokenizer_of(config)  # the data the model was trained on decides, not its vocabulary size
     load_tokenizer(tokenizer)  # a tokenizer that cannot load here fails now, in one line
+    if args.chat is not None:
+        from bdiff.chat import answer, renderer_of
+
+        print(answer(model, renderer_of(config), [{"role": "user", "content": args.chat}], sampling))
+        return 0
     prompts = [prompt_ids(text, tokenizer, cfg) for text in args.prompt]
     limit = config.get("train", {}).get("seq_len")
     if limit and max(len(p) for p in prompts) + sampling.max_new_tokens > limit:

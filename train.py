@@ -148,6 +148,18 @@ def use_dataset(cfg: Config, args: argparse.Namespace) -> None:
                             ("separator", "closes")):  # documents that end, for data of one's own
             if getattr(args, name) is None:
                 setattr(cfg.model, name, value)
+    if data.packed:  # conversations: sequences are the windows they were packed into
+        for name in ("seq_len", "val_seq_len"):
+            if getattr(args, name) not in (None, data.packed):
+                raise ConfigError(f"--{name} {getattr(args, name)}: {cfg.train.data_dir} holds conversations packed "
+                                  f"whole into windows of {data.packed} tokens; use {data.packed} (or prepare again "
+                                  "with --seq_len)")
+            setattr(cfg.train, name, data.packed)
+        if cfg.model.separator != "closes":
+            raise ConfigError("--separator opens: conversations end with the separator (separator closes)")
+        if data.block_size != cfg.model.block_size:
+            raise ConfigError(f"--block_size {cfg.model.block_size}: {cfg.train.data_dir}'s answers are padded to "
+                              f"blocks of {data.block_size} tokens (prepare with --block_size {cfg.model.block_size})")
 
 
 @dataclasses.dataclass
@@ -316,13 +328,15 @@ def open_data(cfg: Config, proc: Process) -> Data:
     data set, how many epochs the steps make and what validation reads."""
     t = cfg.train
     train_files, val_files = (shard_files(t.data, t.data_dir, split) for split in ("train", "val"))
-    loader = DistributedLoader(train_files, t.seq_len, proc.rank, proc.world, seed=t.seed, epochs=True)
+    packed = cfg.dataset.get("packed", 0)  # conversations, packed whole into windows of this many tokens
+    loader = DistributedLoader(train_files, t.seq_len, proc.rank, proc.world, seed=t.seed, epochs=True, packed=packed)
     held = [len(read_shard(f)) for f in val_files]
-    val_seq_len = min(t.val_seq_len, max(held) // proc.world)
+    val_seq_len = packed or min(t.val_seq_len, max(held) // proc.world)
     if val_seq_len < 1:
         raise DataError(f"{t.data_dir}: the validation split holds {sum(held)} tokens, fewer than one per rank")
     wanted = max(1, t.val_tokens // (proc.world * val_seq_len))
-    val_steps = min(wanted, DistributedLoader(val_files, val_seq_len, proc.rank, proc.world).steps_per_epoch())
+    val_steps = min(wanted, DistributedLoader(val_files, val_seq_len, proc.rank, proc.world,
+                                              packed=packed).steps_per_epoch())
     accum = t.micro_steps // proc.world
     epochs = t.steps * accum / loader.steps_per_epoch()
     proc.log(f"data: {t.data} ({t.data_dir}; {cfg.dataset['description']}; tokenizer {cfg.dataset['tokenizer']}): "
@@ -400,11 +414,14 @@ def prepare_model(model: BlockDiffusionModel, proc: Process, compile_flag: bool 
 
 # ---- data ---------------------------------------------------------------------------------------------------
 
-def batch(loader: DistributedLoader, model_cfg, device) -> tuple[torch.Tensor, object]:
-    """The next sequence and its layout, built on the host from the loader's CPU tokens: no device sync."""
-    tokens = loader.next()
-    layout = document_layout(tokens, model_cfg.bos_id, model_cfg.block_size, separator=model_cfg.separator)
-    return tokens.to(device, non_blocking=True), layout.to(device, non_blocking=True)
+def batch(loader: DistributedLoader, model_cfg, device) -> tuple[torch.Tensor, object, torch.Tensor | None]:
+    """The next sequence, its layout and its answer flags (conversations; None for text), built on the host from the
+    loader's CPU tokens: no device sync. A window of packed conversations opens with one (offset 0)."""
+    tokens, answers = loader.next_with_answers()
+    layout = document_layout(tokens, model_cfg.bos_id, model_cfg.block_size, 0 if loader.packed else None,
+                             model_cfg.separator)
+    return (tokens.to(device, non_blocking=True), layout.to(device, non_blocking=True),
+            None if answers is None else answers.to(device, non_blocking=True))
 
 
 # ---- optimizers: Adam for embedding, head and scalars; Muon for every hidden matrix ---------------------------
@@ -518,7 +535,8 @@ def evaluate(model, raw_model: BlockDiffusionModel, data: Data, cfg: Config, pro
     """The record's validation loss: t ~ U[0, 1], the same noise draw at every evaluation."""
     train_cfg = cfg.train
     model.eval()
-    loader = DistributedLoader(data.val_files, data.val_seq_len, proc.rank, proc.world)
+    loader = DistributedLoader(data.val_files, data.val_seq_len, proc.rank, proc.world,
+                               packed=cfg.dataset.get("packed", 0))
     gen = torch.Generator(rng_device(cfg, proc)).manual_seed(noise_seed(train_cfg.seed, proc.rank, validation=True))
     batches = (batch(loader, cfg.model, proc.device) for _ in range(data.val_steps))
     total = validation_total(raw_model, batches, (0.0, 1.0), gen, proc.device)
@@ -536,14 +554,15 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
     consumed = []
     for micro in range(accum):
         epoch = loader.epoch
-        tokens, layout = batch(loader, cfg.model, proc.device)
+        tokens, layout, answers = batch(loader, cfg.model, proc.device)
         consumed += loader.last_step
         if loader.epoch > epoch:
             proc.log(f"epoch {loader.epoch + 1} begins at step {step + 1}: the training data again, in another order")
         sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
         with sync:
             loss = model(tokens, noise_range=(train_cfg.noise_low, train_cfg.noise_high), generator=noise_gen,
-                         layout=layout, stratified=train_cfg.noise_stratified, complementary=train_cfg.complementary)
+                         layout=layout, stratified=train_cfg.noise_stratified, complementary=train_cfg.complementary,
+                         answers=answers)
             (loss / accum).backward()
         loss_sum += loss.detach().float()
     if proc.ddp:
@@ -748,16 +767,31 @@ def end_of_run_sample(model: BlockDiffusionModel, cfg: Config, train_files, log)
     tokenizer = tokenizer_of(cfg.to_dict())
     prompt = default_prompt(cfg.to_dict())
     ids = prompt_ids(prompt, tokenizer, cfg.model)
-    if not ids and cfg.model.token_shift:  # a model that predicts from the token before needs one: a document's start
+    sampling = SamplingConfig(max_new_tokens=200)
+    if cfg.dataset.get("chat"):  # conversations: the first held-out question, answered greedily
+        ids = first_question(cfg)
+        prompt, sampling = decode(ids, tokenizer), SamplingConfig(max_new_tokens=64, temperature=0.0,
+                                                                  strategy="confidence")
+    elif not ids and cfg.model.token_shift:  # a model that predicts from the token before needs one: a document's start
         ids = document_start(train_files, cfg.model.bos_id)
         prompt = decode(ids, tokenizer)
-    out = generate(model, [ids], SamplingConfig(max_new_tokens=200))
+    out = generate(model, [ids], sampling)
     new = decode(out.tokens[0], tokenizer)
     known = known_word_fraction(new, corpus_words(train_files, tokenizer))
     words = "no words" if known is None else f"{known:.0%} of its words occur in the training text"
     graphs = f", {out.compile_seconds:.1f} s of it compiling the model call" if out.compile_seconds else ""
     log(f"sample ({out.new_tokens / out.seconds:,.0f} tok/s with the KV cache{graphs}; {words}):\n{prompt + new}")
     return prompt + new
+
+
+def first_question(cfg: Config) -> list[int]:
+    """The prompt of the validation split's first conversation: its tokens before its first answer."""
+    from bdiff.data.formats import answer_bits, answers_path, read_answers
+
+    path = shard_files(cfg.train.data, cfg.train.data_dir, "val")[0]
+    tokens = read_shard(path)
+    flags = answer_bits(read_answers(answers_path(path), len(tokens)), 0, cfg.dataset["packed"])
+    return tokens[:int(flags.argmax())].tolist()
 
 
 def document_start(files: list[str], separator: int, tokens: int = 8) -> list[int]:

@@ -32,27 +32,31 @@ from bdiff.models.objective import noise_seed
 LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg) -> list:
-    """(tokens, layout) of the first tokens // seq_len validation sequences (all of them, where the split holds
-    fewer; shorter ones where a shard holds less than one), on the CPU."""
+def validation_sequences(files: list[str], seq_len: int, tokens: int, cfg, packed: int = 0) -> list:
+    """(tokens, layout, answer flags or None) of the first tokens // seq_len validation sequences (all of them, where
+    the split holds fewer; shorter ones where a shard holds less than one), on the CPU. `packed`: conversations in
+    windows of that many tokens (DataSet.packed), each window opening a conversation."""
     from bdiff.data import DistributedLoader
     from bdiff.data.formats import read_shard
     from bdiff.models.objective import document_layout
 
-    loader = DistributedLoader(files, min(seq_len, max(len(read_shard(f)) for f in files)))
+    loader = DistributedLoader(files, packed or min(seq_len, max(len(read_shard(f)) for f in files)), packed=packed)
     out = []
     for _ in range(min(max(1, tokens // seq_len), loader.steps_per_epoch())):  # a small split: all it holds
-        seq = loader.next()
-        out.append((seq, document_layout(seq, cfg.bos_id, cfg.block_size, separator=cfg.separator)))
+        seq, answers = loader.next_with_answers()
+        out.append((seq, document_layout(seq, cfg.bos_id, cfg.block_size, 0 if packed else None, cfg.separator),
+                    answers))
     return out
 
 
 def validation_total(model, batches, noise_range, generator, device) -> torch.Tensor:
     """The validation loop, in one place (train.py's periodic validation and this module's evaluation): the sum
-    of the model's loss over `batches` of (tokens, layout), noise from `generator`; a device scalar (no sync)."""
+    of the model's loss over `batches` of (tokens, layout) or (tokens, layout, answer flags), noise from `generator`;
+    a device scalar (no sync)."""
     total = torch.zeros((), device=device)
-    for tokens, layout in batches:
-        total += model(tokens, noise_range=noise_range, generator=generator, layout=layout).float()
+    for tokens, layout, *answers in batches:
+        total += model(tokens, noise_range=noise_range, generator=generator, layout=layout,
+                       answers=answers[0] if answers else None).float()
     return total
 
 
@@ -60,7 +64,8 @@ def validation_total(model, batches, noise_range, generator, device) -> torch.Te
 def evaluate(model, sequences: list, draws: int = 1, seed: int = 0, levels=LEVELS, device="cpu", log=None) -> dict:
     """{"loss", "stderr" (None for one draw), "ppl_bound", "draws": [loss per draw], "levels": {t: loss}}."""
     device = torch.device(device)
-    moved = [(tokens.to(device), layout.to(device)) for tokens, layout in sequences]
+    moved = [(tokens.to(device), layout.to(device), *(a if a is None else a.to(device) for a in answers))
+             for tokens, layout, *answers in sequences]
 
     def mean_loss(noise_range, generator) -> float:
         return validation_total(model, moved, noise_range, generator, device).item() / len(moved)
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
     model_cfg = model.cfg
     check_model_fits_data(dataset, model_cfg.vocab_size, model_cfg.bos_id, model_cfg.mask_id)
     seq_len, tokens = args.seq_len or train["val_seq_len"], args.tokens or train["val_tokens"]
-    sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, model_cfg)
+    sequences = validation_sequences(shard_files(data, data_dir, "val"), seq_len, tokens, model_cfg, dataset.packed)
     seq_len = sequences[0][0].numel()  # a split smaller than one sequence is read whole
     seed = train["seed"] if args.seed is None else args.seed
     if judge is not None:

@@ -62,21 +62,28 @@ TEXT = ("def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x)
         "The quick brown fox jumps over the lazy dog. A block-diffusion model denoises blocks of tokens.\n")
 
 
-def tiny_tokenizer(directory: str, vocab: int = 300, mask: bool = False) -> int:
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Qwen's layout, without its extras
+
+
+def tiny_tokenizer(directory: str, vocab: int = 300, mask: bool = False, chat: bool = False) -> int:
     """A byte-level BPE tokenizer trained here on a few lines (no download), saved into `directory` as transformers
-    saves one (tokenizer.json, tokenizer_config.json), with <|endoftext|> as its end of text and, with `mask`, a
-    mask token of its own. Returns its size."""
+    saves one (tokenizer.json, tokenizer_config.json), with <|endoftext|> as its end of text, with `mask` a mask
+    token of its own, with `chat` a ChatML chat template and its <|im_start|>, <|im_end|>. Returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>"] + (["<|mask|>"] if mask else [])
+    special = ["<|endoftext|>"] + (["<|mask|>"] if mask else []) + (["<|im_start|>", "<|im_end|>"] if chat else [])
     tok.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(vocab_size=vocab, special_tokens=special,
                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     extra = {"mask_token": "<|mask|>"} if mask else {}
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", **extra).save_pretrained(directory)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", **extra)
+    if chat:
+        fast.chat_template = CHATML
+    fast.save_pretrained(directory)
     return tok.get_vocab_size()
 
 

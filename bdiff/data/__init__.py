@@ -24,7 +24,16 @@ import torch
 
 from bdiff.config import ArgumentParser
 from bdiff.errors import command
-from bdiff.data.formats import MANIFEST, DataError, DataSet, read_shard, write_shard
+from bdiff.data.formats import (
+    MANIFEST,
+    DataError,
+    DataSet,
+    answer_bits,
+    answers_path,
+    read_answers,
+    read_shard,
+    write_shard,
+)
 
 FINEWEB_REPO = "kjj0/finewebedu10B-gpt2"  # Hugging Face dataset of GPT-2-tokenized FineWeb-Edu 10B
 
@@ -121,10 +130,14 @@ class DistributedLoader:
     `epochs`, a data set smaller than the run is read again: epoch e >= 1 cuts the shards into seq_len-token
     sequences at an offset of its own and reads them in an order of its own (both drawn from (seed, e): every rank
     draws the same), each step the next world of them, rank r the r-th. Without `epochs` (validation) the data end
-    with epoch 0. The position (`state`) resumes on any number of ranks with nothing read twice in an epoch."""
+    with epoch 0. The position (`state`) resumes on any number of ranks with nothing read twice in an epoch.
+
+    `packed` (conversations, DataSet.packed): the shards are windows of that many tokens, each holding whole
+    conversations; seq_len must be it, and every epoch cuts the shards at the windows. Shards with answers files
+    (bdiff.data.formats) give each sequence's answer flags (`next_with_answers`)."""
 
     def __init__(self, files: list[str], seq_len: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 epochs: bool = False):
+                 epochs: bool = False, packed: int = 0):
         if not files:
             raise DataError("no shard files given")
         if not 0 <= rank < world_size:
@@ -134,6 +147,12 @@ class DistributedLoader:
         self.epoch, self.shard, self.offset, self.index = 0, 0, 0, 0  # epoch 0: (shard, offset); later: index
         self.last_step = None  # [(epoch, shard, start, end)]: the tokens the last step took across all ranks
         self.shards = [read_shard(f) for f in self.files]  # memory-mapped, each checked against its header
+        self.answers = [read_answers(answers_path(f), len(t)) for f, t in zip(self.files, self.shards)]
+        self.packed = packed
+        if packed and seq_len != packed:
+            raise DataError(f"{os.path.dirname(self.files[0]) or '.'}: conversations packed whole into windows of "
+                            f"{packed} tokens; sequences of {seq_len} would cut them (--seq_len and --val_seq_len "
+                            f"{packed})")
         self._order = None  # epoch >= 1: (shard, start) of its sequences, in its order
         if self.steps_per_epoch() == 0:
             raise DataError(f"{os.path.dirname(self.files[0]) or '.'}: {len(self.files)} shard(s) of at most "
@@ -164,6 +183,7 @@ class DistributedLoader:
         if self._order is None:
             rng = np.random.default_rng([self.seed, self.epoch])
             cut = int(rng.integers(self.seq_len))  # where this epoch's sequences start, past each shard's start
+            cut = 0 if self.packed else cut  # windows of whole conversations are cut where they were packed
             found = [(i, start) for i, t in enumerate(self.shards)
                      for start in range(cut, len(t) - self.seq_len + 1, self.seq_len)]
             if len(found) < self.world_size:  # shards of about one step: cut at their starts, as epoch 0 does
@@ -174,6 +194,18 @@ class DistributedLoader:
 
     def next(self) -> torch.Tensor:
         """This rank's next sequence, int64 (seq_len,)."""
+        return self.next_with_answers()[0]
+
+    def next_with_answers(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's next sequence, int64 (seq_len,), and its answer flags, bool (seq_len,), or None where its
+        shard has no answers file (every token an answer)."""
+        shard, start = self._advance()
+        tokens = torch.from_numpy(self.shards[shard][start:start + self.seq_len].astype(np.int64))
+        flags = answer_bits(self.answers[shard], start, start + self.seq_len)
+        return tokens, None if flags is None else torch.from_numpy(flags)
+
+    def _advance(self) -> tuple[int, int]:
+        """(shard, start) of this rank's next sequence; the position moves past the step."""
         step = self.world_size * self.seq_len
         while self.epoch == 0 and self.offset + step > len(self.shards[self.shard]):
             if self.shard + 1 < len(self.files):
@@ -187,14 +219,13 @@ class DistributedLoader:
             self.last_step = [(0, self.shard, self.offset, self.offset + step)]
             start = self.offset + self.rank * self.seq_len
             self.offset += step
-            return torch.from_numpy(self.shards[self.shard][start:start + self.seq_len].astype(np.int64))
+            return self.shard, start
         while self.index + self.world_size > len(self.order()):  # the epoch's last, incomplete step: the next epoch
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
         picked = self.order()[self.index:self.index + self.world_size]
         self.last_step = [(self.epoch, shard, start, start + self.seq_len) for shard, start in picked]
         self.index += self.world_size
-        shard, start = picked[self.rank]
-        return torch.from_numpy(self.shards[shard][start:start + self.seq_len].astype(np.int64))
+        return picked[self.rank]
 
 
 def shard_files(data: str, data_dir: str, split: str) -> list[str]:

@@ -3,6 +3,11 @@ registry and the loader) and written by bdiff.data.prepare.
 
 Shard: a header of 256 int32 (magic 20240520, version, token count, and in version 2 the bytes per token), then
 the tokens: uint16 in version 1; uint16 or uint32 in version 2.
+
+Answers (conversations, bdiff.data.chat): beside a shard NAME.bin, NAME.answers holds one bit per token, set where
+the token belongs to an assistant's answer (it is noised and carries loss; the others are prompt: always clean, no
+loss): a header of 256 int32 (magic 20240521, version 1, token count), then the bits, eight tokens a byte, the first
+token in the high bit (numpy's packbits). A shard without one is all answer, as plain text is.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import numpy as np
 from bdiff.errors import BdiffError
 
 MAGIC, HEADER_INTS = 20240520, 256
+ANSWERS_MAGIC = 20240521  # the answers file beside a shard
 VERSIONS = (1, 2)  # 1: uint16 tokens; 2: the header's 4th int says the bytes per token (2: uint16, 4: uint32)
 HEADER_BYTES = HEADER_INTS * 4
 MANIFEST = "bdiff.json"  # beside a prepared data set's shards: its DataSet record
@@ -32,6 +38,14 @@ class DataSet:
     description: str  # for model cards and logs
     prompt: str  # the default prompt of samples
     source: str = ""  # a Hugging Face dataset id the data comes from, for model cards ("" if none)
+    # Conversations (bdiff/data/chat.py): "plain" (bdiff's template) or "template" (the tokenizer's chat template);
+    # "" for plain text
+    chat: str = ""
+    end_of_turn: str = ""  # conversations: the text that ends an answer (sampling stops there)
+    packed: int = 0  # conversations: packed whole into windows of this many tokens, none straddling two; 0: a stream
+    block_size: int = 0  # conversations: every answer is padded to end at a multiple of this (the model's block size)
+    align_answers: bool = False  # conversations: every answer also starts at a multiple of block_size
+    pad_id: int = -1  # conversations: the token that pads answers to their blocks
 
     @property
     def vocab_size(self) -> int:
@@ -84,3 +98,41 @@ def read_shard(path: str) -> np.ndarray:
                         f"file holds {(size - HEADER_BYTES) / width:g}")
     return np.memmap(path, dtype=np.uint16 if width == 2 else np.uint32, mode="r", offset=HEADER_BYTES,
                      shape=(count,))
+
+
+def answers_path(shard: str) -> str:
+    return shard[:-len(".bin")] + ".answers" if shard.endswith(".bin") else shard + ".answers"
+
+
+def write_answers(path: str, flags) -> None:
+    """One bit per token (`flags`, bool), atomically, in the answers format of the module docstring."""
+    flags = np.asarray(flags, dtype=bool)
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (ANSWERS_MAGIC, 1, flags.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.packbits(flags).tobytes())
+    os.replace(tmp, path)
+
+
+def read_answers(path: str, tokens: int) -> np.ndarray | None:
+    """The packed answer bits (uint8, memory-mapped) of the shard whose answers file is `path`, which must hold
+    `tokens` tokens; None where there is no such file (every token an answer)."""
+    if not os.path.exists(path):
+        return None
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    count = int(header[2]) if header.size == HEADER_INTS else -1
+    if header.size < 3 or header[0] != ANSWERS_MAGIC or count != tokens or \
+            os.path.getsize(path) != HEADER_BYTES + (tokens + 7) // 8:
+        raise DataError(f"{path}: not the answers of its shard's {tokens} tokens (a damaged or foreign file)")
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=((tokens + 7) // 8,))
+
+
+def answer_bits(packed: np.ndarray | None, start: int, end: int) -> np.ndarray | None:
+    """Tokens [start, end)'s answer flags (bool) from packed bits (None: None, every token an answer)."""
+    if packed is None:
+        return None
+    first = start // 8
+    bits = np.unpackbits(packed[first:(end + 7) // 8])
+    return bits[start - 8 * first:end - 8 * first].astype(bool)

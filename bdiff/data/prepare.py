@@ -32,7 +32,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from bdiff.data.formats import MANIFEST, DataError, DataSet, write_shard
+from bdiff.data.chat import Renderer, has_chat_template, is_conversations, read_conversations, split_to_fit
+from bdiff.data.formats import MANIFEST, DataError, DataSet, answers_path, write_answers, write_shard
 from bdiff.data.tokenizer import load_tokenizer
 
 STATE = "prepare_state.json"  # in DIR.partial/: where a stopped run continues
@@ -216,8 +217,15 @@ def _read_json(path: str) -> dict:
 
 def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_fraction: float | None = 0.01,
             val_tokens: int | None = None, text_field: str = "text", doc_sep: str | None = None,
-            shard_tokens: int = 100_000_000, jobs: int | None = None, log=print, progress: bool = True) -> DataSet:
-    """Tokenize `source` into shards under `out` (see the module docstring); returns the data set's record."""
+            shard_tokens: int = 100_000_000, jobs: int | None = None, log=print, progress: bool = True,
+            seq_len: int = 2048, block_size: int = 16, align_answers: bool = True) -> DataSet:
+    """Tokenize `source` into shards under `out` (see the module docstring); returns the data set's record. A JSONL
+    file of conversations goes to `prepare_conversations` (`seq_len`, `block_size`, `align_answers`)."""
+    if is_conversations(source):
+        if val_tokens is not None:
+            raise DataError("--val_tokens: conversations are held out whole, by --val_fraction")
+        return prepare_conversations(source, tokenizer, out, name, val_fraction or 0.01, seq_len, block_size,
+                                     align_answers, log)
     out = os.path.normpath(out)
     name = name or os.path.basename(os.path.abspath(out))
     if not name.replace("_", "").replace("-", "").isalnum():
@@ -350,6 +358,114 @@ def prepare(source: str, tokenizer: str, out: str, name: str | None = None, val_
     return record
 
 
+def prepare_conversations(source: str, tokenizer: str, out: str, name: str | None, val_fraction: float,
+                          seq_len: int, block_size: int = 16, align_answers: bool = True, log=print) -> DataSet:
+    """A JSONL file of conversations (bdiff/data/chat.py) as a data set: every line checked first (a bad one is one
+    error naming the line; nothing is written), each conversation rendered (the tokenizer's chat template, else
+    the plain one) with its answers' flags (each answer padded to the end of its block of `block_size`, and with
+    `align_answers` started at a block boundary), closed by the separator, split at turn boundaries or truncated where
+    longer than `seq_len` (the counts said), and packed whole into windows of `seq_len` tokens padded with the
+    separator, the answers files beside the shards. Validation: whole conversations (the first and every
+    1/val_fraction-th). Returns the record."""
+    out = os.path.normpath(out)
+    name = name or os.path.basename(os.path.abspath(out))
+    if os.path.exists(out):
+        raise DataError(f"--out {out}: exists; choose a new directory (or remove it)")
+    if block_size < 1 or seq_len < 4 * block_size:
+        raise DataError(f"need --block_size >= 1 and --seq_len >= 4 x --block_size, got {block_size}, {seq_len}")
+    conversations = read_conversations(source)
+    tok = load_tokenizer(tokenizer)
+    kind = "template" if has_chat_template(tokenizer) else "plain"
+    probe = Renderer(tokenizer, kind, block_size)
+    end = tok.encode(probe.end_of_turn)
+    if end == [tok.bos_id]:
+        raise DataError(f"{tokenizer}: the end of a turn ({probe.end_of_turn}) is the tokenizer's document separator")
+    pad_id = pad_token(tok, end)
+    renderer = Renderer(tokenizer, kind, block_size, align_answers, pad_id)
+    splits = {"train": ([], []), "val": ([], [])}
+    changed = {"split": 0, "truncated": 0}
+    for i, messages in enumerate(conversations):
+        pieces, what = split_to_fit(messages, renderer.encode, seq_len)
+        if what:
+            changed[what] += 1
+        held = math.ceil((i + 1) * val_fraction) > math.ceil(i * val_fraction)  # as prepare holds documents out
+        for ids, flags in pieces:
+            splits["val" if held else "train"][0].append(ids + [tok.bos_id])
+            splits["val" if held else "train"][1].append(flags + [False])
+    if changed["split"] or changed["truncated"]:
+        log(f"{changed['split'] + changed['truncated']:,} conversation(s) longer than --seq_len {seq_len} tokens: "
+            f"{changed['split']:,} split at turn boundaries, {changed['truncated']:,} truncated")
+    if not splits["train"][0] or not splits["val"][0]:
+        raise DataError(f"{source}: {len(conversations)} conversation(s): too few to hold out whole conversations for "
+                        "validation and keep some for training")
+    work = out + ".partial"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    token_bytes = 2 if tok.num_ids <= 2**16 else 4
+    counts = {}
+    for split, (docs, flags) in splits.items():
+        tokens, answers = _pack(docs, flags, seq_len, tok.bos_id)
+        path = os.path.join(work, f"{name}_{split}_000000.bin")
+        write_shard(path, tokens, token_bytes)
+        write_answers(answers_path(path), answers)
+        counts[split] = dict(documents=len(docs), tokens=len(tokens), answers=int(answers.sum()),
+                             windows=len(tokens) // seq_len)
+    record = DataSet(name=name, tokenizer=os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer,
+                     num_ids=tok.num_ids, bos_id=tok.bos_id,
+                     mask_id=tok.num_ids if tok.mask_id is None else tok.mask_id, default_dir=out,
+                     description=f"{source}: conversations, prepared with the {tokenizer} tokenizer", prompt="",
+                     chat=kind, end_of_turn=renderer.end_of_turn, packed=seq_len, block_size=block_size,
+                     align_answers=align_answers, pad_id=pad_id)
+    if os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(work, "tokenizer.json"))
+        record = DataSet(**dict(asdict(record), tokenizer="tokenizer.json"))
+    with open(os.path.join(work, MANIFEST), "w") as f:
+        json.dump(dict(dataset=asdict(record), settings=dict(source=os.path.abspath(source), tokenizer=tokenizer,
+                                                             seq_len=seq_len, block_size=block_size,
+                                                             align_answers=align_answers),
+                       token_bytes=token_bytes, shard_version=2, **counts), f, indent=2)
+    os.replace(work, out)
+    log(f"{out}: {counts['train']['documents']:,} + {counts['val']['documents']:,} conversations ({kind} template, "
+        f"end of turn {renderer.end_of_turn!r}) in {counts['train']['windows']:,} + {counts['val']['windows']:,} "
+        f"windows of {seq_len} tokens; {counts['train']['answers']:,} answer tokens of {counts['train']['tokens']:,} "
+        "in training")
+    log(f"train on it: python train.py --data_dir {out}")
+    return record
+
+
+def pad_token(tok, end_of_turn: list[int]) -> int:
+    """What pads answers to their blocks: the tokenizer's pad token (tokenizer_config.json) where it has one that is
+    neither the separator nor MASK, else the end of turn where it is one token (an answer then ends in a run of it),
+    else a space."""
+    own = getattr(tok, "pad_id", None)
+    if own is not None and own not in (tok.bos_id, tok.mask_id):
+        return own
+    if len(end_of_turn) == 1:
+        return end_of_turn[0]
+    space = tok.encode(" ")
+    if len(space) != 1:
+        raise DataError(f"{tok.name}: no single token pads answers (no pad token, a multi-token end of turn and space)")
+    return space[0]
+
+
+def _pack(docs: list[list[int]], flags: list[list[bool]], window: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Documents packed whole, in order, into windows of `window` tokens (a new window where the next one does not
+    fit), each window's rest filled with `pad`: (tokens, answer flags) of the windows end to end."""
+    tokens, answers, used = [], [], 0
+    for ids, f in zip(docs, flags):
+        if used + len(ids) > window:
+            tokens.append([pad] * (window - used))
+            answers.append([False] * (window - used))
+            used = 0
+        tokens.append(ids)
+        answers.append(f)
+        used += len(ids)
+    tokens.append([pad] * (-used % window))
+    answers.append([False] * (-used % window))
+    return np.concatenate([np.asarray(t, dtype=np.int64) for t in tokens]), np.concatenate(
+        [np.asarray(a, dtype=bool) for a in answers])
+
+
 def add_arguments(p) -> None:
     p.add_argument("input", help="a folder of text files, a glob, a .txt or .jsonl file, or a Hub dataset user/name")
     p.add_argument("--tokenizer", required=True, help="bytes, gpt2 (or another tiktoken encoding), a tokenizer.json, "
@@ -363,9 +479,19 @@ def add_arguments(p) -> None:
     p.add_argument("--doc_sep", help="split a .txt file into documents at this string")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M)")
     p.add_argument("--jobs", type=int, help="tokenizing processes (default: every core)")
+    chat = p.add_argument_group("conversations (a .jsonl of \"messages\", or of \"prompt\" and \"response\")")
+    chat.add_argument("--seq_len", type=int, default=2048, help="conversations are packed whole into windows of this "
+                      "many tokens, the training sequence length (default 2048)")
+    chat.add_argument("--block_size", type=int, default=16, help="the block size of the model it trains: answers are "
+                      "padded to end at a block boundary (default 16)")
+    chat.add_argument("--no_align_answers", dest="align_answers", action="store_false", help="let answers start inside "
+                      "a block (by default they start at a block boundary, the prompt before them padded, as Fast-dLLM "
+                      "v2 trains: on the test task, 40 of 40 held-out answers right after 250 steps, against 1 and 7 "
+                      "unaligned; docs/results.md)")
 
 
 def run(args) -> int:
     prepare(args.input, args.tokenizer, args.out, args.name, args.val_fraction, args.val_tokens, args.text_field,
-            args.doc_sep, args.shard_tokens, args.jobs)
+            args.doc_sep, args.shard_tokens, args.jobs, seq_len=args.seq_len, block_size=args.block_size,
+            align_answers=args.align_answers)
     return 0

@@ -34,6 +34,7 @@ class Tokenizer:
     bos_id: int  # the document separator
     text_ids: int  # ids below this map to text
     mask_id: int | None = None  # the tokenizer's own mask token, where it has one (else MASK is num_ids)
+    pad_id: int | None = None  # the tokenizer's own pad token, where it has one
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -110,17 +111,18 @@ class HFTokenizer(Tokenizer):
         self.bos_id = ends[0] if ends else size
         self.num_ids = max(size, self.bos_id + 1)
         self.text_ids = size
-        self.mask_id = self._own_mask(os.path.dirname(path) if os.path.isfile(path) else None)
+        directory = os.path.dirname(path) if os.path.isfile(path) else None
+        self.mask_id, self.pad_id = (self._own(directory, name) for name in ("mask_token", "pad_token"))
 
-    def _own_mask(self, directory: str | None) -> int | None:
-        """The id of the mask token tokenizer_config.json names beside the tokenizer, where it names one."""
+    def _own(self, directory: str | None, name: str) -> int | None:
+        """The id of the token tokenizer_config.json beside the tokenizer names `name` (mask_token, pad_token)."""
         try:
             with open(os.path.join(directory or "", "tokenizer_config.json")) as f:
-                mask = json.load(f).get("mask_token")
+                token = json.load(f).get(name)
         except (OSError, ValueError, AttributeError):
             return None
-        mask = mask.get("content") if isinstance(mask, dict) else mask
-        return self.tok.token_to_id(mask) if isinstance(mask, str) else None
+        token = token.get("content") if isinstance(token, dict) else token
+        return self.tok.token_to_id(token) if isinstance(token, str) else None
 
     def encode_batch(self, texts):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]

@@ -181,7 +181,7 @@ class BlockDiffusionModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, noise_range: tuple[float, float],
                 generator: torch.Generator | None = None, layout: Layout | None = None, stratified: bool = False,
-                complementary: bool = False) -> torch.Tensor:
+                complementary: bool = False, answers: torch.Tensor | None = None) -> torch.Tensor:
         """Weighted block-diffusion loss of one packed sequence `tokens` (L,): a scalar. `noise_range`: each block's
         t ~ U[low, high] (training: TrainConfig.noise_low/high; the record's validation: (0, 1)).
 
@@ -189,7 +189,9 @@ class BlockDiffusionModel(nn.Module):
         builds it from the loader's CPU tokens); computed here otherwise. Noise is drawn here, eagerly, from
         `generator` (`stratified`: the blocks' levels as one low-discrepancy set, noise_blocks); the rest is
         `objective`, which `compile_objective` compiles. `complementary`: the mean of the loss under the mask and
-        under its complement (every other token masked, each block at level 1 - t): every token carries loss once."""
+        under its complement (every other token masked, each block at level 1 - t): every token carries loss once.
+        `answers` (L,) bool (conversations, bdiff/data/chat.py): only those tokens are noised and carry loss (the
+        prompt stays clean), and the loss is normalised over them instead of over L."""
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be one packed sequence of shape (L,), got {tuple(tokens.shape)}")
         cfg = self.cfg
@@ -197,15 +199,20 @@ class BlockDiffusionModel(nn.Module):
             else layout
         x_t, masked, t = noise_blocks(tokens, layout.blocks, cfg.mask_id, *noise_range, generator=generator,
                                       num_blocks=layout.num_blocks, stratified=stratified)
+        answers = torch.ones_like(masked) if answers is None else answers
+        masked = masked & answers  # the prompt is never noised
+        mask = torch.full_like(tokens, cfg.mask_id)
+        x_t = torch.where(masked, mask, tokens)
         # The document count changes every sequence: one compiled graph serves them all.
         torch._dynamo.maybe_mark_dynamic(layout.cu_seqlens, 0)
         loss = self.objective(x_t, tokens, loss_weights(masked, t), layout.positions, layout.cu_seqlens,
                               layout.schedule)
         if complementary:
-            x_c = torch.where(masked, tokens, torch.full_like(tokens, cfg.mask_id))
-            loss = (loss + self.objective(x_c, tokens, loss_weights(~masked, 1 - t), layout.positions,
-                                          layout.cu_seqlens, layout.schedule)) / 2
-        return loss
+            hidden = answers & ~masked  # the other answer tokens
+            loss = (loss + self.objective(torch.where(hidden, mask, tokens), tokens, loss_weights(hidden, 1 - t),
+                                          layout.positions, layout.cu_seqlens, layout.schedule)) / 2
+        # objective divides by L; conversations count their answer tokens instead (no host sync: a tensor)
+        return loss * (tokens.numel() / answers.sum().clamp_min(1))
 
     def objective(self, x_t: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor,
                   cu_seqlens: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
