@@ -67,7 +67,7 @@ from bdiff.generation.judge import corpus_words, known_word_fraction
 from bdiff.generation.sampling import generate, prompt_ids
 from bdiff.models.nano import BlockDiffusionLM
 from bdiff.models.objective import BlockDiffusionModel, document_layout, noise_seed
-from bdiff.training import checkpoint, tracking
+from bdiff.training import checkpoint, fsdp, tracking
 from bdiff.training.checkpoint import CheckpointError
 from bdiff.training.ema import WeightAverage
 from bdiff.training.muon import Muon
@@ -394,13 +394,24 @@ def build_model(cfg: Config, proc: Process, meta: bool) -> tuple[BlockDiffusionM
 
 
 def prepare_model(model: BlockDiffusionModel, proc: Process, compile_flag: bool | None, ema: float,
-                  checkpointing: bool):
+                  checkpointing: bool, shard: bool):
     """The activation dtype (the nano model's embedding's, as the seed keeps it in bf16), activation checkpointing,
-    compilation on a GPU, DDP across ranks. Returns the model to call."""
-    model.set_dtype(proc.dtype)
+    compilation on a GPU, DDP across ranks, or FSDP2 with `shard` (--fsdp). Returns the model to call."""
     model.set_activation_checkpointing(checkpointing)
     if checkpointing:
         proc.log("activation checkpointing: each transformer block's activations recomputed in the backward")
+    if shard and proc.ddp:
+        if not model.cfg.init:  # the fp32 embedding is gathered in the run's dtype with every other weight
+            model.set_dtype("float32")
+        else:
+            model.set_dtype(proc.dtype)
+        fsdp.shard(model, getattr(torch, proc.dtype))
+        proc.log(f"fsdp: parameters, gradients and optimizer state sharded over {proc.world} ranks (each block and "
+                 f"the root), gathered in {proc.dtype}, gradients reduced in float32; compile: off under FSDP")
+        return model
+    if shard:
+        proc.log("fsdp: one process, nothing to shard: the model is trained whole")
+    model.set_dtype(proc.dtype)
     compile_model = proc.device.type == "cuda" if compile_flag is None else compile_flag
     if compile_model:
         model.compile_objective()
@@ -558,7 +569,10 @@ def accumulate_gradients(model, loader, cfg: Config, proc: Process, noise_gen, a
         consumed += loader.last_step
         if loader.epoch > epoch:
             proc.log(f"epoch {loader.epoch + 1} begins at step {step + 1}: the training data again, in another order")
-        sync = contextlib.nullcontext() if not proc.ddp or micro == accum - 1 else model.no_sync()
+        last = micro == accum - 1
+        if fsdp.is_sharded(model):  # gradients reduce-scattered on the last micro-step only, as DDP's no_sync
+            model.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if not proc.ddp or last or fsdp.is_sharded(model) else model.no_sync()
         with sync:
             loss = model(tokens, noise_range=(train_cfg.noise_low, train_cfg.noise_high), generator=noise_gen,
                          layout=layout, stratified=train_cfg.noise_stratified, complementary=train_cfg.complementary,
@@ -575,6 +589,7 @@ def optimizer_step(model: BlockDiffusionModel, adam, muon, ema, loss_sum, step: 
     checkpoint), set the schedules, step both optimizers (and the weights' average), clear the gradients. Returns
     (gradient norm, LR multiplier)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the norm; no clipping
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
     for what, value in (("loss", loss_sum), ("gradient", grad_norm)):
         if not torch.isfinite(value):
             raise FloatingPointError(f"non-finite {what} at step {step + 1}: stopped before the optimizer step; "
@@ -603,7 +618,8 @@ def main(argv=None) -> BlockDiffusionModel | None:
     raw_model, rules = build_model(cfg, proc, meta=args.dry_run)
     if args.dry_run:
         return None
-    model = prepare_model(raw_model, proc, args.compile, cfg.train.ema, cfg.train.activation_checkpointing)
+    model = prepare_model(raw_model, proc, args.compile, cfg.train.ema, cfg.train.activation_checkpointing,
+                          cfg.train.fsdp)
     data = open_data(cfg, proc)
     rules[f"each training token read once ({data.epochs:.2f} epochs)"] = data.epochs <= 1
     noise = torch.Generator(rng_device(cfg, proc)).manual_seed(noise_seed(cfg.train.seed, proc.rank))  # one per rank
@@ -649,12 +665,31 @@ def main(argv=None) -> BlockDiffusionModel | None:
                 stop(stopped, step + 1, last_checkpoint, run_dir, cfg.train, proc)
     save(cfg.train.steps)  # the trained model on disk first: nothing after the last step can lose it
     val_loss = validate(cfg.train.steps)
+    whole = unsharded(raw_model, cfg, proc)  # FSDP: the whole model on rank 0, a plain one (a collective)
     if proc.master:
-        with averaged(state.ema, raw_model):  # the saved model and its sample: what validation measured
-            end_of_run(raw_model, cfg, rules, val_loss, clock.train_time, data.train_files, run_dir, log_path, proc,
+        with averaged(state.ema, whole):  # the saved model and its sample: what validation measured
+            end_of_run(whole, cfg, rules, val_loss, clock.train_time, data.train_files, run_dir, log_path, proc,
                        argv)
     leave(proc, trackers)
     return raw_model
+
+
+def unsharded(model: BlockDiffusionModel, cfg: Config, proc: Process) -> BlockDiffusionModel | None:
+    """The model to save and sample: itself, or under FSDP a plain model of its config holding the whole weights,
+    on rank 0 (None elsewhere). Every rank calls it."""
+    if not fsdp.is_sharded(model):
+        return model
+    weights = fsdp.full_state_dict(model)
+    if not proc.master:
+        return None
+    if cfg.model.init:
+        from bdiff.models.adapted import AdaptedLM
+
+        whole = AdaptedLM.from_config(cfg.to_dict(), cfg.hf)
+    else:
+        whole = BlockDiffusionLM(cfg.model)
+    whole.load_state_dict(weights)
+    return whole.to(proc.device).set_dtype(proc.dtype)
 
 
 # ---- the loop's bookkeeping: time, log lines, stopping -------------------------------------------------------

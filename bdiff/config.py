@@ -123,6 +123,8 @@ class TrainConfig:
     lr_warmup: int = 0  # the LRs rise linearly over the first N steps, from 1/N of their value (0: none, as the seed)
     lr_constant_frac: float = 0.2  # LR constant for this fraction of steps, then linear decay ...
     lr_final_frac: float = 0.1  # ... to this fraction of the initial LR
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2,
+    # bdiff/training/fsdp.py) instead of replicating them (DDP): for a model whose training state outgrows one GPU
     activation_checkpointing: bool = False  # recompute each transformer block's activations in the backward: memory
     # for about a third more compute (both model families)
     seed: int = 0  # model init and noise
@@ -147,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"ema must lie in [0, 1) (0: off), got {self.ema}")
         if not 0.0 <= self.noise_low <= self.noise_high <= 1.0:
             raise ConfigError(f"need 0 <= noise_low <= noise_high <= 1, got {self.noise_low}, {self.noise_high}")
+        if self.fsdp and self.ema:
+            raise ConfigError("ema: the weights' average is not kept under --fsdp; use --ema 0")
         if self.optimizer not in ("muon", "adamw"):
             raise ConfigError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0 or self.weight_decay < 0:

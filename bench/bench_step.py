@@ -20,7 +20,6 @@ computes the seed's objective.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -344,94 +343,112 @@ HF_SHAPES = {
 }
 
 
-def _fake_hf(shape: str, device):
-    """A transformers causal LM of HF_SHAPES[shape] with fake fp32 parameters on `device` (FakeTensorMode must be
-    active): the adapted model (bdiff's attention) and the same weights under transformers' SDPA."""
+def _meta_hf(shape: str):
+    """The adapted model of HF_SHAPES[shape] (bdiff's attention, fp32 weights, token shift) on the meta device."""
     import transformers
 
     from bdiff.config import ModelConfig
-    from bdiff.models.adapted import ATTENTION, AdaptedLM, register_attention
+    from bdiff.models.adapted import ATTENTION, AdaptedLM, fill_network, register_attention
 
     register_attention()
     config = transformers.AutoConfig.for_model(**HF_SHAPES[shape])
     with torch.device("meta"):
         lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
-    for module in lm.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device))
-        for name, buf in module._buffers.items():
-            if buf is not None:
-                module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
-    lm.tie_weights()
     cfg = ModelConfig(vocab_size=config.vocab_size, mask_id=config.vocab_size - 1, bos_id=config.vocab_size - 2,
                       block_size=16, separator="closes", token_shift=True, init=shape)
-    from bdiff.models.adapted import fill_network
-
     return AdaptedLM(lm, fill_network(cfg, config), check=False)
+
+
+def step_memory(shape: str, L: int, batch: Batch, checkpointing: bool, world: int = 1,
+                formulation: str = "bdiff") -> dict:
+    """Peak memory by category of one GPU's training step of the adapted HF_SHAPES[shape] (fp32 weights, bf16, AdamW,
+    L tokens: 2L rows), as a GPU would hold it, measured without one: MemTracker under FakeTensorMode (nothing is
+    allocated). `world` > 1: FSDP2 over a fake process group of that many ranks (torch's FakeStore; this process is
+    rank 0, its collectives move nothing), the model sharded on the meta device and materialised as fake shards;
+    1: the whole model on the GPU, as DDP keeps it. `formulation` "transformers": the same model as a user of
+    transformers alone trains it, SDPA under the dense (2L, 2L) block-diffusion mask and the full fp32 logits of the
+    noisy half into a weighted cross-entropy. Not seen: the temporaries inside bdiff's loss op (one chunk of
+    logits), the CUDA context, NCCL's buffers and the allocator's slack."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from bdiff.training import fsdp
+
+    model = _meta_hf(shape).set_dtype(torch.bfloat16)
+    model.set_activation_checkpointing(checkpointing)
+    if world > 1:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if not dist.is_initialized():
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+        fsdp.shard(model, torch.bfloat16)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        dev = torch.device("cpu")  # fake CPU tensors: bytes do not depend on the device
+        model.to_empty(device=dev)
+        if world == 1:
+            model.lm.tie_weights()  # a plain module's to_empty unties them (FSDP2's keeps them)
+        model.train()
+
+        def fake(t):
+            return torch.empty(t.shape, dtype=t.dtype, device=dev)
+
+        lay = batch.layout
+        layout = Layout(fake(lay.cu_seqlens), fake(lay.positions), fake(lay.blocks), fake(lay.schedule),
+                        lay.num_blocks)
+        tokens, x_t, weights = fake(batch.tokens), fake(batch.x_t), fake(batch.weights)
+        mask = torch.empty(1, 1, 2 * L, 2 * L, dtype=torch.bool, device=dev)
+
+        def loss_fn():
+            if formulation == "bdiff":  # through forward, whose hooks gather a sharded root's weights
+                return model(tokens, noise_range=(0.3, 0.8), layout=layout)
+            lm = model.lm
+            lm.config._attn_implementation = "sdpa"
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = lm(input_ids=torch.cat([x_t, tokens])[None], position_ids=layout.positions.repeat(2)[None],
+                            attention_mask=mask, use_cache=False).logits[0, :L].float()
+            return (F.cross_entropy(logits, tokens, reduction="none") * weights).sum() / L
+
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        tracker = MemTracker()
+        tracker.track_external(model, opt)
+        with tracker:  # two steps: the second with AdamW's state alive
+            for _ in range(2):
+                tracker.reset_mod_stats()
+                loss_fn().backward()
+                opt.step()
+                model.zero_grad(set_to_none=True)
+            peak = tracker.get_tracker_snapshot("peak")
+    return {str(k).split(".")[-1].lower(): v for k, v in next(iter(peak.values())).items()}
+
+
+def memory_batch(shape: str, L: int, mean_doc: int) -> Batch:
+    from bdiff.config import ModelConfig
+
+    vocab = HF_SHAPES[shape]["vocab_size"]
+    return make_batch(ModelConfig(vocab_size=vocab, mask_id=vocab - 1, bos_id=vocab - 2), L, mean_doc, 0, "cpu")
 
 
 def adapted_memory_table(shape: str = "qwen2.5-1.5b", L: int = 8192, mean_doc: int = 1000,
                          checkpointing: bool = False) -> dict:
-    """Peak memory of one training step of a transformers model adapted by bdiff (HF_SHAPES[shape], fp32 weights,
-    bf16 autocast, AdamW, L tokens: 2L rows), as a GPU would hold it, measured without one (MemTracker under
-    FakeTensorMode), against the same model as a user of transformers alone would train it: SDPA under the dense
-    (2L, 2L) block-diffusion mask and the full fp32 logits of the noisy half into a weighted cross-entropy. Not seen:
-    the temporaries inside bdiff's loss op (one chunk of logits), the CUDA context and the allocator's slack."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    from bdiff.config import ModelConfig
-
-    vocab = HF_SHAPES[shape]["vocab_size"]
-    b = make_batch(ModelConfig(vocab_size=vocab, mask_id=vocab - 1, bos_id=vocab - 2), L, mean_doc, 0, "cpu")  # real
-    results = {}
-    for name in ("bdiff", "transformers"):
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            dev = torch.device("cpu")  # fake CPU tensors: bytes do not depend on the device
-            model = _fake_hf(shape, dev).set_dtype(torch.bfloat16)
-            model.set_activation_checkpointing(checkpointing)
-            model.train()
-
-            def fake(t):
-                return torch.empty(t.shape, dtype=t.dtype, device=dev)
-
-            lay = b.layout
-            layout = Layout(fake(lay.cu_seqlens), fake(lay.positions), fake(lay.blocks), fake(lay.schedule),
-                            lay.num_blocks)
-            tokens, x_t, weights = fake(b.tokens), fake(b.x_t), fake(b.weights)
-            mask = torch.empty(1, 1, 2 * L, 2 * L, dtype=torch.bool, device=dev)
-
-            def loss_fn():
-                if name == "bdiff":
-                    return model.objective(x_t, tokens, weights, layout.positions, layout.cu_seqlens, layout.schedule)
-                lm = model.lm
-                lm.config._attn_implementation = "sdpa"
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = lm(input_ids=torch.cat([x_t, tokens])[None], position_ids=layout.positions.repeat(2)[None],
-                                attention_mask=mask, use_cache=False).logits[0, :L].float()
-                return (F.cross_entropy(logits, tokens, reduction="none") * weights).sum() / L
-
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-            tracker = MemTracker()
-            tracker.track_external(model, opt)
-            with tracker:  # two steps: the second with AdamW's state alive
-                for _ in range(2):
-                    tracker.reset_mod_stats()
-                    loss_fn().backward()
-                    opt.step()
-                    model.zero_grad(set_to_none=True)
-                peak = tracker.get_tracker_snapshot("peak")
-        results[name] = {str(k).split(".")[-1].lower(): v for k, v in next(iter(peak.values())).items()}
-    params = sum(math.prod(s) for s in _shapes(shape))
-    return dict(shape=shape, L=L, params=params, checkpointing=checkpointing, categories=results)
+    """step_memory of bdiff's step against transformers' (SDPA, dense mask, full logits) on one GPU."""
+    batch = memory_batch(shape, L, mean_doc)
+    params = sum(p.numel() for p in _meta_hf(shape).parameters())
+    return dict(shape=shape, L=L, params=params, checkpointing=checkpointing,
+                categories={name: step_memory(shape, L, batch, checkpointing, formulation=name)
+                            for name in ("bdiff", "transformers")})
 
 
-def _shapes(shape: str) -> list[tuple]:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        return [tuple(p.shape) for p in _fake_hf(shape, torch.device("cpu")).parameters()]
+def sharding_table(shapes=("qwen2.5-1.5b", "qwen2.5-7b"), L: int = 8192, world: int = 8, mean_doc: int = 1000) -> dict:
+    """Each shape's peak per GPU with bdiff's step: DDP (the whole model and its optimizer state on every GPU) and
+    FSDP2 over `world` GPUs, each with and without activation checkpointing."""
+    rows = {}
+    for shape in shapes:
+        batch = memory_batch(shape, L, mean_doc)
+        for ranks, name in ((1, "DDP"), (world, f"FSDP2 x{world}")):
+            for checkpointing in (False, True):
+                rows[(shape, name, checkpointing)] = step_memory(shape, L, batch, checkpointing, ranks)["total"]
+    return dict(L=L, world=world, rows=rows)
 
 
 # The suite (bench/conftest.py): a whole step, documents of ~300 tokens. On a GPU the record model at L=16,384:
@@ -473,7 +490,19 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8192, help="with --model: tokens per step (2L rows)")
     parser.add_argument("--activation_checkpointing", action="store_true", help="with --model: recompute each "
                         "decoder layer in the backward")
+    parser.add_argument("--sharding", action="store_true", help="with --memory: Qwen2.5-1.5B and 7B shapes per GPU, "
+                        "DDP against FSDP2 over 8 GPUs, with and without activation checkpointing")
     args = parser.parse_args()
+    if args.memory and args.sharding:
+        r = sharding_table(L=args.tokens)
+        print(f"peak memory per GPU (GiB), one training step at L={r['L']} tokens per GPU (bdiff: fused loss, "
+              f"bd_attention), fp32 weights, bf16, AdamW; fake tensors")
+        print(f"{'model':>14} {'sharding':>10} {'no checkpointing':>17} {'activation checkpointing':>25}")
+        for shape in dict.fromkeys(k[0] for k in r["rows"]):
+            for name in dict.fromkeys(k[1] for k in r["rows"]):
+                plain, saved = (r["rows"][(shape, name, c)] / 2**30 for c in (False, True))
+                print(f"{shape:>14} {name:>10} {plain:17.1f} {saved:25.1f}")
+        return 0
     if args.memory and args.model:
         r = adapted_memory_table(args.model, args.tokens, args.mean_doc, args.activation_checkpointing)
         print(f"{r['shape']} ({r['params'] / 1e9:.2f}B parameters, fp32 weights, bf16 autocast, AdamW), one step at "

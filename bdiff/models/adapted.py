@@ -163,7 +163,9 @@ class AdaptedLM(BlockDiffusionModel):
 
     def set_activation_checkpointing(self, on: bool) -> None:
         """transformers' own checkpointing of each decoder layer (non-reentrant); off as loaded."""
-        if on:
+        if on and hasattr(self.lm, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif on:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def run_layers(self, tokens: torch.Tensor, positions: torch.Tensor, attend, out_rows: int | None = None

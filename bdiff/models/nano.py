@@ -76,8 +76,14 @@ class Attention(nn.Module):
         self.c_k = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_v = CastedLinear(cfg.model_dim, cfg.model_dim)
         self.c_proj = CastedLinear(cfg.model_dim, cfg.model_dim)
-        self.lamb = nn.Parameter(torch.tensor(0.5))  # value-residual mix with the first layer's values
+        self.lamb = nn.Parameter(torch.tensor([0.5]))  # value-residual mix with the first layer's values (1,)
         self.rotary = Rotary(cfg.head_dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Weights saved when lamb was a 0-d scalar load as (1,): FSDP2 shards no 0-d parameter."""
+        if state_dict.get(prefix + "lamb") is not None and state_dict[prefix + "lamb"].ndim == 0:
+            state_dict[prefix + "lamb"] = state_dict[prefix + "lamb"].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x, v1, angles, attend, out_rows=None):  # x (..., dim); angles: Rotary.angles of the rows
         """`out_rows`: only the first `out_rows` rows' outputs are needed: queries and the projection are formed for

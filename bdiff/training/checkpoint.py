@@ -7,6 +7,9 @@ A run's directory out_dir/RUN/ holds
   rank{r}.pt, one per rank: {"muon" (this rank's shard), "noise_rng", "cpu_rng", "cuda_rng"};
   COMPLETE, written by rank 0 last, after every rank's files are on disk: the SHA-256 of each file, which a
   resume verifies (--resume auto falls back to the newest intact checkpoint).
+- under FSDP (train.py --fsdp), the model and both optimizers instead in torch.distributed.checkpoint's files
+  (.metadata, __R_0.distcp: every rank its shards), shared.pt's "model" and "adam" None and "sharded" True, and
+  rank{r}.pt without "muon": any number of FSDP ranks, or one process, or DDP ranks resume it (re-sharded).
 - final.pt, the model alone for sampling: {"model", "config", "step", "val_loss"}.
 Every file is written to a temporary name, fsynced and renamed, so a crash mid-write leaves no checkpoint
 marked COMPLETE that is not; every load uses torch.load(weights_only=True), so loading never runs code, and maps
@@ -26,11 +29,13 @@ import shutil
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from bdiff.config import ModelConfig
 from bdiff.data import DistributedLoader
 from bdiff.errors import BdiffError
 from bdiff.models.objective import noise_seed
+from bdiff.training import fsdp
 from bdiff.training.ema import WeightAverage
 
 COMPLETE = "COMPLETE"
@@ -189,6 +194,8 @@ def load(path: str, rank: int, world: int, config: dict) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: the model differs from this run's (checkpoint vs now: {diff})")
     if shared["world_size"] == world:
         return shared, safe_load(os.path.join(path, f"rank{rank}.pt"), required=RANK_KEYS)
+    if shared.get("sharded"):  # Muon's state is in the sharded files
+        return shared, {"muon": None, "noise_rng": None, "cpu_rng": None, "cuda_rng": None}
     shards = [safe_load(os.path.join(path, f"rank{r}.pt"), required=RANK_KEYS)["muon"]
               for r in range(shared["world_size"])]
     merged = {"state": {k: v for shard in shards for k, v in shard["state"].items()},
@@ -205,16 +212,21 @@ def save(run_dir: str, state: TrainState, rank: int, world: int, keep: int, conf
     step = state.step
     path = checkpoint_dir(run_dir, step)
     error = None
+    sharded = fsdp.is_sharded(state.model)
     try:
         os.makedirs(path, exist_ok=True)
-        atomic_save({"muon": state.muon.state_dict(), **state.rng_states()}, os.path.join(path, f"rank{rank}.pt"))
+        if sharded:  # every rank writes its shards (a collective)
+            fsdp.save_state(path, state.model, (state.adam, state.muon))
+        atomic_save({"muon": None if sharded else state.muon.state_dict(), **state.rng_states()},
+                    os.path.join(path, f"rank{rank}.pt"))
         if rank == 0:
-            atomic_save({"model": state.model.state_dict(), "adam": state.adam.state_dict(), "step": step,
+            atomic_save({"model": None if sharded else state.model.state_dict(),
+                         "adam": None if sharded else state.adam.state_dict(), "sharded": sharded, "step": step,
                          "config": config, "data": state.loader.state(), "world_size": world,
                          "ema": state.ema.state_dict() if state.ema is not None else None},
                         os.path.join(path, "shared.pt"))
-    except OSError as e:
-        error = e
+    except (OSError, CheckpointException) as e:
+        error = e if isinstance(e, OSError) else OSError(str(e).splitlines()[0][:200])
     ok = all_ok(error is None)
     if ok:
         if rank == 0:
@@ -239,15 +251,23 @@ def restore(path: str, state: TrainState, rank: int, world: int, config: dict) -
     `world`, Muon's state is re-sharded and the noise streams start fresh (one per rank and step,
     bdiff.models.objective.noise_seed), so the run no longer continues bit for bit."""
     shared, mine = load(path, rank, world, config)
-    state.model.load_state_dict(shared["model"])
-    state.adam.load_state_dict(shared["adam"])
-    state.muon.load_state_dict(mine["muon"])
+    if shared.get("sharded"):  # torch.distributed.checkpoint re-shards for this run: FSDP, or whole
+        fsdp.load_state(path, state.model, (state.adam, state.muon))
+    elif fsdp.is_sharded(state.model):
+        raise CheckpointError(f"{path}: written without --fsdp; resume it without --fsdp (the model and its "
+                              "optimizers whole on every rank)")
+    else:
+        state.model.load_state_dict(shared["model"])
+        state.adam.load_state_dict(shared["adam"])
+        state.muon.load_state_dict(mine["muon"])
     state.loader.load_state(shared["data"])
     state.step = shared["step"]
     if state.ema is not None:  # a checkpoint written without an average starts one from its weights
         state.ema.load_state_dict(shared.get("ema") or {k: v.float() for k, v in state.model.named_parameters()})
+    if shared["world_size"] != world or shared.get("sharded"):
+        if not fsdp.is_sharded(state.model):  # DDP: each rank keeps the momentum of the matrices it owns
+            state.muon.keep_own_state(rank, world)
     if shared["world_size"] != world:
-        state.muon.keep_own_state(rank, world)
         state.noise.manual_seed(noise_seed(config["train"]["seed"], rank, step=state.step))
         return shared["world_size"]
     state.noise.set_state(mine["noise_rng"])

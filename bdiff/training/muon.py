@@ -6,11 +6,17 @@ rank orthogonalizes a disjoint share of the matrices (same-shape matrices batche
 results are all-gathered, one asynchronous all-gather per shape, launched as soon as that shape is done so
 that it overlaps the next shape's Newton–Schulz. Momentum buffers live only on the rank that owns the
 matrix. One process takes the same path with world size 1.
+
+Under FSDP2 (train.py --fsdp) each rank holds rows of every matrix and of its gradient and momentum (DTensors). The
+momentum updates its rows where they are; each matrix is then gathered whole to its owner rank (matrix i of a shape:
+rank i % world), orthogonalized there (an owner's matrices of a shape in one call), and its rows scattered back: the
+same update as one process's, with each rank receiving only the matrices it owns.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from bdiff.kernels.reference import QUINTIC
 from bdiff.ops import newton_schulz
@@ -70,6 +76,9 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
+            if group["params"] and isinstance(group["params"][0], DTensor):
+                self._step_sharded(group, rank, world)
+                continue
             coefficients, safety = SCHEDULES[group["schedule"]]
             pending = []
             for shape, same in _by_shape(group).items():
@@ -77,12 +86,7 @@ class Muon(torch.optim.Optimizer):
                 mine = same[rank::world]
                 updates = torch.zeros((share, *shape), device=same[0].device, dtype=same[0].dtype)
                 if mine:
-                    grads = []
-                    for p in mine:
-                        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
-                        buf.lerp_(grad, 1 - group["momentum"])  # EMA of gradients
-                        grads.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+                    grads = [self._direction(p, group) for p in mine]
                     updates[:len(mine)] = self.orthogonalize(torch.stack(grads), len(coefficients),
                                                              coefficients, safety)
                 if distributed:
@@ -100,6 +104,55 @@ class Muon(torch.optim.Optimizer):
                     # Orthogonal updates have unit spectral norm; tall matrices step by (rows/cols)^0.5 more.
                     p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
         return loss
+
+    def _direction(self, p, group) -> torch.Tensor:
+        """The momentum-averaged gradient of `p` (its buffer updated in place), as p's type (a DTensor's rows)."""
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+        buf.lerp_(grad, 1 - group["momentum"])  # EMA of gradients
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _step_sharded(self, group: dict, rank: int, world: int) -> None:
+        """The update of FSDP2-sharded matrices (the module docstring): rows gathered to each matrix's owner,
+        orthogonalized there, scattered back. Shard(0) rows: rank r holds rows [r*c, (r+1)*c) of c = ceil(rows /
+        world), the last ranks fewer or none; every transfer is padded to c rows."""
+        coefficients, safety = SCHEDULES[group["schedule"]]
+        for shape, same in _by_shape(group).items():
+            rows, cols = shape
+            chunk = -(-rows // world)
+
+            def padded(x):  # (n <= chunk, cols) -> (chunk, cols)
+                return torch.cat([x, x.new_zeros(chunk - x.shape[0], cols)]) if x.shape[0] < chunk else x
+
+            local = [self._direction(p, group).to_local() for p in same]
+            gathered, works = {}, []
+            for i, d in enumerate(local):
+                owner = i % world
+                parts = [torch.empty(chunk, cols, dtype=d.dtype, device=d.device) for _ in range(world)] \
+                    if rank == owner else None
+                works.append(dist.gather(padded(d), parts, dst=owner, async_op=True))
+                if parts is not None:
+                    gathered[i] = parts
+            for work in works:
+                work.wait()
+            mine = sorted(gathered)
+            done = {}
+            if mine:
+                whole = torch.stack([torch.cat(gathered[i])[:rows] for i in mine])  # (owned, rows, cols)
+                for i, u in zip(mine, self.orthogonalize(whole, len(coefficients), coefficients, safety)):
+                    done[i] = list(torch.cat([u, u.new_zeros(chunk * world - rows, cols)]).split(chunk))
+            works, received = [], []
+            for i, d in enumerate(local):
+                out = torch.empty(chunk, cols, dtype=d.dtype, device=d.device)
+                works.append(dist.scatter(out, done.get(i), src=i % world, async_op=True))
+                received.append(out)
+            for work in works:
+                work.wait()
+            for p, d, out in zip(same, local, received):
+                mine_rows = p.to_local()  # this rank's rows of the parameter, updated in place
+                if group["weight_decay"]:
+                    mine_rows.mul_(1 - group["lr"] * group["weight_decay"])
+                mine_rows.add_(out[:d.shape[0]], alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
 
     def keep_own_state(self, rank: int, world: int) -> None:
         """Drop the momentum buffers of the matrices that `rank` of `world` does not orthogonalize: after loading

@@ -61,7 +61,7 @@ class Attention(nn.Module):
         dim = cfg["model_dim"]
         self.num_heads, self.head_dim = cfg["num_heads"], cfg["head_dim"]
         self.c_q, self.c_k, self.c_v, self.c_proj = (CastedLinear(dim, dim) for _ in range(4))
-        self.lamb = nn.Parameter(torch.tensor(0.5))  # value-residual mix with the first layer's values
+        self.lamb = nn.Parameter(torch.tensor([0.5]))  # value-residual mix with the first layer's values (1,)
         self.rotary = Rotary(self.head_dim)
 
     def forward(self, x, v1, positions, mask):  # x (B, R, dim), mask (B, 1, R, R) bool: True where allowed
