@@ -3,6 +3,7 @@
     python bench/bench_bd_attention.py            # CPU: work ratio of our kernels vs FlexAttention's BlockMask
     python bench/bench_bd_attention.py --configs  # CPU: work ratio of every tile shape; the last wave with LPT or not
     python bench/bench_bd_attention.py --gpu      # GPU: TFLOP/s vs FlexAttention and SDPA, mask build time
+    python bench/bench_bd_attention.py --gpu --gqa   # ... Qwen2.5-1.5B's heads (12 on 2 key/value heads), L=8192
     python -m pytest bench/bench_bd_attention.py --benchmark-only   # the suite: vs FlexAttention (GPU) or SDPA (CPU)
 
 Work ratio = entries computed / allowed entries of the mask. Ours is counted by the kernels themselves
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 L, HEADS, HEAD_DIM, BLOCK = 16384, 6, 128, 16  # the record model's attention per micro-step
+GQA = dict(n=8192, heads=12, kv_heads=2)  # --gqa: Qwen2.5-1.5B's attention, at the adapt preset's 8,192 tokens
 
 
 def work_table(means=(300, 1000), head_dim=16, backward=False) -> list[dict]:
@@ -100,19 +102,23 @@ def tail_table(means=(300, 1000), sms=132) -> list[dict]:
     return rows
 
 
-def inputs(device: str, mean: int | None):
-    """The suite's and the GPU bench's case: the record's attention (bf16) on a GPU; on a CPU a small one
-    (L=4096, 2 heads of 32, float32) with the same kind of documents. mean=None: the demo's attention instead
-    (the demo preset: one document filling L=512, 4 heads of 32, float32). Returns q, k, v (2L, H, D), cu_seqlens,
-    the upstream gradient and the entries the mask allows (all heads)."""
+def inputs(device: str, mean: int | None, n: int = L, heads: int = HEADS, kv_heads: int | None = None):
+    """The suite's and the GPU bench's case: the record's attention (bf16) on a GPU (`n`, `heads`, `kv_heads`: another
+    shape, --gqa's); on a CPU a small one (L=4096, 2 heads of 32, float32) with the same kind of documents.
+    mean=None: the demo's attention instead (the demo preset: one document filling L=512, 4 heads of 32, float32).
+    Returns q (2L, H, D), k, v (2L, Hkv, D), cu_seqlens, the upstream gradient and the entries the mask allows (all
+    query heads)."""
     from bdiff.kernels.accounting import allowed_entries, fineweb_like_cu_seqlens
 
-    n, heads, dim, dtype = (L, HEADS, HEAD_DIM, torch.bfloat16) if device == "cuda" else (4096, 2, 32, torch.float32)
+    dim, dtype = HEAD_DIM, torch.bfloat16
+    if device != "cuda":
+        n, heads, kv_heads, dim, dtype = 4096, 2, None, 32, torch.float32
     if mean is None:
-        n, heads, dim, dtype = 512, 4, 32, torch.float32
+        n, heads, kv_heads, dim, dtype = 512, 4, None, 32, torch.float32
     cu = fineweb_like_cu_seqlens(n, mean) if mean else torch.tensor([0, n], dtype=torch.int32)
     gen = torch.Generator(device).manual_seed(0)
-    q, k, v, do = (torch.randn(2 * n, heads, dim, generator=gen, device=device).to(dtype) for _ in range(4))
+    q, do = (torch.randn(2 * n, heads, dim, generator=gen, device=device).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2 * n, kv_heads or heads, dim, generator=gen, device=device).to(dtype) for _ in range(2))
     return q, k, v, cu.to(device), do, allowed_entries(cu, BLOCK) * heads
 
 
@@ -128,16 +134,17 @@ def candidates(q, k, v, cu, block=BLOCK) -> dict:
     from bdiff.kernels.reference import bd_attention_mask, bd_mask_mod
 
     R = q.shape[0]
+    gqa = k.shape[1] != q.shape[1]  # grouped-query heads: every baseline told so, none repeats the keys
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    heads = [x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v)]  # (1, H, 2L, D)
+    heads = [x.detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v)]  # (1, H or Hkv, 2L, D)
     dense = bd_attention_mask(cu, block).to(q.device)  # (2L, 2L) bool
-    out = {"SDPA dense mask": lambda: F.scaled_dot_product_attention(*heads, attn_mask=dense)}
+    out = {"SDPA dense mask": lambda: F.scaled_dot_product_attention(*heads, attn_mask=dense, enable_gqa=gqa)}
     if q.is_cuda:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         block_mask = create_block_mask(bd_mask_mod(cu, block), None, None, R, R, device=q.device)
         flex = torch.compile(flex_attention, dynamic=False)
-        out["FlexAttention"] = lambda: flex(*heads, block_mask=block_mask)
+        out["FlexAttention"] = lambda: flex(*heads, block_mask=block_mask, enable_gqa=gqa)
     schedule = schedule_bounds(cu, R // 2, block)
     out["bdiff"] = lambda: bd_attention(q, k, v, cu, block, None, schedule)
     return out
@@ -149,7 +156,7 @@ def forward_backward(fn, do):
     out.backward(do if out.shape == do.shape else do.transpose(0, 1)[None])
 
 
-def gpu_bench():
+def gpu_bench(n: int = L, heads: int = HEADS, kv_heads: int | None = None):
     import time
 
     import triton.testing
@@ -158,13 +165,15 @@ def gpu_bench():
     from bdiff.kernels.bd_attention import kernel_config, orders_of, schedule_bounds, tile_order
     from bdiff.kernels.reference import bd_mask_mod
 
-    print(f"{torch.cuda.get_device_name()} | L={L} (2L={2 * L} rows), {HEADS} heads of {HEAD_DIM}, block {BLOCK}, bf16")
+    on = f" on {kv_heads} key/value heads" if kv_heads else ""
+    print(f"{torch.cuda.get_device_name()} | L={n} (2L={2 * n} rows), {heads} heads{on} of {HEAD_DIM}, block {BLOCK}, "
+          "bf16")
     print(f"{'docs mean':>9} {'kernel':>22} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
     for mean in (300, 1000):
-        q, k, v, cu, do, allowed = inputs("cuda", mean)
+        q, k, v, cu, do, allowed = inputs("cuda", mean, n, heads, kv_heads)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        create_block_mask(bd_mask_mod(cu, BLOCK), None, None, 2 * L, 2 * L, device="cuda")
+        create_block_mask(bd_mask_mod(cu, BLOCK), None, None, 2 * n, 2 * n, device="cuda")
         torch.cuda.synchronize()
         mask_ms = 1000 * (time.perf_counter() - t0)
         for name, fn in candidates(q, k, v, cu).items():
@@ -176,7 +185,7 @@ def gpu_bench():
         print(f"{mean:9} {'create_block_mask':>22} {mask_ms:8.3f} ms (first call, includes compilation)")
 
         def schedule_and_orders():  # what bdiff builds once a step: the schedule, and the tile orders at first use
-            schedule = schedule_bounds(cu, L, BLOCK)
+            schedule = schedule_bounds(cu, n, BLOCK)
             for side, kernel in ((schedule[0], "forward"), (schedule[1], "dkdv")):
                 tile_order(side, kernel, kernel_config(kernel, HEAD_DIM, torch.bfloat16, 90), orders_of(schedule))
 
@@ -214,12 +223,13 @@ def test_bd_attention(measure, candidate, backward, case):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="time the kernels on a CUDA GPU")
+    parser.add_argument("--gqa", action="store_true", help="with --gpu: grouped-query heads (Qwen2.5-1.5B's, L=8192)")
     parser.add_argument("--backward", action="store_true", help="CPU: count the backward kernels too (slower)")
     parser.add_argument("--configs", action="store_true", help="work ratio of every tile shape, and the defaults' "
                         "last wave in launch order and with LPT (no kernel runs)")
     args = parser.parse_args()
     if args.gpu:
-        gpu_bench()
+        gpu_bench(**GQA) if args.gqa else gpu_bench()
         return
     if args.configs:
         print(f"L={L}, block {BLOCK}, head dim {HEAD_DIM}, bf16; work ratio = entries computed / allowed (#0: the "

@@ -1,6 +1,6 @@
 """The block-diffusion layout for transformers, shared by bdiff's remote model classes (modeling_bdiff.py, the nano
-network; modeling_bdiff_adapted.py, an adapted causal LM): positions and blocks per document, and the attention rules
-over x_t ⊕ x_0 as a dense boolean mask. Needs torch only.
+network; modeling_bdiff_adapted.py, an adapted causal LM): positions and blocks per document, the attention rules
+over x_t ⊕ x_0 as a dense boolean mask, and the denoising of one block by their generate(). Needs torch only.
 
 A document starts at every separator ("opens", the seed's layout) or after it ("closes"); a sequence that does not
 open with a document's start counts its first fragment's positions from 1, as bdiff does. Query row i sees key row j
@@ -49,3 +49,21 @@ def shift_rows(positions, block_size):
     has_source = (positions > 0) & (index > 0)
     rows = torch.where(positions % block_size == 0, L + index - 1, index - 1)
     return torch.where(has_source, rows, index), has_source
+
+
+def denoise_block(seq, start, logits_of, mask_id, steps_per_block, temperature=0.0, generator=None):
+    """Denoise seq[0, start:] (1, L) in place, MASK where unknown, in `steps_per_block` steps: each step samples
+    every position from `logits_of(seq)` (B, L, vocab) and reveals the most confident masked ones (greedy at
+    temperature 0, else a draw), as many as finish the block by the last step; known tokens never change."""
+    for step in range(steps_per_block):
+        masked = seq[0, start:] == mask_id
+        if not masked.any():
+            break
+        logits = logits_of(seq)[0, start:]
+        logits[:, mask_id] = float("-inf")
+        probs = (logits / (temperature or 1.0)).softmax(-1)
+        sample = torch.multinomial(probs, 1, generator=generator)[:, 0] if temperature else probs.argmax(-1)
+        confidence = probs.gather(-1, sample[:, None])[:, 0].masked_fill(~masked, -1.0)
+        count = -(-int(masked.sum()) // (steps_per_block - step))
+        reveal = masked & (confidence.argsort(descending=True).argsort() < count)
+        seq[0, start:] = torch.where(reveal, sample, seq[0, start:])

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
 from .configuration_bdiff import BdiffConfig
-from .layout_bdiff import block_diffusion_mask, layout
+from .layout_bdiff import block_diffusion_mask, denoise_block, layout
 
 
 def norm(x):
@@ -160,18 +160,8 @@ class BdiffForMaskedLM(PreTrainedModel):
         while seq.shape[1] - input_ids.shape[1] < max_new_tokens:
             start = seq.shape[1] // B * B  # the prompt's last, partial block is completed first
             seq = torch.cat([seq, seq.new_full((1, start + B - seq.shape[1]), mask_id)], 1)
-            for step in range(steps_per_block):
-                masked = seq[0, start:] == mask_id
-                if not masked.any():
-                    break
-                logits = self(seq, starts_document=True).logits[0, start:]
-                logits[:, mask_id] = float("-inf")
-                probs = (logits / (temperature or 1.0)).softmax(-1)
-                sample = torch.multinomial(probs, 1, generator=generator)[:, 0] if temperature else probs.argmax(-1)
-                confidence = probs.gather(-1, sample[:, None])[:, 0].masked_fill(~masked, -1.0)
-                count = -(-int(masked.sum()) // (steps_per_block - step))
-                reveal = masked & (confidence.argsort(descending=True).argsort() < count)
-                seq[0, start:] = torch.where(reveal, sample, seq[0, start:])
+            denoise_block(seq, start, lambda s: self(s, starts_document=True).logits, mask_id, steps_per_block,
+                          temperature, generator)
             new = seq[0, input_ids.shape[1]:]
             if (new == cfg["bos_id"]).any():
                 return new[:int((new == cfg["bos_id"]).nonzero()[0]) + 1][None]

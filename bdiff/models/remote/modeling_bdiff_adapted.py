@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaForCausalLM as Base  # bdiff: the base class
 from transformers.modeling_outputs import MaskedLMOutput
 
-from .layout_bdiff import block_diffusion_mask, layout, shift_rows
+from .layout_bdiff import block_diffusion_mask, denoise_block, layout, shift_rows
 
 
 class BlockDiffusionForCausalLM(Base):
@@ -59,18 +59,8 @@ class BlockDiffusionForCausalLM(Base):
         while seq.shape[1] - prompt.shape[1] < max_new_tokens:
             start = seq.shape[1] // B * B  # the prompt's last, partial block is completed first
             seq = torch.cat([seq, seq.new_full((1, start + B - seq.shape[1]), mask_id)], 1)
-            for step in range(steps_per_block):
-                masked = seq[0, start:] == mask_id
-                if not masked.any():
-                    break
-                logits = self(seq, starts_document=True).logits[0, start:]
-                logits[:, mask_id] = float("-inf")
-                probs = (logits / (temperature or 1.0)).softmax(-1)
-                sample = torch.multinomial(probs, 1, generator=generator)[:, 0] if temperature else probs.argmax(-1)
-                confidence = probs.gather(-1, sample[:, None])[:, 0].masked_fill(~masked, -1.0)
-                count = -(-int(masked.sum()) // (steps_per_block - step))
-                reveal = masked & (confidence.argsort(descending=True).argsort() < count)
-                seq[0, start:] = torch.where(reveal, sample, seq[0, start:])
+            denoise_block(seq, start, lambda s: self(s, starts_document=True).logits, mask_id, steps_per_block,
+                          temperature, generator)
             new = seq[0, prompt.shape[1]:]
             ended = [i for i, t in enumerate(new.tolist()) if t in stops]
             if ended:
