@@ -243,6 +243,27 @@ def test_fifty_steps_lower_the_loss(adapted_run, bases):
     assert model.cfg.init == bases["qwen3"] and model.cfg.token_shift, "the adapt preset: token shift on"
 
 
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(bases, reference_ops):
+    """--optimizer muon on an adapted model: Muon gets every 2-D matrix of the decoder layers, AdamW the embedding,
+    the head, the norms and the biases (Qwen2's), each parameter once; a step moves both kinds."""
+    model = adapted(bases["qwen2"])
+    cfg = train.get_preset("adapt").train
+    cfg.optimizer = "muon"
+    adam, muon = train.build_optimizers(model, cfg, adapted=True)
+    in_adam = [p for g in adam.param_groups for p in g["params"]]
+    in_muon = [p for g in muon.param_groups for p in g["params"]]
+    assert len({id(p) for p in in_adam + in_muon}) == len(in_adam) + len(in_muon) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for p in in_muon) and len(in_muon) == 2 * 7, "q, k, v, o, gate, up, down in 2 layers"
+    assert any(p.ndim == 1 for p in in_adam), "biases and norms go to AdamW"
+    before = [p.detach().clone() for p in (in_muon[0], in_adam[0])]
+    tokens = torch.randint(1, model.cfg.mask_id, (40,))
+    model.train()
+    model(tokens, noise_range=(0.5, 0.5)).backward()
+    adam.step()
+    muon.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, (in_muon[0], in_adam[0]))), "both optimizers step"
+
+
 def test_the_saved_model_loads_in_bdiff_and_in_transformers_alone(adapted_run, tmp_path):
     """The model directory: bdiff's one loader gives the trained model back; transformers alone (bdiff and Triton
     unimportable) loads it with AutoModelForCausalLM and trust_remote_code, its logits those of bdiff's model (1e-5)
