@@ -16,14 +16,12 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 import sysconfig
 
 import numpy as np
 import torch
 
 from bdiff.config import ArgumentParser
-from bdiff.errors import command
 from bdiff.data.formats import (
     MANIFEST,
     DataError,
@@ -34,6 +32,7 @@ from bdiff.data.formats import (
     read_shard,
     write_shard,
 )
+from bdiff.errors import command
 
 FINEWEB_REPO = "kjj0/finewebedu10B-gpt2"  # Hugging Face dataset of GPT-2-tokenized FineWeb-Edu 10B
 

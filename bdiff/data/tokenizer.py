@@ -1,5 +1,6 @@
 """Text to token ids and back, by the tokenizer of the data a model was trained on (recorded in its config's data
-set, bdiff/data/__init__.py), never guessed from the vocabulary size: a GPT-2-sized model trained on bytes samples bytes.
+set, bdiff/data/__init__.py), never guessed from the vocabulary size: a GPT-2-sized model trained on bytes samples
+bytes.
 
 A tokenizer is named by one string (`load_tokenizer`):
 - "bytes": UTF-8 bytes as ids 0..255, BOS 256;
