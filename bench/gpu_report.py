@@ -50,11 +50,11 @@ def parts(gpus: int, compile_check: bool, out_dir: str = ".") -> list[Part]:
               "--apply"], 230, 260),
         Part("attention", "Attention: speed vs FlexAttention and SDPA", [PY, "bench/bench_bd_attention.py", "--gpu"],
              60, 150),
-        Part("gqa", "Attention with grouped-query heads (Qwen2.5-1.5B's 12 on 2, L=8192) vs FlexAttention's "
-             "enable_gqa and SDPA", [PY, "bench/bench_bd_attention.py", "--gpu", "--gqa"], 60, 150),  # 60: a guess
         Part("tests", "Each op natively against its reference (bf16/fp16, fp32 IEEE and TF32), compiled training, "
              "evaluation and sampling on the GPU", [PY, "-m", "pytest", "tests/test_gpu.py", "-q", "-p",
                                                     "no:cacheprovider"], 160, 300),
+        Part("gqa", "Attention with grouped-query heads (Qwen2.5-1.5B's 12 on 2, L=8192) vs FlexAttention's "
+             "enable_gqa and SDPA", [PY, "bench/bench_bd_attention.py", "--gpu", "--gqa"], 60, 150),  # 60: a guess
         Part("step300", "A compiled record-size training step: ours vs the seed's formulation, documents ~300 tokens",
              [PY, "bench/bench_step.py", "--gpu", "--mean-doc", "300"], 150, 300),
         Part("loss", "Masked-weighted linear cross-entropy vs eager, compiled and Liger",

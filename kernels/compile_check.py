@@ -7,6 +7,7 @@ that Triton's wheel ships.
     python -m bdiff.kernels.compile_check --space    # also every configuration bench/tune_attention.py sweeps
                                                      # (they must fit sm_90; elsewhere a spill is only reported)
     python -m bdiff.kernels.compile_check --space --arch 90,80    # ... for the GPUs of the committed table
+    python -m bdiff.kernels.compile_check --reuse    # sm_86/89: only what differs from sm_80 compiled (the tests')
 
 Run it without TRITON_INTERPRET: interpreted kernels cannot be compiled.
 """
@@ -82,12 +83,31 @@ def _compile(args) -> dict:
                 shared_limit=TARGETS[cc], hgmma="HGMMA" in sass, wants_hgmma=cfg["hgmma"] and cc == 90)
 
 
-def check_all(jobs: int = os.cpu_count() or 1, space: bool = False, archs=tuple(TARGETS)) -> list[dict]:
+def _key(cfg: dict) -> tuple:
+    return cfg["name"], tuple(sorted(cfg["constexprs"].items())), tuple(sorted(cfg["options"].items()))
+
+
+def check_all(jobs: int = os.cpu_count() or 1, space: bool = False, archs=tuple(TARGETS), reuse: bool = False
+              ) -> list[dict]:
+    """One row per configuration and target. `reuse`: sm_86 and sm_89 (Ampere's instruction set, like sm_80) compile
+    only the configurations that differ from sm_80's; for the others sm_80's row is reported under their own shared
+    memory limit (marked "reused")."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
-    work = [(i, cc, space) for cc in archs for i in range(len(shipped_configs(cc, space)))]
+    base = {_key(c): i for i, c in enumerate(shipped_configs(80, space))}
+    work, reused = [], []
+    for cc in archs:
+        for i, cfg in enumerate(shipped_configs(cc, space)):
+            if reuse and cc in (86, 89) and _key(cfg) in base:
+                reused.append((cc, base[_key(cfg)]))
+                if (base[_key(cfg)], 80, space) not in work:
+                    work.append((base[_key(cfg)], 80, space))
+            else:
+                work.append((i, cc, space))
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_compile, work))
+        rows = dict(zip(work, pool.map(_compile, work)))
+    out = [row for (_, cc, _), row in rows.items() if cc in archs]
+    return out + [dict(rows[(i, 80, space)], sm=cc, shared_limit=TARGETS[cc], reused="sm_80") for cc, i in reused]
 
 
 def problems(row: dict) -> list[str]:
@@ -111,13 +131,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--space", action="store_true", help="also the tuning spaces (minutes more)")
+    parser.add_argument("--reuse", action="store_true", help="sm_86/89: compile only what differs from sm_80, "
+                        "reporting sm_80's figures under their shared memory limit for the rest (about half the time)")
     parser.add_argument("--arch", default=",".join(map(str, TARGETS)),
                         help=f"compute capabilities, comma-separated (default: all, {','.join(map(str, TARGETS))})")
     args = parser.parse_args()
     archs = [int(a) for a in args.arch.split(",") if a.strip().isdigit()]
     if not archs or len(archs) != len(args.arch.split(",")) or any(a not in TARGETS for a in archs):
         parser.error(f"--arch: expected some of {','.join(map(str, TARGETS))}, got {args.arch!r}")
-    rows = check_all(space=args.space, archs=archs)
+    rows = check_all(space=args.space, archs=archs, reuse=args.reuse)
     if args.json:
         print(json.dumps(rows))
         return 0

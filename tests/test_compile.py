@@ -1,6 +1,11 @@
 """Every shipped kernel configuration (attention, cross-entropy, Newton–Schulz) compiles for sm_80, sm_86, sm_89
 and sm_90 without a GPU, with no register spills, shared memory within each target's per-block limit, and Hopper
-MMA (HGMMA) on sm_90 where the operands are 16-bit (kernels/compile_check.py)."""
+MMA (HGMMA) on sm_90 where the operands are 16-bit (kernels/compile_check.py).
+
+The suite runs `compile_check --reuse`: sm_86 and sm_89 (Ampere's instruction set, as sm_80) compile only the
+configurations that differ from sm_80's and check sm_80's figures for the rest against their smaller shared memory;
+compiling everything four times took four of the suite's twenty minutes. `python -m bdiff.kernels.compile_check`
+compiles every configuration for every target."""
 import json
 import os
 import subprocess
@@ -17,10 +22,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile the real kernels
-    result = subprocess.run([sys.executable, "-m", "bdiff.kernels.compile_check", "--json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=1200)
+    result = subprocess.run([sys.executable, "-m", "bdiff.kernels.compile_check", "--json", "--reuse"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
+
+
+def test_reused_rows_are_configurations_sm80_compiled(monkeypatch):
+    """--reuse reports sm_80's figures for sm_86/89 only where the configuration is sm_80's exactly, and compiles
+    the others (Newton–Schulz's shallower pipelines there)."""
+    from bdiff.kernels import compile_check
+
+    compiled = []
+
+    def record(work):
+        compiled.append(work)
+        return dict(name=str(work), sm=work[1], shared_limit=TARGETS[work[1]])
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(compile_check, "_compile", record)
+    monkeypatch.setattr(compile_check, "ProcessPoolExecutor", lambda max_workers: Inline())
+    rows = compile_check.check_all(archs=(80, 86), reuse=True)
+    own = [w for w in compiled if w[1] == 86]
+    assert own and len(own) < len(compile_check.shipped_configs(86)), "sm_86 compiles only what differs"
+    reused = [r for r in rows if r.get("reused")]
+    assert len(reused) + len(own) == len(compile_check.shipped_configs(86))
+    assert all(r["sm"] == 86 and r["shared_limit"] == TARGETS[86] for r in reused)
+
+
+class Inline:
+    """A ProcessPoolExecutor stand-in that maps in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, items):
+        return list(map(fn, items))
 
 
 def test_every_configuration_is_clean(report):

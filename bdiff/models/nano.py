@@ -95,7 +95,8 @@ class Attention(nn.Module):
             q = torch.cat([self.c_q(x[:out_rows]), x.new_zeros(x.shape[0] - out_rows, x.shape[1])]).view(heads)
         k, v = self.c_k(x).view(heads), self.c_v(x).view(heads)
         v1 = v if v1 is None else v1
-        v = (1 - self.lamb) * v + self.lamb * v1
+        lamb = self.lamb[0]  # 0-d: mixes in the activations' dtype, as a (1,) fp32 tensor would not
+        v = (1 - lamb) * v + lamb * v1
         q, k = self.rotary(norm(q), angles), self.rotary(norm(k), angles)
         y = attend(self.layer, q, k, v)  # (..., H, D)
         y = y.reshape(x.shape) if out_rows is None else y[:out_rows].reshape(out_rows, x.shape[1])

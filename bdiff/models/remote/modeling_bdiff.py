@@ -68,7 +68,8 @@ class Attention(nn.Module):
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
         q, k, v = self.c_q(x).view(heads), self.c_k(x).view(heads), self.c_v(x).view(heads)
         v1 = v if v1 is None else v1
-        v = (1 - self.lamb) * v + self.lamb * v1
+        lamb = self.lamb[0]  # 0-d: mixes in the activations' dtype, as a (1,) fp32 tensor would not
+        v = (1 - lamb) * v + lamb * v1
         q, k = self.rotary(norm(q), positions), self.rotary(norm(k), positions)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(x.shape)), v1
