@@ -29,7 +29,6 @@ import shutil
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.checkpoint import CheckpointException
 
 from bdiff.config import ModelConfig
 from bdiff.data import DistributedLoader
@@ -225,8 +224,8 @@ def save(run_dir: str, state: TrainState, rank: int, world: int, keep: int, conf
                          "config": config, "data": state.loader.state(), "world_size": world,
                          "ema": state.ema.state_dict() if state.ema is not None else None},
                         os.path.join(path, "shared.pt"))
-    except (OSError, CheckpointException) as e:
-        error = e if isinstance(e, OSError) else OSError(str(e).splitlines()[0][:200])
+    except OSError as e:
+        error = e
     ok = all_ok(error is None)
     if ok:
         if rank == 0:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from bdiff.kernels.reference import QUINTIC
 from bdiff.ops import newton_schulz
+from bdiff.training.fsdp import is_dtensor
 
 # Newton–Schulz schedules: (coefficients, safety). "quintic": Muon's (a, b, c) for every step.
 # "polar_express": Amsel, Persson, Musco & Gower 2025, "The Polar Express" (arXiv 2505.16932), one
@@ -76,7 +76,7 @@ class Muon(torch.optim.Optimizer):
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         for group in self.param_groups:
-            if group["params"] and isinstance(group["params"][0], DTensor):
+            if group["params"] and is_dtensor(group["params"][0]):
                 self._step_sharded(group, rank, world)
                 continue
             coefficients, safety = SCHEDULES[group["schedule"]]
