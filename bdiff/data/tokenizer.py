@@ -61,7 +61,8 @@ class ByteTokenizer(Tokenizer):
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
 
     def decode(self, ids):
-        return bytes(t for t in ids if 0 <= t < 256).decode("utf-8", errors="replace")
+        ids = np.asarray(ids, dtype=np.int64)  # vectorised: the sample's judge decodes 8M tokens of corpus
+        return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 class TiktokenTokenizer(Tokenizer):
