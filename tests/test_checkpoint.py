@@ -73,16 +73,27 @@ def losses(out, run):
     return {s: loss for s, (_, loss) in train_losses.items()}, {s: loss for s, (_, loss) in val.items()}
 
 
-def test_kill_and_resume_is_exact(stdlib_dir, tmp_path):
+def straight_run(stdlib_dir, out, ranks):
+    """The uninterrupted run the resumed ones must equal: its (training, validation) losses."""
+    run_to_end(command(ranks, stdlib_dir, out, "straight"))
+    return losses(out, "straight")
+
+
+@pytest.fixture(scope="module")
+def straight_on_two_ranks(stdlib_dir, tmp_path_factory):
+    """One uninterrupted 2-rank run for the kill and SIGTERM tests (checkpoints change no loss)."""
+    return straight_run(stdlib_dir, str(tmp_path_factory.mktemp("straight")), 2)
+
+
+def test_kill_and_resume_is_exact(stdlib_dir, tmp_path, straight_on_two_ranks):
     """Two ranks killed mid-run (kill -9 on torchrun's group) resume bit for bit from their last checkpoint. One
     process's resume is the SIGTERM test's below: the same checkpoint, reached another way."""
     out, ranks = str(tmp_path), 2
-    run_to_end(command(ranks, stdlib_dir, out, "straight"))
     run_and_kill(command(ranks, stdlib_dir, out, "killed"), at_step=23)
     before, _ = losses(out, "killed")
     assert 15 < len(before) < 60, "killed mid-run, after a few checkpoints"
     run_to_end(command(ranks, stdlib_dir, out, "killed", "--resume", "auto"))
-    want, want_val = losses(out, "straight")
+    want, want_val = straight_on_two_ranks
     got, got_val = losses(out, "killed")
     assert sorted(got) == list(range(1, 61))
     assert got == want, "every step after the resume must give the uninterrupted run's loss, bit for bit"
@@ -91,12 +102,13 @@ def test_kill_and_resume_is_exact(stdlib_dir, tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_sigterm_checkpoints_and_resume_is_exact(stdlib_dir, tmp_path, ranks):
+def test_sigterm_checkpoints_and_resume_is_exact(stdlib_dir, tmp_path, ranks, request):
     """SIGTERM at a random step: the run finishes that step, checkpoints, says how to resume and exits with its
     own code (75; torchrun reports its workers' failure its own way); the resumed run equals the uninterrupted one
     bit for bit."""
     out = str(tmp_path)
-    run_to_end(command(ranks, stdlib_dir, out, "straight", "--ckpt_every", "0"))
+    straight = (request.getfixturevalue("straight_on_two_ranks") if ranks == 2 else
+                straight_run(stdlib_dir, out, ranks))
     at = random.randint(8, 50)
     code, output = run_and_signal(command(ranks, stdlib_dir, out, "stopped", "--ckpt_every", "0"), at)
     stop = [line for line in output.splitlines() if line.startswith("stopped by SIGTERM after step")]
@@ -109,7 +121,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(stdlib_dir, tmp_path, ranks):
     assert at <= stopped_at <= at + 2, f"signalled after step {at}, stopped after {stopped_at}"
     assert checkpoint.complete_checkpoints(os.path.join(out, "stopped"))[-1].endswith(f"ckpt_{stopped_at:06d}")
     run_to_end(command(ranks, stdlib_dir, out, "stopped", "--ckpt_every", "0", "--resume", "auto"))
-    assert losses(out, "stopped") == losses(out, "straight"), "the resumed run must equal the uninterrupted one"
+    assert losses(out, "stopped") == straight, "the resumed run must equal the uninterrupted one"
 
 
 def test_a_write_error_keeps_the_previous_checkpoint(stdlib_dir, tmp_path, monkeypatch):

@@ -143,9 +143,9 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "demo"])
-def test_compiled_step_matches_eager(gen, fresh_dynamo, preset):
-    model = BlockDiffusionLM(PRESETS[preset]().model)
+def test_compiled_step_matches_eager(gen, fresh_dynamo):
+    """The demo's step compiled (fullgraph) against eager; the tiny preset compiles in test_train's compiled run."""
+    model = BlockDiffusionLM(PRESETS["demo"]().model)
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5, generator=gen)
     tokens = random_tokens(gen, 512, [0, 77, 78, 300])
