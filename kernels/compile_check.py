@@ -73,8 +73,8 @@ def _compile(args) -> dict:
         f.flush()
         usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
-        sass = subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        sass = "" if cc != 90 else subprocess.run([CUOBJDUMP, "--dump-sass", f.name], capture_output=True, text=True,
+                                                  check=True).stdout  # HGMMA exists on sm_90 only
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     return dict(name=cfg["name"], sm=cc, tiles=f"{cfg['constexprs'].get('BM', '-')}x{cfg['constexprs'].get('BN', '-')}"
                 f" w{cfg['options']['num_warps']} s{cfg['options']['num_stages']}", registers=int(fields["REG"]),
