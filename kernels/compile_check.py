@@ -95,15 +95,15 @@ def check_all(jobs: int = os.cpu_count() or 1, space: bool = False, archs=tuple(
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
     base = {_key(c): i for i, c in enumerate(shipped_configs(80, space))}
-    work, reused = [], []
+    work, reused = {}, []  # work: (configuration index, target, space) in order, each once (a dict as ordered set)
     for cc in archs:
         for i, cfg in enumerate(shipped_configs(cc, space)):
-            if reuse and cc in (86, 89) and _key(cfg) in base:
-                reused.append((cc, base[_key(cfg)]))
-                if (base[_key(cfg)], 80, space) not in work:
-                    work.append((base[_key(cfg)], 80, space))
+            twin = base.get(_key(cfg)) if reuse and cc in (86, 89) else None  # sm_80's index of the same config
+            if twin is None:
+                work[(i, cc, space)] = None
             else:
-                work.append((i, cc, space))
+                reused.append((cc, twin))
+                work[(twin, 80, space)] = None
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         rows = dict(zip(work, pool.map(_compile, work)))
     out = [row for (_, cc, _), row in rows.items() if cc in archs]
