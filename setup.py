@@ -23,6 +23,8 @@ setup(
     # tokenizers; tiktoken: GPT-2 and OpenAI encodings; datasets: streaming a Hub dataset). The tests build a BPE
     # tokenizer with `tokenizers`.
     # ruff: the lint gate of the test command (README).
+    # pytest-xdist: the test command runs the suite on every core (README); written by pytest's own developers, it
+    # does what a runner of ours would (a process per core, whole files to each) with pytest's reporting intact.
     # judge: Hugging Face causal LMs (gpt2-large) as judges of samples (bdiff/generation/judge.py); the tests build
     # a tiny one.
     # wandb, tensorboard: train.py --wandb / --tensorboard (bdiff/training/tracking.py); the tests log offline to both.
@@ -30,8 +32,8 @@ setup(
     # its command line on local tasks.
     # hf: train.py --init, a transformers causal LM adapted to block diffusion (bdiff/models/adapted.py): transformers
     # 5 hands a forward's keyword arguments to the attention function bdiff registers; tokenizers for its tokenizer.
-    extras_require={"test": ["pytest", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff", "transformers>=5",
-                             "wandb", "tensorboard", "lm_eval"],
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib", "kernels", "tokenizers", "ruff",
+                             "transformers>=5", "wandb", "tensorboard", "lm_eval"],
                     "hf": ["transformers>=5", "tokenizers"],
                     "plot": ["matplotlib"],
                     "judge": ["transformers"],

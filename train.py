@@ -900,7 +900,10 @@ if __name__ == "__main__":
     except Preempted:  # the line saying where and how to resume is logged
         sys.exit(PREEMPTED)
     except RuntimeError as e:  # under torchrun: a collective failed because another rank died or hung
-        lost = isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Connection closed"))
+        # gloo's messages do not all name gloo: a peer's timeout reaches an async collective's wait() as "Application
+        # timeout caused pair closure" (seen when the other rank hung under load)
+        lost = isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "Connection closed",
+                                                                           "pair closure"))
         if "RANK" not in os.environ or not lost:
             raise
         print(f"error: rank {os.environ['RANK']}: a collective with the other ranks failed ({str(e).strip()[:160]}): a "

@@ -1,6 +1,13 @@
 import os
 
 import pytest
+
+# The README's command runs the suite in two pytest-xdist workers, one per core of a 2-core machine: each keeps
+# torch's intra-op pool to one thread (read at import, and inherited by the trainers the tests start), since two
+# pools of two OpenMP threads on two cores spin against each other and run slower than one pool alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch  # importing torch decorates none of our kernels
 
 # Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when `kernels` is imported, so it is
@@ -27,7 +34,15 @@ def pytest_report_header(config):
     return f"bdiff's dependencies: python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names)
 
 
+# The files that take longest (a run's --durations), in that order. The README's command runs the suite in xdist
+# workers that take whole files (`--dist loadfile`, for the module-scoped fixtures) in collection order
+# (`--no-loadscope-reorder`): longest first, so that the workers end together rather than one waiting on the other.
+LONGEST_FIRST = ["test_compile.py", "test_bd_attention.py", "test_checkpoint.py", "test_train.py", "test_fsdp.py"]
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+               else len(LONGEST_FIRST))  # stable: each file's tests stay together and in order
     if INTERPRET:
         return
     skip = pytest.mark.skip(reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (the default "

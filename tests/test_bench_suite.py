@@ -10,7 +10,9 @@ OPS = ("test_bd_attention", "test_masked_ce", "test_newton_schulz", "test_step",
 
 
 def pytest_run(*args, interpret=False):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # a user's shell: neither the interpreter switch nor this run's xdist worker name (with it, pytest-benchmark
+    # takes the subprocess for an xdist worker and refuses --benchmark-only)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,

@@ -54,7 +54,7 @@ def inputs(gen, N, D, V, vocab_size, dtype, scale=1.0, frac=0.55):
     return hidden, weight, targets, token_weights
 
 
-def against_reference(hidden, weight, targets, token_weights, vocab_size, atol, rtol):
+def against_reference(hidden, weight, targets, token_weights, vocab_size, atol, rtol, dw_atol=None):
     loss = mce.masked_linear_cross_entropy(hidden, weight, targets, token_weights, vocab_size)
     dh, dw = torch.autograd.grad(loss, (hidden, weight))
     ref_in = [x.detach().double().requires_grad_() for x in (hidden, weight)]
@@ -62,7 +62,8 @@ def against_reference(hidden, weight, targets, token_weights, vocab_size, atol, 
     want_dh, want_dw = torch.autograd.grad(want, ref_in)
     torch.testing.assert_close(loss.double(), want, atol=atol * len(targets), rtol=rtol)
     torch.testing.assert_close(dh.double(), want_dh, atol=atol, rtol=rtol, msg=lambda m: f"dhidden: {m}")
-    torch.testing.assert_close(dw.double(), want_dw, atol=atol, rtol=rtol, msg=lambda m: f"dweight: {m}")
+    torch.testing.assert_close(dw.double(), want_dw, atol=atol if dw_atol is None else dw_atol, rtol=rtol,
+                               msg=lambda m: f"dweight: {m}")
     assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
     return loss, dh, dw
 
@@ -107,7 +108,11 @@ def test_softmax_stays_normalised_at_huge_logits(gen, cpu_path, magnitude):
 def test_huge_logits_stay_finite(gen):
     hidden, weight, targets, token_weights = inputs(gen, 50, 16, 1000, 1000, torch.float32, scale=2500.0)
     # fp32 logits of 1e4 carry ~1e4 * 2^-24 * sqrt(D) ≈ 1e-3 of rounding each, which goes straight into p.
-    loss, dh, dw = against_reference(hidden, weight, targets, token_weights, 1000, 1e-2, 1e-2)
+    # dweight[v] sums token_weight * (p - onehot) * hidden over rows: where two logits of a row nearly tie, p's error
+    # (up to p(1 - p) * 2 * 1e-2 ≈ 5e-3 for logits up to 4e4) arrives multiplied by token_weight * hidden, ~1e4.
+    # Over 800 seeds the worst was 4e-4 of max|token_weight * hidden|; a flat 1e-2 failed one seed in 800.
+    dw_atol = 5e-3 * (token_weights[:, None] * hidden.detach()).abs().max().item()
+    loss, dh, dw = against_reference(hidden, weight, targets, token_weights, 1000, 1e-2, 1e-2, dw_atol=dw_atol)
     assert (hidden.detach() @ weight.detach().T).abs().max() > 1e4, "the test must reach logits of 1e4"
     assert torch.isfinite(loss) and torch.isfinite(dh).all() and torch.isfinite(dw).all()
 
