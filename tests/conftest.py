@@ -2,9 +2,9 @@ import os
 
 import pytest
 
-# The README's command runs the suite in two pytest-xdist workers, one per core of a 2-core machine: each keeps
-# torch's intra-op pool to one thread (read at import, and inherited by the trainers the tests start), since two
-# pools of two OpenMP threads on two cores spin against each other and run slower than one pool alone.
+# The README's command runs the suite in one pytest-xdist worker per core: each keeps torch's intra-op pool to one
+# thread (read at import, and inherited by the trainers the tests start), since pools of one thread per core in
+# every worker would spin against each other (OpenMP) and run slower than one pool alone.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
