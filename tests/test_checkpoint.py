@@ -178,22 +178,30 @@ def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(stdlib_dir, tmp_path, 
     out = str(tmp_path)
     proc = subprocess.Popen(command(2, stdlib_dir, out, "dead", "--collective_timeout_s", "10"), cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed_at, lines, closing = None, [], None
+    killed_at, lines, closing, faulted = None, [], None, None
     watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))  # a job that hangs fails, not the suite
     watchdog.start()
-    for line in proc.stdout:
-        lines.append(line)
-        if killed_at is None and line.startswith("step 12/"):
-            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            assert len(workers) == 2, f"torchrun's workers: {workers}"
-            os.kill(int(workers[1]), getattr(signal, fault))
-            killed_at = time.monotonic()
-            closing = f"Sending process {workers[1]} closing signal SIGTERM"
-        elif fault == "SIGSTOP" and closing is not None and closing in line:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    watchdog.cancel()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if killed_at is None and line.startswith("step 12/"):
+                workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+                assert len(workers) == 2, f"torchrun's workers: {workers}"
+                faulted = int(workers[1])
+                os.kill(faulted, getattr(signal, fault))
+                killed_at = time.monotonic()
+                closing = f"Sending process {workers[1]} closing signal SIGTERM"
+            elif fault == "SIGSTOP" and closing is not None and closing in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        if faulted is not None:  # torchrun's workers are outside its process group: a stopped one would stay, stopped
+            try:
+                os.kill(faulted, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     waited = time.monotonic() - killed_at
     output = "".join(lines)
     bound = 20 if fault == "SIGKILL" else 10 + 20

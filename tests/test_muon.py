@@ -13,7 +13,6 @@ from helpers import free_port
 
 def muon_run(rank, world, port, out):
     """Six Muon steps on fixed per-step gradients of a few matrices; saves the final parameters."""
-    os.environ.pop("TRITON_INTERPRET", None)  # the reference path: the point here is the sharding
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     g = torch.Generator().manual_seed(0)
@@ -30,6 +29,7 @@ def muon_run(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.usefixtures("reference_ops")  # the reference path, here and in the spawned ranks: the point is sharding
 def test_muon_two_ranks_match_one_process(tmp_path):
     mp.spawn(muon_run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     muon_run(0, 1, 0, str(tmp_path))

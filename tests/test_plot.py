@@ -1,9 +1,13 @@
 """Loss plots (bdiff/plot.py): one run, and several compared, from the JSONL logs train.py writes."""
 import os
 
+import pytest
+
 import train
 from bdiff.plot import main as plot_main
 from bdiff.plot import read_run
+
+pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
 
 def test_plot_one_run_and_a_comparison(stdlib_dir, tmp_path):
