@@ -52,6 +52,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def interpreter_setting_kept():
+    """Which CPU path an op takes is read from TRITON_INTERPRET at each call: a test that unsets it for good (rather
+    than through `reference_ops`) silently turns every later kernel-parity test in its process into the reference
+    compared with itself (this happened: test_muon once left the Newton–Schulz kernels untested)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    yield
+    assert os.environ.get("TRITON_INTERPRET") == before, \
+        "this test left TRITON_INTERPRET changed for the tests after it: use the reference_ops fixture"
+
+
 @pytest.fixture
 def gen():
     """A fresh, seeded generator per test: random inputs, reproducible failures."""
