@@ -1,5 +1,6 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
 import contextlib
+import os
 import socket
 
 import torch
@@ -18,6 +19,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def user_env(**extra: str) -> dict:
+    """The environment a command gets from a user's shell: this process's, less the interpreter switch (a command's
+    CPU path is the PyTorch references), torchrun's rank variables and this run's xdist worker name (pytest-benchmark
+    reads it), plus `extra`."""
+    drop = ("TRITON_INTERPRET", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    return {**{k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_XDIST")}, **extra}
 
 
 BOS, MASK = 256, 257  # the byte-level data set's (bdiff.data.DATASETS['stdlib'])

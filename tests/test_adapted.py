@@ -23,7 +23,7 @@ from bdiff.kernels.reference import bd_attention_mask
 from bdiff.models import from_pretrained
 from bdiff.models.adapted import AdaptedLM, AdaptError
 from bdiff.models.objective import document_layout, loss_weights, noise_blocks
-from helpers import TEXT, tiny_causal_lm, tiny_tokenizer
+from helpers import TEXT, tiny_causal_lm, tiny_tokenizer, user_env
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 BLOCK = 4
@@ -285,7 +285,7 @@ def test_the_saved_model_loads_in_bdiff_and_in_transformers_alone(adapted_run, t
         want = model.logits(h) * has_source[:, None]
     prompt = x0[:6].tolist()
     sampled = generate(model, [prompt], max_new_tokens=24, strategy="confidence", temperature=0).tokens[0]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", TRANSFORMERS_ALONE, str(directory),
                              json.dumps([x_t.tolist(), x0.tolist(), prompt])], cwd=str(tmp_path), env=env,
@@ -320,7 +320,7 @@ def test_the_commands_read_an_adapted_model(adapted_run, reference_ops):
     (with token shift: a document's first token carries none)."""
     _, root = adapted_run
     directory = str(root / "adapt" / "model")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sample = subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--ckpt", directory, "--prompt",
                              "def add", "--max_new_tokens", "16"], cwd=ROOT, env=env, capture_output=True, text=True,

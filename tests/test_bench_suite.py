@@ -5,14 +5,14 @@ import os
 import subprocess
 import sys
 
+from helpers import user_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("test_bd_attention", "test_masked_ce", "test_newton_schulz", "test_step", "test_sampling")
 
 
 def pytest_run(*args, interpret=False):
-    # a user's shell: neither the interpreter switch nor this run's xdist worker name (with it, pytest-benchmark
-    # takes the subprocess for an xdist worker and refuses --benchmark-only)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST")}
+    env = user_env()
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=env,

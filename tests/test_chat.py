@@ -18,6 +18,7 @@ from bdiff.data.prepare import prepare
 from bdiff.generation import sampling
 from bdiff.models.nano import BlockDiffusionLM
 from bdiff.models.objective import document_layout, loss_weights, noise_blocks
+from helpers import user_env
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -170,7 +171,7 @@ def test_a_small_model_learns_an_instruction_task_and_answers_through_the_chat_c
     at least 18 of 20 exactly right; `sample.py --chat` answers one."""
     rng = random.Random(123)
     questions = [row["prompt"] for row in upper_task(rng, 20)]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     result = subprocess.run([sys.executable, "-m", "bdiff.chat", "--device", "cpu", "--model", chat_model],
                             input="\n".join(questions) + "\n", cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -202,7 +203,7 @@ def test_an_adapted_model_trains_on_template_conversations(tmp_path):
         model = train.main(["--device", "cpu", "--init", base, "--data_dir", str(tmp_path / "data"), "--steps", "4",
                             "--micro_steps", "1", "--out_dir", str(tmp_path), "--run_name", "a"])
     assert model.cfg.init == base
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     result = subprocess.run([sys.executable, "-m", "bdiff.chat", "--device", "cpu", "--model",
                              str(tmp_path / "a" / "model"), "--max_new_tokens", "16"], input="upper: abc\n",
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

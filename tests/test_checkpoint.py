@@ -19,6 +19,7 @@ import train
 from bdiff.models.nano import BlockDiffusionLM
 from bdiff.plot import read_log
 from bdiff.training import checkpoint
+from helpers import user_env
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -33,18 +34,14 @@ def command(ranks, stdlib_dir, out, run, *extra):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
 
 
-def env():
-    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
-
-
 def run_to_end(cmd):
-    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def run_and_kill(cmd, at_step):
     """Start a run and SIGKILL it (its whole process group) once it has logged `at_step`."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     for line in proc.stdout:
         if line.startswith(f"step {at_step}/"):
@@ -57,7 +54,7 @@ def run_and_kill(cmd, at_step):
 def run_and_signal(cmd, at_step, sig=signal.SIGTERM):
     """Start a run and send `sig` to its first process (python, or torchrun, which passes it on to every rank) once
     it has logged `at_step`, as SLURM or Kubernetes would before preempting; returns (exit code, output)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines = []
     for line in proc.stdout:
@@ -176,8 +173,9 @@ def test_a_dead_or_hung_rank_ends_the_job_in_bounded_time(stdlib_dir, tmp_path, 
     line and exits, and torchrun begins to close the hung worker (SIGTERM, then SIGKILL after its own 30 s grace,
     which is torch's and not waited for here: the test kills the job once torchrun has said so)."""
     out = str(tmp_path)
-    proc = subprocess.Popen(command(2, stdlib_dir, out, "dead", "--collective_timeout_s", "10"), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(command(2, stdlib_dir, out, "dead", "--collective_timeout_s", "10"), cwd=ROOT,
+                            env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     killed_at, lines, closing, faulted = None, [], None, None
     watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))  # a job that hangs fails, not the suite
     watchdog.start()
@@ -327,7 +325,7 @@ def test_mismatched_resume_is_refused(stdlib_dir, tmp_path):
     for extra, message in ((["--block_size", "8"], "the model differs"), (["--model_dim", "96", "--head_dim", "48"],
                                                                           "the model differs")):
         result = subprocess.run([sys.executable, "train.py", "--device", "cpu", *base, "--resume", path, *extra],
-                                cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                                cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
 
@@ -361,7 +359,7 @@ def test_hostile_checkpoint_is_refused_and_never_runs(stdlib_dir, tmp_path):
                    "def"],
     }
     for what, cmd in commands.items():
-        result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        result = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, f"{what}: exit {result.returncode}, stderr {result.stderr}"
         assert "refused" in lines[0] and ("final.pt" in lines[0] or "shared.pt" in lines[0]), f"{what}: {lines[0]}"

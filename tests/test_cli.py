@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from helpers import user_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
@@ -76,7 +78,7 @@ def files(tmp_path_factory):
 def results(files):
     """Every case's command run once, as many at a time as there are cores: each is a fresh Python that imports torch
     (~1.5 s) and stops at once, so together they take half the time one after another would."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
+    env = user_env()
     env["HF_HUB_OFFLINE"] = "1"  # no network here anyway; offline mode fails at once instead of after timeouts
 
     def run(command):

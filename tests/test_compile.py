@@ -15,13 +15,14 @@ import pytest
 
 from bdiff.kernels import tiles
 from bdiff.kernels.compile_check import TARGETS, problems
+from helpers import user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile the real kernels
+    env = user_env()  # compile the real kernels
     result = subprocess.run([sys.executable, "-m", "bdiff.kernels.compile_check", "--json", "--reuse"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -22,6 +22,7 @@ from bdiff.eval import evaluate
 from bdiff.generation.sampling import generate
 from bdiff.models.nano import BlockDiffusionLM
 from bdiff.models.objective import document_layout
+from helpers import user_env
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path of the ops: the PyTorch references
 
@@ -188,7 +189,7 @@ def test_train_command_in_bfloat16(stdlib_dir, tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--device", "cpu", "--preset", "tiny", "--steps", "3",
                              "--dtype", "bfloat16", "--data_dir", stdlib_dir, "--out_dir", str(tmp_path), "--run_name",
                              "bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+                            env=user_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dtype bfloat16" in result.stdout and "step 3/3 | val loss" in result.stdout, result.stdout[-2000:]
     final = torch.load(tmp_path / "bf16" / "final.pt", weights_only=True)

@@ -13,21 +13,17 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from helpers import TEXT, free_port
+from helpers import TEXT, free_port, user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE_FREE = ["--noise_low", "1", "--noise_high", "1"]  # t = 1: every token masked, no randomness in a step
-
-
-def env():
-    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE")}
 
 
 def run(ranks: int, *args, check=True, timeout=600):
     cmd = [sys.executable, "train.py", "--device", "cpu", *args]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *cmd[1:]]
-    result = subprocess.run(cmd, cwd=ROOT, env=dict(env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=ROOT, env=user_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -18,6 +18,7 @@ from bdiff.data import shard_files
 from bdiff.eval import evaluate, validation_sequences
 from bdiff.models.nano import BlockDiffusionLM
 from bdiff.training import checkpoint
+from helpers import user_env
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -158,7 +159,7 @@ def test_damaged_or_foreign_weights_fail_in_one_line(trained, tmp_path):
     save_file({"transformer.wte.weight": torch.randn(4, 4)}, str(weights))  # another library's model
     with pytest.raises(hub.HubError, match="not this model's weights"):
         BlockDiffusionLM.from_pretrained(str(run / "model"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     result = subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--ckpt", str(run / "model"),
                              "--prompt", "x"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
@@ -231,7 +232,7 @@ def test_transformers_loads_a_model_directory_without_bdiff(trained, tmp_path):
             h = model.hidden_states(torch.cat([x_t, x0]), layout.positions, layout.cu_seqlens)[:75]
             want.append(model.logits(h))
         cases.append((x_t.tolist(), x0.tolist()))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", TRANSFORMERS_CHECK, str(directory), json.dumps(cases)],
                             cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)

@@ -12,6 +12,7 @@ import train
 from bdiff.config import SamplingConfig, tiny
 from bdiff.generation.sampling import SamplingError, generate
 from bdiff.models.nano import BlockDiffusionLM
+from helpers import user_env
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -235,7 +236,7 @@ def test_bad_input(model, kwargs, match):
 
 
 def run_sample(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     return subprocess.run([sys.executable, "sample.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True,
                           text=True, env=env, timeout=300)
 

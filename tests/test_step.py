@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+from helpers import user_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(*flags):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU path, as a user runs it
+    env = user_env()  # the CPU path, as a user runs it
     return subprocess.run([sys.executable, "bench/bench_step.py", *flags], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import train
 from bdiff.data import write_shard
-from helpers import free_port
+from helpers import free_port, user_env
 
 pytestmark = pytest.mark.usefixtures("reference_ops")  # the CPU path: the PyTorch references
 
@@ -113,10 +113,9 @@ def test_two_gloo_ranks_end_identical(stdlib_dir, tmp_path):
 def torchrun(*args, timeout=300):
     """train.py under torchrun on two CPU processes, as a user types it (the environment of this test's process
     holds no torchrun variables)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(env, OMP_NUM_THREADS="1"))
+                          timeout=timeout, env=user_env(OMP_NUM_THREADS="1"))
 
 
 def test_torchrun_runs_the_demo_on_two_processes(stdlib_dir, tmp_path):
@@ -154,7 +153,7 @@ def test_a_mistyped_data_dir_is_an_error(stdlib_dir, tmp_path):
 
 
 def run_train(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = user_env()
     return subprocess.run([sys.executable, "train.py", "--device", "cpu", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=env)
 
@@ -288,7 +287,7 @@ def test_data_and_model_must_agree(stdlib_dir, tmp_path):
             "--seq_len", "256", "--micro_steps", "1", "--steps", "1", "--val_tokens", "256", "--val_seq_len", "256",
             "--val_every", "0", "--out_dir", str(tmp_path), "--num_layers", "2", "--model_dim", "128",
             "--num_heads", "1", "--no-compile"]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     refused = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
@@ -320,7 +319,7 @@ def test_long_runs_log_every_nth_step_with_elapsed_time_and_eta(stdlib_dir, tmp_
 def test_training_bench_runs_seeds_and_compares_settings(stdlib_dir, tmp_path):
     """bench/bench_training.py: K seeds of a setting, their losses (with each run's validation curve), mean ±
     standard error and spread, saved and compared side by side; --runs_dir keeps the runs."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = user_env()
     out, runs = tmp_path / "a.json", tmp_path / "runs"
     result = subprocess.run([sys.executable, "bench/bench_training.py", "tiny", "--seeds", "2", "--out", str(out),
                              "--runs_dir", str(runs), "--", "--device", "cpu", "--steps", "3", "--val_every", "2",
